@@ -1,0 +1,39 @@
+"""The package's one error hierarchy; messages name the input that failed, never the token."""
+
+from __future__ import annotations
+
+
+class RemoveBgError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class AuthenticationError(RemoveBgError):
+    """The API refused the token (HTTP 401 or 403)."""
+
+
+class OutOfCreditsError(RemoveBgError):
+    """The account has no credits left (HTTP 402)."""
+
+
+class ApiRequestError(RemoveBgError):
+    """The API rejected a whole request (a 4xx other than 401, 402, 403, 429, or an error body)."""
+
+
+class TransientApiError(RemoveBgError):
+    """A retryable failure (connection, timeout, 429, 5xx, unreadable body) that outlasted the retries."""
+
+
+class ManifestError(RemoveBgError):
+    """A manifest cannot be read, validated or written."""
+
+
+class StorageError(RemoveBgError):
+    """An object cannot be read from or written to the user's storage."""
+
+
+class BudgetExceededError(RemoveBgError):
+    """The run would bill more records than `max_billable_records` allows."""
+
+
+class FailurePolicyError(RemoveBgError):
+    """More rows failed than `max_failed_fraction` allows."""
