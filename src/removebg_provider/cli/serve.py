@@ -1,0 +1,162 @@
+"""`removebg serve`: run the local Ximilar-compatible Remove Background server."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from removebg_provider.server.settings import DEFAULT_STORAGE_DIR, MIB, ServerSettings
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "REMOVEBG_SERVER_TOKEN"
+
+_DEFAULTS = ServerSettings()
+
+
+def add_parser(subcommands: Any) -> None:
+    """Register the `serve` subcommand on `subcommands` (the result of `add_subparsers`)."""
+    parser: argparse.ArgumentParser = subcommands.add_parser(
+        "serve",
+        help="run the local Ximilar-compatible Remove Background server",
+        description=(
+            "Serve POST /removebg/fast/removebg and POST /removebg/precise/removebg exactly like the Ximilar "
+            "Remove Background API, plus GET /files/{name} (outputs, until their TTL), GET /health and "
+            "GET /stats. Point the provider or the official ximilar-client at http://HOST:PORT/."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8765, help="TCP port to listen on")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=(
+            f"API token clients must send as 'Authorization: Token <token>'; prefer the {TOKEN_ENV} "
+            "environment variable, which other users cannot see in the process list. Without a token, "
+            "auth is off, which is only allowed on a loopback address"
+        ),
+    )
+    parser.add_argument(
+        "--storage",
+        type=Path,
+        default=DEFAULT_STORAGE_DIR,
+        help="directory for output images; files are deleted once their TTL has passed",
+    )
+    parser.add_argument(
+        "--public-url",
+        default=None,
+        help="base URL clients reach this server at, used in _output_url (default: the request's own URL)",
+    )
+    parser.add_argument(
+        "--engine", choices=("classic", "onnx"), default=_DEFAULTS.engine, help="background-removal engine"
+    )
+    parser.add_argument("--model", default=None, help="path of the ONNX model file (required by --engine onnx)")
+    parser.add_argument(
+        "--workers", type=int, default=_DEFAULTS.workers, help="engine threads processing records in parallel"
+    )
+    parser.add_argument(
+        "--ttl-hours", type=float, default=_DEFAULTS.ttl_hours, help="how long output files stay downloadable"
+    )
+    parser.add_argument(
+        "--max-records", type=int, default=_DEFAULTS.max_records, help="most records accepted per request"
+    )
+    parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let _url point at loopback, private, link-local and reserved addresses (refused by default)",
+    )
+    parser.add_argument(
+        "--queue-records",
+        type=int,
+        default=_DEFAULTS.queue_records,
+        help="most records admitted at once (running or waiting); beyond it requests get 429 + Retry-After",
+    )
+    parser.add_argument(
+        "--max-body-mb", type=float, default=_DEFAULTS.max_body_bytes / MIB, help="largest request body (413)"
+    )
+    parser.add_argument(
+        "--max-image-mb",
+        type=float,
+        default=_DEFAULTS.max_image_bytes / MIB,
+        help="largest encoded image per record, from _base64 or _url",
+    )
+    parser.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=_DEFAULTS.max_image_pixels / 1e6,
+        help="largest decoded image per record, checked before decoding",
+    )
+    parser.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=_DEFAULTS.fetch_timeout_seconds,
+        help="seconds allowed to download one _url",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the server and block until it is stopped; returns the exit code."""
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is None:
+        if not _is_loopback(args.host):
+            log.error(
+                "refusing to listen on %s without a token: set %s or pass --token, or bind 127.0.0.1",
+                args.host,
+                TOKEN_ENV,
+            )
+            return 2
+        log.warning("no token set: authentication is OFF (allowed only because %s is loopback)", args.host)
+    try:
+        settings = ServerSettings(
+            storage_dir=args.storage,
+            token=token,
+            public_url=args.public_url,
+            engine=args.engine,
+            model_path=args.model,
+            workers=args.workers,
+            ttl_hours=args.ttl_hours,
+            max_records=args.max_records,
+            allow_private_urls=args.allow_private_urls,
+            max_body_bytes=int(args.max_body_mb * MIB),
+            max_image_bytes=int(args.max_image_mb * MIB),
+            max_image_pixels=int(args.max_megapixels * 1e6),
+            queue_records=args.queue_records,
+            fetch_timeout_seconds=args.fetch_timeout,
+        )
+    except ValueError as error:
+        log.error("invalid server option: %s", error)
+        return 2
+    import uvicorn
+
+    from removebg_provider.server.app import create_app
+
+    try:
+        app = create_app(settings)
+    except (ValueError, ImportError, OSError) as error:
+        log.error("cannot start the %s engine: %s", settings.engine, error)
+        return 2
+    log.info(
+        "serving the Remove Background API on http://%s:%d/ (engine %s, outputs in %s for %g h)",
+        args.host,
+        args.port,
+        settings.engine,
+        settings.storage_dir,
+        settings.ttl_hours,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

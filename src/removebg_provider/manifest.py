@@ -1,0 +1,232 @@
+"""Read, validate and write manifests (Parquet, CSV, JSON Lines) in bounded memory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import IO, Any, Literal
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from removebg_provider.errors import ManifestError
+from removebg_provider.storage import Storage
+
+ManifestFormat = Literal["parquet", "csv", "jsonl"]
+FORMATS: tuple[ManifestFormat, ...] = ("parquet", "csv", "jsonl")
+DEFAULT_BATCH_ROWS = 65_536
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("removebg_status_code", pa.int32()),
+        ("removebg_status_text", pa.string()),
+        ("removebg_error", pa.string()),
+        ("removebg_output_url", pa.string()),
+        ("removebg_output_url_mask", pa.string()),
+        ("removebg_output_url_whitebg", pa.string()),
+        ("removebg_width", pa.int32()),
+        ("removebg_height", pa.int32()),
+        ("removebg_request_id", pa.string()),
+        ("removebg_mode", pa.string()),
+        ("removebg_attempts", pa.int32()),
+        ("removebg_processed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+_EXTENSIONS: dict[str, ManifestFormat] = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+_CSV_BLOCK_BYTES = 4 << 20
+_JSON_BLOCK_BYTES = 16 << 20
+
+
+def manifest_format(uri: str, explicit: str | None = None) -> ManifestFormat:
+    """The manifest's format: `explicit` when given, else from the URI's extension."""
+    if explicit:
+        if explicit not in FORMATS:
+            raise ManifestError(f"unknown manifest format {explicit!r} for {uri}; use one of {FORMATS}")
+        return explicit
+    path = uri.split("?", 1)[0].lower()
+    for extension, fmt in _EXTENSIONS.items():
+        if path.endswith(extension):
+            return fmt
+    raise ManifestError(
+        f"cannot tell the format of manifest {uri} from its extension; name it .parquet, .csv or "
+        ".jsonl, or pass manifest_format"
+    )
+
+
+def iter_batches(
+    uri: str,
+    storage: Storage,
+    *,
+    fmt: str | None = None,
+    columns: Sequence[str] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> Iterator[pa.RecordBatch]:
+    """Stream the manifest at `uri` as record batches of at most `batch_rows` rows.
+
+    CSV columns are read as text, so identifiers such as `00123` keep their leading zeros.
+    `columns` limits what is read (the columns must exist). Errors name the manifest.
+    """
+    resolved = manifest_format(uri, fmt)
+    try:
+        with storage.open(uri, "rb") as stream:
+            if resolved == "parquet":
+                yield from _parquet_batches(uri, stream, columns, batch_rows)
+            elif resolved == "csv":
+                yield from _csv_batches(uri, storage, stream, columns, batch_rows)
+            else:
+                yield from _jsonl_batches(stream, columns, batch_rows)
+    except ManifestError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+        raise ManifestError(f"cannot read manifest {uri} as {resolved}: {_first_line(exc)}") from exc
+
+
+def read_schema(uri: str, storage: Storage, fmt: str | None = None) -> pa.Schema:
+    """The manifest's column schema, read from its footer or first block."""
+    resolved = manifest_format(uri, fmt)
+    if resolved == "parquet":
+        try:
+            with storage.open(uri, "rb") as stream:
+                return pq.ParquetFile(stream).schema_arrow
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise ManifestError(f"cannot read manifest {uri} as parquet: {_first_line(exc)}") from exc
+    for batch in iter_batches(uri, storage, fmt=resolved, batch_rows=1):
+        return batch.schema
+    return _empty_schema(uri, storage, resolved)
+
+
+def require_columns(uri: str, schema: pa.Schema, columns: Sequence[str]) -> None:
+    """Raise ManifestError naming the manifest when any of `columns` is missing."""
+    missing = [name for name in columns if name not in schema.names]
+    if missing:
+        raise ManifestError(
+            f"manifest {uri} has no column {', '.join(repr(m) for m in missing)}; "
+            f"its columns are {schema.names}"
+        )
+
+
+class ManifestWriter:
+    """Writes record batches to a manifest that appears at its URI only when fully written."""
+
+    def __init__(self, uri: str, storage: Storage, schema: pa.Schema, fmt: str | None = None) -> None:
+        self.uri = uri
+        self.format = manifest_format(uri, fmt)
+        self.schema = schema
+        self.rows = 0
+        self._storage = storage
+        self._context: Any = None
+        self._stream: IO[bytes] | None = None
+        self._writer: pq.ParquetWriter | pa_csv.CSVWriter | None = None
+
+    def __enter__(self) -> ManifestWriter:
+        self._context = self._storage.atomic_writer(self.uri)
+        self._stream = self._context.__enter__()
+        if self.format == "parquet":
+            self._writer = pq.ParquetWriter(self._stream, self.schema, compression="zstd")
+        elif self.format == "csv":
+            self._writer = pa_csv.CSVWriter(self._stream, self.schema)
+        return self
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Append `batch` (which must have the writer's schema)."""
+        if self._writer is not None:
+            self._writer.write_batch(batch)
+        else:
+            assert self._stream is not None
+            lines = "".join(json.dumps(row, default=str) + "\n" for row in batch.to_pylist())
+            self._stream.write(lines.encode())
+        self.rows += batch.num_rows
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            self._context.__exit__(exc_type, exc, traceback)
+
+
+def _parquet_batches(
+    uri: str, stream: IO[bytes], columns: Sequence[str] | None, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    parquet = pq.ParquetFile(stream)
+    if columns is not None:
+        require_columns(uri, parquet.schema_arrow, columns)
+    yield from parquet.iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None)
+
+
+def _csv_batches(
+    uri: str,
+    storage: Storage,
+    stream: IO[bytes],
+    columns: Sequence[str] | None,
+    batch_rows: int,
+) -> Iterator[pa.RecordBatch]:
+    names = _csv_header(uri, storage)
+    reader = pa_csv.open_csv(
+        stream,
+        read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+        convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in names},
+            include_columns=list(columns) if columns else None,
+            strings_can_be_null=True,
+        ),
+    )
+    yield from _rebatch(reader, batch_rows)
+
+
+def _csv_header(uri: str, storage: Storage) -> list[str]:
+    with storage.open(uri, "rb") as stream:
+        head = pa_csv.open_csv(
+            stream,
+            read_options=pa_csv.ReadOptions(block_size=1 << 16),
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+        )
+        return list(head.schema.names)
+
+
+def _jsonl_batches(
+    stream: IO[bytes], columns: Sequence[str] | None, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    reader = pa_json.open_json(stream, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES))
+    for batch in _rebatch(reader, batch_rows):
+        yield batch.select(list(columns)) if columns else batch
+
+
+def _rebatch(reader: Any, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    for batch in reader:
+        for offset in range(0, batch.num_rows, batch_rows):
+            yield batch.slice(offset, batch_rows)
+
+
+def _empty_schema(uri: str, storage: Storage, fmt: ManifestFormat) -> pa.Schema:
+    if fmt == "csv":
+        try:
+            return pa.schema([(name, pa.string()) for name in _csv_header(uri, storage)])
+        except pa.ArrowInvalid:
+            pass
+    with storage.open(uri, "rb") as stream:
+        if stream.read(1):
+            raise ManifestError(f"manifest {uri} has content but no readable rows")
+    return pa.schema([])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,1101 @@
+"""Plan shards, process a shard, merge results: the manifest pipeline, resumable, without Airflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from removebg_provider.client import ImageRecord, RecordResult, RemovalOptions, RemoveBgClient
+from removebg_provider.errors import (
+    ApiRequestError,
+    AuthenticationError,
+    BudgetExceededError,
+    FailurePolicyError,
+    ManifestError,
+    OutOfCreditsError,
+    StorageError,
+    TransientApiError,
+)
+from removebg_provider.manifest import (
+    RESULT_SCHEMA,
+    ManifestWriter,
+    iter_batches,
+    read_schema,
+    require_columns,
+)
+from removebg_provider.storage import (
+    DEFAULT_OUTPUT_KEY_TEMPLATE,
+    CopyError,
+    OutputCopier,
+    Storage,
+    join_uri,
+    output_uri,
+    safe_key_id,
+    scheme_of,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = 200
+STATUS_NO_REFERENCE = 400
+STATUS_BUDGET_REACHED = 402
+STATUS_UNREADABLE_IMAGE = 422
+STATUS_API_UNAVAILABLE = 503
+STATUS_NOT_PROCESSED = 504
+
+DEFAULT_MAX_MAP_LENGTH = 1024
+_ROW = "__removebg_row"
+_ID = "__removebg_id"
+_REF = "__removebg_ref"
+_CANONICAL = "__removebg_canonical"
+_INTERNAL_COLUMNS = (_ROW, _ID, _REF, _CANONICAL)
+_IMAGE_EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
+_PROGRESS_EVERY_SECONDS = 5.0
+_FIRST_ERRORS = 5
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything that decides what a run produces; stored with the plan so every task agrees.
+
+    `output_key_template` may use `{id}`, `{kind}`, `{suffix}` and `{ext}`. `staging_prefix`
+    defaults to a folder under `output_prefix` named after the manifest and output manifest, so a
+    rerun of the same job finds its checkpoints.
+    """
+
+    manifest_uri: str
+    output_prefix: str
+    output_manifest_uri: str
+    staging_prefix: str | None = None
+    manifest_format: str | None = None
+    output_manifest_format: str | None = None
+    image_column: str = "image_url"
+    id_column: str | None = None
+    mode: str = "fast"
+    binary_mask: bool = False
+    white_background: bool = False
+    image_format: str | None = None
+    image_quality: int | None = None
+    output_key_template: str = DEFAULT_OUTPUT_KEY_TEMPLATE
+    shard_size: int = 1000
+    max_map_length: int = DEFAULT_MAX_MAP_LENGTH
+    max_records_per_request: int = 10
+    concurrency: int = 8
+    resume: bool = True
+    skip_existing: bool = False
+    max_billable_records: int | None = None
+    max_failed_fraction: float = 0.05
+    max_image_bytes: int = 20 << 20
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in ("fast", "precise"):
+            problems.append(f"mode must be 'fast' or 'precise', not {self.mode!r}")
+        if self.image_format is not None and self.image_format not in _IMAGE_EXTENSIONS:
+            problems.append(f"image_format must be png, jpg or webp, not {self.image_format!r}")
+        if self.image_quality is not None and not 1 <= self.image_quality <= 100:
+            problems.append(f"image_quality must be within 1..100, not {self.image_quality}")
+        for name in ("shard_size", "max_map_length", "max_records_per_request", "concurrency"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            problems.append(f"max_failed_fraction must be within 0..1, not {self.max_failed_fraction}")
+        if self.max_billable_records is not None and self.max_billable_records < 0:
+            problems.append("max_billable_records must not be negative")
+        for name in ("manifest_uri", "output_prefix", "output_manifest_uri", "image_column"):
+            if not getattr(self, name):
+                problems.append(f"{name} must not be empty")
+        if problems:
+            raise ValueError("invalid pipeline configuration: " + "; ".join(problems))
+
+    @property
+    def staging(self) -> str:
+        """Where shards, checkpoints and per-shard results live."""
+        if self.staging_prefix:
+            return self.staging_prefix.rstrip("/")
+        job = hashlib.sha256(f"{self.manifest_uri}\n{self.output_manifest_uri}".encode()).hexdigest()[:16]
+        return join_uri(self.output_prefix, f"_removebg_staging/{job}")
+
+    @property
+    def cutout_ext(self) -> str:
+        return _IMAGE_EXTENSIONS[self.image_format or "png"]
+
+    @property
+    def options(self) -> RemovalOptions:
+        return RemovalOptions(
+            binary_mask=self.binary_mask,
+            white_background=self.white_background,
+            image_format=self.image_format,
+            image_quality=self.image_quality,
+        )
+
+    def outputs_for(self, record_id: str) -> dict[str, str]:
+        """The durable URIs this run writes for `record_id`, by kind."""
+        kinds = {"cutout": self.cutout_ext}
+        if self.binary_mask:
+            kinds["mask"] = "jpg"
+        if self.white_background:
+            kinds["whitebg"] = "jpg"
+        return {
+            kind: output_uri(self.output_prefix, record_id, kind, ext, self.output_key_template)
+            for kind, ext in kinds.items()
+        }
+
+    def fingerprint(self, reference: str) -> str:
+        """Identifies the work done for one image reference, so resume never reuses other work."""
+        parts = (
+            reference,
+            self.mode,
+            self.binary_mask,
+            self.white_background,
+            self.image_format,
+            self.image_quality,
+            self.output_prefix,
+            self.output_key_template,
+        )
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass(frozen=True)
+class ShardDescriptor:
+    """A small, JSON-able handle on one shard: what goes through XCom."""
+
+    plan_uri: str
+    index: int
+    uri: str
+    rows: int
+    first_row: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShardDescriptor:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The shards of one manifest, with the configuration every task of the run shares."""
+
+    uri: str
+    config: PipelineConfig
+    shards: tuple[ShardDescriptor, ...]
+    total_rows: int
+    duplicate_rows: int
+    canonical_ids: frozenset[str]
+    schema_uri: str
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """The outcome of one manifest row: what becomes its `removebg_*` columns."""
+
+    id: str
+    status_code: int
+    status_text: str
+    error: str | None = None
+    output_url: str | None = None
+    output_url_mask: str | None = None
+    output_url_whitebg: str | None = None
+    width: int | None = None
+    height: int | None = None
+    request_id: str | None = None
+    mode: str | None = None
+    attempts: int = 0
+    processed_at: datetime | None = None
+    fingerprint: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["processed_at"] = self.processed_at.isoformat() if self.processed_at else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RowResult:
+        stamp = data.get("processed_at")
+        return cls(**{**data, "processed_at": datetime.fromisoformat(stamp) if stamp else None})
+
+
+@dataclass(frozen=True)
+class BillingEstimate:
+    """What a run would send to the API, after resume, skip-existing and de-duplication."""
+
+    rows: int
+    duplicates: int
+    resumed: int
+    existing: int
+    without_reference: int
+    billable: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Counts and pointers for one shard or one whole run; JSON-able for XCom and the CLI."""
+
+    rows: int
+    succeeded: int
+    failed: int
+    billed_records: int
+    by_status: dict[int, int]
+    first_errors: tuple[dict[str, Any], ...]
+    output_manifest_uri: str | None = None
+    output_prefix: str | None = None
+    shard_index: int | None = None
+
+    @property
+    def failed_fraction(self) -> float:
+        return self.failed / self.rows if self.rows else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["by_status"] = {str(code): count for code, count in sorted(self.by_status.items())}
+        data["first_errors"] = list(self.first_errors)
+        data["failed_fraction"] = round(self.failed_fraction, 6)
+        return data
+
+
+ProgressCallback = Callable[[int, int, int], None]
+
+
+class Progress:
+    """Counts finished rows; logs done/total, rate, ETA and failures at most every few seconds."""
+
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        on_update: ProgressCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total = total
+        self.label = label
+        self.done = 0
+        self.failed = 0
+        self._on_update = on_update
+        self._clock = clock
+        self._started = clock()
+        self._last_log = self._started
+        self._lock = threading.Lock()
+
+    def advance(self, rows: int, failed: int) -> None:
+        with self._lock:
+            self.done += rows
+            self.failed += failed
+            now = self._clock()
+            if now - self._last_log >= _PROGRESS_EVERY_SECONDS or self.done >= self.total:
+                self._last_log = now
+                log.info("%s", self.describe(now))
+        if self._on_update is not None:
+            self._on_update(rows, self.done, self.total)
+
+    def describe(self, now: float | None = None) -> str:
+        elapsed = max((now if now is not None else self._clock()) - self._started, 1e-9)
+        rate = self.done / elapsed
+        remaining = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = _format_seconds(remaining) if remaining != float("inf") else "unknown"
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        return (
+            f"{self.label}: {self.done}/{self.total} rows ({percent:.0f}%), {rate:.1f} rows/s, "
+            f"ETA {eta}, {self.failed} failed"
+        )
+
+
+class Budget:
+    """A thread-safe cap on the records one process may send to the API."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, count: int) -> bool:
+        with self._lock:
+            if self.limit is not None and self.used + count > self.limit:
+                return False
+            self.used += count
+            return True
+
+
+def plan(config: PipelineConfig, storage: Storage) -> Plan:
+    """Validate the manifest and split it into shards under the staging prefix.
+
+    Fails fast, naming the manifest, on a missing column, duplicate or colliding ids, or an
+    unreadable file. Rows whose image reference repeats an earlier row's are marked as its
+    duplicates: they are sent once and share the result.
+    """
+    schema = read_schema(config.manifest_uri, storage, config.manifest_format)
+    wanted = [config.image_column] + ([config.id_column] if config.id_column else [])
+    require_columns(config.manifest_uri, schema, wanted)
+    total_rows, canonical_ids, duplicate_rows = _validate_ids(config, storage)
+
+    shard_size = max(config.shard_size, -(-total_rows // config.max_map_length))
+    staging = config.staging
+    schema_uri = join_uri(staging, "schema.parquet")
+    with storage.atomic_writer(schema_uri) as stream:
+        pq.write_table(schema.empty_table(), stream)
+
+    plan_uri = join_uri(staging, "plan.json")
+    shards: list[ShardDescriptor] = []
+    for index, table in enumerate(_shard_tables(config, storage, shard_size)):
+        shard_uri = join_uri(staging, f"shards/shard-{index:05d}.parquet")
+        with storage.atomic_writer(shard_uri) as stream:
+            pq.write_table(table, stream, compression="zstd")
+        first_row = int(table.column(_ROW)[0].as_py())
+        shards.append(ShardDescriptor(plan_uri, index, shard_uri, table.num_rows, first_row))
+
+    result = Plan(
+        plan_uri, config, tuple(shards), total_rows, duplicate_rows, frozenset(canonical_ids), schema_uri
+    )
+    storage.write_bytes(plan_uri, json.dumps(_plan_to_json(result)).encode())
+    log.info(
+        "planned %s: %d rows in %d shards of up to %d rows; %d duplicate image references share a result",
+        config.manifest_uri,
+        total_rows,
+        len(shards),
+        shard_size,
+        duplicate_rows,
+    )
+    return result
+
+
+def load_plan(plan_uri: str, storage: Storage) -> Plan:
+    """Read back the plan written by `plan`, as every mapped task does."""
+    try:
+        data = json.loads(storage.read_bytes(plan_uri))
+    except (StorageError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read the run plan {plan_uri}: {exc}") from exc
+    return Plan(
+        uri=plan_uri,
+        config=PipelineConfig.from_dict(data["config"]),
+        shards=tuple(ShardDescriptor.from_dict(shard) for shard in data["shards"]),
+        total_rows=data["total_rows"],
+        duplicate_rows=data["duplicate_rows"],
+        canonical_ids=frozenset(data["canonical_ids"]),
+        schema_uri=data["schema_uri"],
+    )
+
+
+def estimate_billing(plan_: Plan, storage: Storage) -> BillingEstimate:
+    """Count the records a run of `plan_` would bill, without calling the API."""
+    counts: Counter[str] = Counter()
+    for shard in plan_.shards:
+        work = _ShardWork.load(shard, plan_.config, storage)
+        counts.update(work.classify_counts())
+    return BillingEstimate(
+        rows=plan_.total_rows,
+        duplicates=plan_.duplicate_rows,
+        resumed=counts["resumed"],
+        existing=counts["existing"],
+        without_reference=counts["without_reference"],
+        billable=counts["todo"],
+    )
+
+
+def check_budget(plan_: Plan, storage: Storage) -> BillingEstimate | None:
+    """Raise BudgetExceededError before any request when the run would pass `max_billable_records`."""
+    limit = plan_.config.max_billable_records
+    if limit is None:
+        return None
+    estimate = estimate_billing(plan_, storage)
+    if estimate.billable > limit:
+        raise BudgetExceededError(
+            f"{plan_.config.manifest_uri} needs {estimate.billable} billable records "
+            f"(after {estimate.resumed} resumed, {estimate.existing} existing and {estimate.duplicates} "
+            f"duplicate rows), over max_billable_records={limit}; nothing was sent"
+        )
+    return estimate
+
+
+def process_shard(
+    shard: ShardDescriptor,
+    plan_: Plan,
+    client: RemoveBgClient,
+    storage: Storage,
+    *,
+    copier: OutputCopier | None = None,
+    budget: Budget | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> RunSummary:
+    """Remove the backgrounds of one shard's rows, copy the outputs and store the shard's results.
+
+    Each finished batch is checkpointed first, so a retried task sends no request for a row that
+    already succeeded. Authentication and out-of-credits errors stop the shard at once; every
+    other problem becomes the row's status. Raises FailurePolicyError, after storing the results,
+    when more than `max_failed_fraction` of the shard's rows failed.
+    """
+    config = plan_.config
+    work = _ShardWork.load(shard, config, storage)
+    owned_copier = copier is None
+    copier = copier or OutputCopier(storage, pool_size=config.concurrency)
+    budget = budget or Budget(config.max_billable_records)
+    try:
+        results = work.run(client, copier, budget, on_progress)
+    finally:
+        if owned_copier:
+            copier.close()
+    _write_shard_results(shard, config, storage, work.rows, results)
+    summary = _summarise(results.values(), billed=work.billed, shard_index=shard.index)
+    log.info("shard %d done: %s", shard.index, json.dumps(summary.to_dict()))
+    _enforce_failure_policy(summary, config, f"shard {shard.index} of {config.manifest_uri}")
+    return summary
+
+
+def merge(plan_: Plan, storage: Storage) -> RunSummary:
+    """Write the enriched manifest: every input row once, in order, with its `removebg_*` columns.
+
+    Rows of a shard that has no stored results get status 504 ("not processed"). The manifest is
+    written atomically, then the run-wide failure policy is applied.
+    """
+    config = plan_.config
+    with storage.open(plan_.schema_uri, "rb") as stream:
+        input_schema = pq.read_schema(stream)
+    kept = [name for name in input_schema.names if name not in RESULT_SCHEMA.names]
+    output_schema = pa.schema([input_schema.field(name) for name in kept] + list(RESULT_SCHEMA))
+    canonical: dict[str, RowResult] = {}
+    all_results: list[RowResult] = []
+    billed = 0
+    with ManifestWriter(
+        config.output_manifest_uri, storage, output_schema, config.output_manifest_format
+    ) as out:
+        for shard in plan_.shards:
+            table = _read_parquet(shard.uri, storage)
+            stored = _read_shard_results(shard, config, storage)
+            billed += stored.billed
+            rows: list[RowResult] = []
+            for row in table.select(list(_INTERNAL_COLUMNS)).to_pylist():
+                row_result = _merged_row(row, stored.results, canonical, shard.index)
+                if row[_ID] in plan_.canonical_ids and row[_CANONICAL] is None:
+                    canonical[row[_ID]] = row_result
+                rows.append(row_result)
+            all_results.extend(rows)
+            columns = [table.column(name) for name in kept] + _result_arrays(rows)
+            out.write(
+                pa.RecordBatch.from_arrays(
+                    [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns],
+                    schema=output_schema,
+                )
+            )
+    summary = dataclasses.replace(
+        _summarise(all_results, billed=billed),
+        output_manifest_uri=config.output_manifest_uri,
+        output_prefix=config.output_prefix,
+    )
+    log.info("enriched manifest %s written: %s", config.output_manifest_uri, json.dumps(summary.to_dict()))
+    _enforce_failure_policy(summary, config, config.manifest_uri)
+    return summary
+
+
+def run(
+    config: PipelineConfig,
+    client: RemoveBgClient,
+    storage: Storage,
+    *,
+    on_progress: ProgressCallback | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> RunSummary:
+    """Plan, process every shard and merge: the whole pipeline in one process (the CLI's path)."""
+    plan_ = plan(config, storage)
+    check_budget(plan_, storage)
+    if on_plan is not None:
+        on_plan(plan_)
+    budget = Budget(config.max_billable_records)
+    copier = OutputCopier(storage, pool_size=config.concurrency)
+    relaxed = dataclasses.replace(plan_, config=dataclasses.replace(config, max_failed_fraction=1.0))
+    try:
+        for shard in plan_.shards:
+            process_shard(
+                shard, relaxed, client, storage, copier=copier, budget=budget, on_progress=on_progress
+            )
+    finally:
+        copier.close()
+    return merge(plan_, storage)
+
+
+@dataclass
+class _StoredResults:
+    results: dict[int, RowResult] = field(default_factory=dict)
+    billed: int = 0
+
+
+class _ShardWork:
+    """The rows of one shard and what each still needs."""
+
+    def __init__(
+        self,
+        shard: ShardDescriptor,
+        config: PipelineConfig,
+        storage: Storage,
+        rows: list[dict[str, Any]],
+        prior: dict[str, RowResult],
+    ) -> None:
+        self.shard = shard
+        self.config = config
+        self.storage = storage
+        self.rows = rows
+        self.prior = prior
+        self.billed = 0
+        self._billed_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, shard: ShardDescriptor, config: PipelineConfig, storage: Storage) -> _ShardWork:
+        table = _read_parquet(shard.uri, storage, columns=list(_INTERNAL_COLUMNS))
+        prior = _load_checkpoints(shard, config, storage) if config.resume else {}
+        return cls(shard, config, storage, table.to_pylist(), prior)
+
+    def classify(self) -> Iterator[tuple[str, dict[str, Any], RowResult | None]]:
+        """Each row with its class: duplicate, without_reference, resumed, existing or todo."""
+        for row in self.rows:
+            reference = row[_REF]
+            if row[_CANONICAL] is not None:
+                yield "duplicate", row, None
+            elif not reference:
+                yield (
+                    "without_reference",
+                    row,
+                    self._failed(
+                        row, STATUS_NO_REFERENCE, f"no image reference in column {self.config.image_column!r}"
+                    ),
+                )
+            elif (resumed := self._resumable(row)) is not None:
+                yield "resumed", row, resumed
+            elif self.config.skip_existing and self._outputs_exist(row[_ID]):
+                yield "existing", row, self._existing(row)
+            else:
+                yield "todo", row, None
+
+    def classify_counts(self) -> Counter[str]:
+        return Counter(kind for kind, _, _ in self.classify())
+
+    def run(
+        self,
+        client: RemoveBgClient,
+        copier: OutputCopier,
+        budget: Budget,
+        on_progress: ProgressCallback | None,
+    ) -> dict[int, RowResult]:
+        results: dict[int, RowResult] = {}
+        todo: list[dict[str, Any]] = []
+        for kind, row, row_result in self.classify():
+            if kind == "todo":
+                todo.append(row)
+            elif row_result is not None:
+                results[row[_ROW]] = row_result
+        progress = Progress(len(todo), f"shard {self.shard.index}", on_progress)
+        if on_progress is not None and results:
+            on_progress(len(results), 0, len(todo))
+        log.info(
+            "shard %d: %d rows, %d to send, %d already done or not sendable",
+            self.shard.index,
+            len(self.rows),
+            len(todo),
+            len(results),
+        )
+        batches = [
+            todo[i : i + self.config.max_records_per_request]
+            for i in range(0, len(todo), self.config.max_records_per_request)
+        ]
+        with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="removebg") as pool:
+            futures: list[Future[list[RowResult]]] = [
+                pool.submit(self._process_batch, batch, client, copier, budget, progress) for batch in batches
+            ]
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+            for batch, future in zip(batches, futures, strict=True):
+                if future.cancelled():
+                    continue
+                for row, row_result in zip(batch, future.result(), strict=True):
+                    results[row[_ROW]] = row_result
+        return results
+
+    def _process_batch(
+        self,
+        batch: list[dict[str, Any]],
+        client: RemoveBgClient,
+        copier: OutputCopier,
+        budget: Budget,
+        progress: Progress,
+    ) -> list[RowResult]:
+        outcomes: dict[str, RowResult] = {}
+        records: list[ImageRecord] = []
+        for row in batch:
+            record = self._record(row)
+            if isinstance(record, RowResult):
+                outcomes[row[_ID]] = record
+            else:
+                records.append(record)
+        if records and not budget.reserve(len(records)):
+            for record in records:
+                outcomes[record.id] = self._failed_by_id(
+                    record.id,
+                    STATUS_BUDGET_REACHED,
+                    f"not processed: max_billable_records={budget.limit} reached",
+                )
+            records = []
+        if records:
+            for api_result in self._call_api(records, client):
+                outcomes[api_result.id] = self._copy_outputs(api_result, copier)
+        stamped = [
+            dataclasses.replace(outcomes[row[_ID]], fingerprint=self.config.fingerprint(row[_REF]))
+            for row in batch
+        ]
+        self._checkpoint(stamped, billed=len(records))
+        progress.advance(len(stamped), sum(1 for r in stamped if not r.ok))
+        return stamped
+
+    def _call_api(self, records: list[ImageRecord], client: RemoveBgClient) -> list[RecordResult]:
+        try:
+            results = client.remove_batch(records, self.config.options)
+        except (AuthenticationError, OutOfCreditsError):
+            raise
+        except TransientApiError as exc:
+            return [
+                _api_failure(record.id, STATUS_API_UNAVAILABLE, "API unavailable", str(exc))
+                for record in records
+            ]
+        except ApiRequestError as exc:
+            code = getattr(exc, "status_code", None) or 400
+            return [
+                _api_failure(record.id, code, "request rejected by the API", str(exc)) for record in records
+            ]
+        with self._billed_lock:
+            self.billed += len(records)
+        return results
+
+    def _record(self, row: dict[str, Any]) -> ImageRecord | RowResult:
+        reference: str = row[_REF]
+        if scheme_of(reference) in ("http", "https"):
+            return ImageRecord(id=row[_ID], url=reference)
+        try:
+            data = self.storage.read_bytes(reference, limit=self.config.max_image_bytes)
+        except StorageError as exc:
+            return self._failed(row, STATUS_UNREADABLE_IMAGE, str(exc))
+        if not data:
+            return self._failed(row, STATUS_UNREADABLE_IMAGE, f"{reference} is empty")
+        return ImageRecord(id=row[_ID], data=data)
+
+    def _copy_outputs(self, api_result: RecordResult, copier: OutputCopier) -> RowResult:
+        base = RowResult(
+            id=api_result.id,
+            status_code=api_result.status_code,
+            status_text=api_result.status_text,
+            error=api_result.error,
+            width=api_result.width,
+            height=api_result.height,
+            request_id=api_result.request_id,
+            mode=self.config.mode,
+            attempts=api_result.attempts,
+            processed_at=_now(),
+        )
+        if not api_result.ok:
+            return base
+        sources = {
+            "cutout": api_result.output_url,
+            "mask": api_result.output_url_mask,
+            "whitebg": api_result.output_url_whitebg,
+        }
+        copied: dict[str, str] = {}
+        for kind, destination in self.config.outputs_for(api_result.id).items():
+            source = sources[kind]
+            if not source:
+                return dataclasses.replace(
+                    base,
+                    status_code=502,
+                    status_text="output missing",
+                    error=f"the API returned no {kind} URL",
+                )
+            try:
+                copier.copy(source, destination, destination.rsplit(".", 1)[-1])
+            except CopyError as exc:
+                return dataclasses.replace(
+                    base, status_code=exc.status_code, status_text="output copy failed", error=str(exc)
+                )
+            copied[kind] = destination
+        return dataclasses.replace(
+            base,
+            output_url=copied.get("cutout"),
+            output_url_mask=copied.get("mask"),
+            output_url_whitebg=copied.get("whitebg"),
+        )
+
+    def _checkpoint(self, results: list[RowResult], billed: int) -> None:
+        from removebg_provider.storage import unique_name
+
+        uri = join_uri(_checkpoint_prefix(self.shard, self.config), unique_name("ckpt") + ".jsonl")
+        lines = [json.dumps({"billed": billed})] + [json.dumps(r.to_json()) for r in results]
+        self.storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
+
+    def _resumable(self, row: dict[str, Any]) -> RowResult | None:
+        previous = self.prior.get(row[_ID])
+        if previous is None or not previous.ok or previous.fingerprint != self.config.fingerprint(row[_REF]):
+            return None
+        wanted = self.config.outputs_for(row[_ID])
+        recorded = {
+            "cutout": previous.output_url,
+            "mask": previous.output_url_mask,
+            "whitebg": previous.output_url_whitebg,
+        }
+        if any(recorded[kind] != uri or not self.storage.exists(uri) for kind, uri in wanted.items()):
+            return None
+        return previous
+
+    def _outputs_exist(self, record_id: str) -> bool:
+        return all(self.storage.exists(uri) for uri in self.config.outputs_for(record_id).values())
+
+    def _existing(self, row: dict[str, Any]) -> RowResult:
+        outputs = self.config.outputs_for(row[_ID])
+        return RowResult(
+            id=row[_ID],
+            status_code=STATUS_OK,
+            status_text="OK (existing output kept, not sent again)",
+            output_url=outputs.get("cutout"),
+            output_url_mask=outputs.get("mask"),
+            output_url_whitebg=outputs.get("whitebg"),
+            mode=self.config.mode,
+            attempts=0,
+            processed_at=_now(),
+            fingerprint=self.config.fingerprint(row[_REF]),
+        )
+
+    def _failed(self, row: dict[str, Any], code: int, error: str) -> RowResult:
+        return self._failed_by_id(row[_ID], code, error)
+
+    def _failed_by_id(self, record_id: str, code: int, error: str) -> RowResult:
+        return RowResult(
+            id=record_id,
+            status_code=code,
+            status_text="not processed",
+            error=error,
+            mode=self.config.mode,
+            attempts=0,
+            processed_at=_now(),
+        )
+
+
+def _api_failure(record_id: str, code: int, text: str, error: str) -> RecordResult:
+    return RecordResult(
+        id=record_id,
+        status_code=code,
+        status_text=text,
+        error=error,
+        output_url=None,
+        output_url_mask=None,
+        output_url_whitebg=None,
+        width=None,
+        height=None,
+        request_id=None,
+    )
+
+
+def _merged_row(
+    row: dict[str, Any], stored: dict[int, RowResult], canonical: dict[str, RowResult], shard_index: int
+) -> RowResult:
+    if row[_CANONICAL] is not None:
+        original = canonical.get(row[_CANONICAL])
+        if original is None:
+            return RowResult(
+                id=row[_ID],
+                status_code=STATUS_NOT_PROCESSED,
+                status_text="not processed",
+                error=f"the row with the same image ({row[_CANONICAL]}) has no result",
+            )
+        return dataclasses.replace(
+            original,
+            id=row[_ID],
+            attempts=0,
+            status_text=f"{original.status_text} (same image as {row[_CANONICAL]})",
+        )
+    found = stored.get(row[_ROW])
+    if found is not None:
+        return found
+    return RowResult(
+        id=row[_ID],
+        status_code=STATUS_NOT_PROCESSED,
+        status_text="not processed",
+        error=f"shard {shard_index} has no stored result for this row (its task did not finish)",
+    )
+
+
+def _result_arrays(rows: Sequence[RowResult]) -> list[pa.Array]:
+    values: dict[str, list[Any]] = {name: [] for name in RESULT_SCHEMA.names}
+    for r in rows:
+        values["removebg_status_code"].append(r.status_code)
+        values["removebg_status_text"].append(r.status_text)
+        values["removebg_error"].append(r.error)
+        values["removebg_output_url"].append(r.output_url)
+        values["removebg_output_url_mask"].append(r.output_url_mask)
+        values["removebg_output_url_whitebg"].append(r.output_url_whitebg)
+        values["removebg_width"].append(r.width)
+        values["removebg_height"].append(r.height)
+        values["removebg_request_id"].append(r.request_id)
+        values["removebg_mode"].append(r.mode)
+        values["removebg_attempts"].append(r.attempts)
+        values["removebg_processed_at"].append(r.processed_at)
+    return [pa.array(values[f.name], type=f.type) for f in RESULT_SCHEMA]
+
+
+def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, set[str], int]:
+    """One pass over the id and image columns: count rows, refuse bad ids, find duplicate images."""
+    columns = [config.image_column] + ([config.id_column] if config.id_column else [])
+    seen_ids: set[str] = set()
+    keys: dict[str, str] = {}
+    duplicates: list[str] = []
+    collisions: list[str] = []
+    first_rows = _FirstRows()
+    canonical_ids: set[str] = set()
+    duplicate_rows = 0
+    total = 0
+    for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format, columns=columns):
+        references = _as_text(batch.column(config.image_column))
+        ids = _as_text(batch.column(config.id_column)) if config.id_column else None
+        for offset, reference in enumerate(references):
+            row = total + offset
+            record_id = ids[offset] if ids is not None else derive_id(reference, row)
+            if not record_id:
+                raise ManifestError(
+                    f"manifest {config.manifest_uri} row {row} has an empty id in column {config.id_column!r}"
+                )
+            canonical = first_rows.canonical(reference, record_id, row)
+            if canonical is not None:
+                duplicate_rows += 1
+                canonical_ids.add(canonical)
+            if ids is None and canonical is not None:
+                continue
+            if record_id in seen_ids:
+                if len(duplicates) < _FIRST_ERRORS:
+                    duplicates.append(record_id)
+                continue
+            seen_ids.add(record_id)
+            key = safe_key_id(record_id)
+            other = keys.setdefault(key, record_id)
+            if other != record_id and len(collisions) < _FIRST_ERRORS:
+                collisions.append(f"{other!r} and {record_id!r} -> {key!r}")
+        total += batch.num_rows
+    if duplicates:
+        raise ManifestError(
+            f"manifest {config.manifest_uri} has duplicate ids in column {config.id_column!r}: "
+            f"{', '.join(repr(d) for d in duplicates)}; ids must be unique"
+        )
+    if collisions:
+        raise ManifestError(
+            f"manifest {config.manifest_uri} has ids that become the same output key once made safe: "
+            f"{'; '.join(collisions)}"
+        )
+    return total, canonical_ids, duplicate_rows
+
+
+def _shard_tables(config: PipelineConfig, storage: Storage, shard_size: int) -> Iterator[pa.Table]:
+    """The manifest with the internal columns added, cut into tables of `shard_size` rows."""
+    first_rows = _FirstRows()
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    row = 0
+    for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format):
+        references = _as_text(batch.column(config.image_column))
+        ids = _as_text(batch.column(config.id_column)) if config.id_column else None
+        record_ids: list[str] = []
+        canonical: list[str | None] = []
+        for offset, reference in enumerate(references):
+            record_id = ids[offset] if ids is not None else derive_id(reference, row + offset)
+            assert record_id is not None
+            record_ids.append(record_id)
+            canonical.append(first_rows.canonical(reference, record_id, row + offset))
+        extra = [
+            pa.array(range(row, row + batch.num_rows), type=pa.int64()),
+            pa.array(record_ids, type=pa.string()),
+            pa.array(references, type=pa.string()),
+            pa.array(canonical, type=pa.string()),
+        ]
+        batch = pa.RecordBatch.from_arrays(
+            list(batch.columns) + extra, names=list(batch.schema.names) + list(_INTERNAL_COLUMNS)
+        )
+        row += batch.num_rows
+        while batch.num_rows:
+            take = min(shard_size - pending_rows, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            pending_rows += take
+            batch = batch.slice(take)
+            if pending_rows == shard_size:
+                yield pa.Table.from_batches(pending)
+                pending, pending_rows = [], 0
+    if pending_rows:
+        yield pa.Table.from_batches(pending)
+
+
+class _FirstRows:
+    """Remembers the first row of every image reference, in 16-byte digests to stay small."""
+
+    def __init__(self) -> None:
+        self._first: dict[bytes, tuple[str, int]] = {}
+
+    def canonical(self, reference: str | None, record_id: str, row: int) -> str | None:
+        """The id of the earlier row with the same reference, or None when this row is the first."""
+        if not reference:
+            return None
+        digest = hashlib.blake2b(reference.encode(), digest_size=16).digest()
+        first_id, first_row = self._first.setdefault(digest, (record_id, row))
+        return first_id if first_row != row else None
+
+
+def derive_id(reference: str | None, row: int) -> str:
+    """A stable, readable id for a row without an id column: the file name plus a hash of the reference.
+
+    Rows without a reference get an id from their row number, so they still appear in the output.
+    """
+    if not reference:
+        return f"row-{row}"
+    stem = reference.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:48] or "image"
+    return f"{stem}-{hashlib.sha256(reference.encode()).hexdigest()[:12]}"
+
+
+def _as_text(column: pa.Array | pa.ChunkedArray) -> list[str | None]:
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = column.cast(pa.string())
+    return [value.strip() if isinstance(value, str) else value for value in column.to_pylist()]
+
+
+def _checkpoint_prefix(shard: ShardDescriptor, config: PipelineConfig) -> str:
+    return join_uri(config.staging, f"checkpoints/shard-{shard.index:05d}")
+
+
+def _results_uri(shard: ShardDescriptor, config: PipelineConfig) -> str:
+    return join_uri(config.staging, f"results/shard-{shard.index:05d}.jsonl")
+
+
+def _load_checkpoints(
+    shard: ShardDescriptor, config: PipelineConfig, storage: Storage
+) -> dict[str, RowResult]:
+    """Earlier results for this shard's rows, newest success first, from checkpoints and results."""
+    found: dict[str, RowResult] = {}
+    uris = storage.list_prefix(_checkpoint_prefix(shard, config))
+    for uri in uris:
+        for line in storage.read_bytes(uri).decode().splitlines()[1:]:
+            row_result = RowResult.from_json(json.loads(line))
+            if row_result.ok or row_result.id not in found:
+                found[row_result.id] = row_result
+    return found
+
+
+def _write_shard_results(
+    shard: ShardDescriptor,
+    config: PipelineConfig,
+    storage: Storage,
+    rows: list[dict[str, Any]],
+    results: dict[int, RowResult],
+) -> None:
+    billed = sum(_read_billed(uri, storage) for uri in storage.list_prefix(_checkpoint_prefix(shard, config)))
+    lines = [json.dumps({"billed": billed})]
+    lines += [
+        json.dumps({"row": row[_ROW], **results[row[_ROW]].to_json()}) for row in rows if row[_ROW] in results
+    ]
+    storage.write_bytes(_results_uri(shard, config), ("\n".join(lines) + "\n").encode())
+
+
+def _read_billed(uri: str, storage: Storage) -> int:
+    with storage.open(uri, "rb") as stream:
+        billed: int = json.loads(stream.readline())["billed"]
+    return billed
+
+
+def _read_shard_results(shard: ShardDescriptor, config: PipelineConfig, storage: Storage) -> _StoredResults:
+    uri = _results_uri(shard, config)
+    if not storage.exists(uri):
+        return _StoredResults()
+    lines = storage.read_bytes(uri).decode().splitlines()
+    stored = _StoredResults(billed=json.loads(lines[0])["billed"])
+    for line in lines[1:]:
+        data = json.loads(line)
+        row = data.pop("row")
+        stored.results[row] = RowResult.from_json(data)
+    return stored
+
+
+def _read_parquet(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    with storage.open(uri, "rb") as stream:
+        return pq.read_table(stream, columns=columns)
+
+
+def _plan_to_json(plan_: Plan) -> dict[str, Any]:
+    return {
+        "config": plan_.config.to_dict(),
+        "shards": [shard.to_dict() for shard in plan_.shards],
+        "total_rows": plan_.total_rows,
+        "duplicate_rows": plan_.duplicate_rows,
+        "canonical_ids": sorted(plan_.canonical_ids),
+        "schema_uri": plan_.schema_uri,
+    }
+
+
+def _summarise(results: Iterable[RowResult], *, billed: int, shard_index: int | None = None) -> RunSummary:
+    by_status: Counter[int] = Counter()
+    first_errors: list[dict[str, Any]] = []
+    rows = 0
+    for r in results:
+        rows += 1
+        by_status[r.status_code] += 1
+        if not r.ok and len(first_errors) < _FIRST_ERRORS:
+            first_errors.append({"id": r.id, "status_code": r.status_code, "error": r.error or r.status_text})
+    succeeded = sum(count for code, count in by_status.items() if 200 <= code < 300)
+    return RunSummary(
+        rows=rows,
+        succeeded=succeeded,
+        failed=rows - succeeded,
+        billed_records=billed,
+        by_status=dict(by_status),
+        first_errors=tuple(first_errors),
+        shard_index=shard_index,
+    )
+
+
+def _enforce_failure_policy(summary: RunSummary, config: PipelineConfig, what: str) -> None:
+    if summary.failed_fraction > config.max_failed_fraction:
+        errors = "; ".join(f"{e['id']}: {e['status_code']} {e['error']}" for e in summary.first_errors)
+        raise FailurePolicyError(
+            f"{summary.failed} of {summary.rows} rows failed in {what} "
+            f"({summary.failed_fraction:.1%} > max_failed_fraction {config.max_failed_fraction:.1%}); "
+            f"first errors: {errors}"
+        )
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

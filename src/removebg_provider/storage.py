@@ -1,0 +1,332 @@
+"""Read and write objects at any URI smart_open knows, atomically, and name output keys."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
+from urllib.parse import urlparse
+
+import smart_open
+import tenacity
+
+from removebg_provider.errors import StorageError
+
+REMOTE_SCHEMES = frozenset({"s3", "gs", "az", "http", "https"})
+OUTPUT_KINDS = ("cutout", "mask", "whitebg")
+DEFAULT_OUTPUT_KEY_TEMPLATE = "{id}{suffix}.{ext}"
+
+_SUFFIXES = {"cutout": "", "mask": ".mask", "whitebg": ".whitebg"}
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
+_MAX_KEY_ID_LENGTH = 120
+_MAGIC = {
+    "png": (b"\x89PNG\r\n\x1a\n",),
+    "jpg": (b"\xff\xd8\xff",),
+    "webp": (b"RIFF",),
+}
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Object access for every URI scheme the pipeline meets.
+
+    `transport_params` maps a scheme (`s3`, `gs`, `az`, ...) to smart_open transport parameters,
+    for example `{"s3": {"client": boto3_client}}`; without them each SDK reads its standard
+    environment configuration.
+    """
+
+    transport_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    write_attempts: int = 4
+
+    def open(self, uri: str, mode: str = "rb") -> IO[Any]:
+        """Open `uri` through smart_open with the scheme's transport parameters."""
+        params = dict(self.transport_params.get(scheme_of(uri), {}))
+        opened: IO[Any] = smart_open.open(uri, mode, transport_params=params, compression="disable")
+        return opened
+
+    def read_bytes(self, uri: str, limit: int | None = None) -> bytes:
+        """Read the whole object at `uri`; raises StorageError when missing or over `limit` bytes."""
+        try:
+            with self.open(uri, "rb") as stream:
+                data: bytes = stream.read(limit + 1 if limit is not None else -1)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read {uri}: {_short(exc)}") from exc
+        if limit is not None and len(data) > limit:
+            raise StorageError(f"{uri} is larger than the {limit}-byte limit")
+        return data
+
+    def exists(self, uri: str) -> bool:
+        """Whether an object is at `uri` (a missing object is False; other failures raise)."""
+        if scheme_of(uri) == "file":
+            return os.path.isfile(local_path(uri))
+        try:
+            with self.open(uri, "rb"):
+                return True
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as exc:
+            if _looks_missing(exc):
+                return False
+            raise StorageError(f"cannot check {uri}: {_short(exc)}") from exc
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write `data` to `uri` atomically, retrying failed writes before raising StorageError."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.write_attempts),
+            wait=tenacity.wait_random_exponential(multiplier=0.2, max=5),
+            retry=tenacity.retry_if_exception_type(OSError),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt, self.atomic_writer(uri) as stream:
+                    stream.write(data)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write {uri} after {self.write_attempts} attempts: {_short(exc)}"
+            ) from exc
+
+    @contextmanager
+    def atomic_writer(self, uri: str) -> Iterator[IO[bytes]]:
+        """Yield a binary stream whose content appears at `uri` only if the block succeeds.
+
+        Local files go to a temporary sibling that is renamed into place; object stores publish
+        an upload only when smart_open closes it cleanly, and abort it on an exception.
+        """
+        if scheme_of(uri) != "file":
+            with self.open(uri, "wb") as stream:
+                yield stream
+            return
+        path = local_path(uri)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                yield stream
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        """URIs of the objects directly under `prefix` (local folders only; others via their SDK)."""
+        if scheme_of(prefix) == "file":
+            directory = local_path(prefix)
+            if not os.path.isdir(directory):
+                return []
+            return sorted(
+                join_uri(prefix, name)
+                for name in os.listdir(directory)
+                if not name.startswith(".") and os.path.isfile(os.path.join(directory, name))
+            )
+        return self._list_remote(prefix)
+
+    def _list_remote(self, prefix: str) -> list[str]:
+        parsed = urlparse(prefix)
+        bucket, key_prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/") + "/"
+        scheme = parsed.scheme
+        params = self.transport_params.get(scheme, {})
+        if scheme == "s3":
+            import boto3
+
+            client = params.get("client") or boto3.client("s3")
+            keys: list[str] = []
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=key_prefix, Delimiter="/"
+            ):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
+        elif scheme == "gs":
+            from google.cloud import storage as gcs
+
+            client = params.get("client") or gcs.Client()
+            keys = [blob.name for blob in client.list_blobs(bucket, prefix=key_prefix, delimiter="/")]
+        elif scheme == "az":
+            container = params["client"].get_container_client(bucket)
+            keys = [blob.name for blob in container.walk_blobs(name_starts_with=key_prefix, delimiter="/")]
+            keys = [key for key in keys if not key.endswith("/")]
+        else:
+            raise StorageError(f"cannot list {prefix}: listing is not supported for {scheme}://")
+        return sorted(f"{scheme}://{bucket}/{key}" for key in keys)
+
+
+def scheme_of(uri: str) -> str:
+    """The URI's scheme, with plain paths and Windows drive letters counted as `file`."""
+    parsed = urlparse(uri)
+    if len(parsed.scheme) <= 1:
+        return "file"
+    return parsed.scheme.lower()
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a `file://` URI or a plain path."""
+    return urlparse(uri).path if uri.startswith("file://") else uri
+
+
+def join_uri(prefix: str, key: str) -> str:
+    """Join a prefix and a relative key with exactly one slash."""
+    return f"{prefix.rstrip('/')}/{key.lstrip('/')}"
+
+
+def safe_key_id(record_id: str) -> str:
+    """Make a record id safe as one object-key segment: no separators, `..` or control characters.
+
+    Long ids are shortened with a hash so distinct ids stay distinct; two ids that clean to the
+    same key are the caller's to detect (the planner refuses them).
+    """
+    cleaned = _UNSAFE_KEY_CHARS.sub("_", record_id)
+    cleaned = re.sub(r"\.{2,}", "_", cleaned).strip("._") or "_"
+    if len(cleaned) > _MAX_KEY_ID_LENGTH:
+        digest = hashlib.sha256(record_id.encode()).hexdigest()[:10]
+        cleaned = f"{cleaned[: _MAX_KEY_ID_LENGTH - 11]}-{digest}"
+    return cleaned
+
+
+def output_uri(output_prefix: str, record_id: str, kind: str, ext: str, template: str) -> str:
+    """The durable URI of one output of one record, from the key template.
+
+    The template may use `{id}` (the key-safe id), `{kind}` (cutout, mask, whitebg),
+    `{suffix}` ("", ".mask", ".whitebg") and `{ext}`.
+    """
+    key = template.format(id=safe_key_id(record_id), kind=kind, suffix=_SUFFIXES[kind], ext=ext)
+    if ".." in key.split("/") or key.startswith("/"):
+        raise StorageError(f"output key template {template!r} makes an unsafe key {key!r}")
+    return join_uri(output_prefix, key)
+
+
+def looks_like_image(data: bytes, ext: str) -> bool:
+    """Whether `data` starts with the signature of an `ext` image (png, jpg or webp)."""
+    if ext == "webp":
+        return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    return any(data.startswith(magic) for magic in _MAGIC.get(ext, ()))
+
+
+def unique_name(prefix: str) -> str:
+    """A collision-free object name, for checkpoints written by concurrent workers."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _looks_missing(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(
+        marker in text for marker in ("404", "not found", "nosuchkey", "does not exist", "blobnotfound")
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class CopyError(StorageError):
+    """An output could not be copied; `status_code` is the row status it earns."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class OutputCopier:
+    """Copies API outputs from their temporary URLs into durable storage, verified.
+
+    Downloads go through a pooled session that never carries the API token; transient failures
+    (connection errors, timeouts, 5xx) are retried, expired URLs (403, 404, 410) are not.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        pool_size: int = 8,
+        timeout: float = 60.0,
+        max_attempts: int = 4,
+        max_bytes: int = 100 << 20,
+    ) -> None:
+        import requests
+        from requests.adapters import HTTPAdapter
+
+        self.storage = storage
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.max_bytes = max_bytes
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def copy(self, source_url: str, destination_uri: str, ext: str) -> int:
+        """Copy one output and return its size; raises CopyError with the row status it earns."""
+        data = self.download(source_url)
+        if not looks_like_image(data, ext):
+            raise CopyError(502, f"the API output at {_strip_query(source_url)} is not a {ext} image")
+        try:
+            self.storage.write_bytes(destination_uri, data)
+        except StorageError as exc:
+            raise CopyError(507, str(exc)) from exc
+        return len(data)
+
+    def download(self, url: str) -> bytes:
+        """The bytes at a temporary output URL, retried on transient failures."""
+        import requests
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.max_attempts),
+            wait=tenacity.wait_random_exponential(multiplier=0.5, max=10),
+            retry=tenacity.retry_if_exception_type((requests.RequestException, _TransientDownload)),
+            reraise=True,
+        )
+        try:
+            return retrying(self._download_once, url)
+        except _ExpiredDownload as exc:
+            raise CopyError(410, str(exc)) from exc
+        except (requests.RequestException, _TransientDownload) as exc:
+            raise CopyError(
+                502, f"cannot download {_strip_query(url)} after {self.max_attempts} attempts: {_short(exc)}"
+            ) from exc
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self._session.close()
+
+    def _download_once(self, url: str) -> bytes:
+        with self._session.get(url, timeout=self.timeout, stream=True) as response:
+            if response.status_code in (403, 404, 410):
+                raise _ExpiredDownload(
+                    f"the API output {_strip_query(url)} is gone (HTTP {response.status_code}); "
+                    "temporary outputs live 24 hours"
+                )
+            if response.status_code >= 400:
+                raise _TransientDownload(f"HTTP {response.status_code} from {_strip_query(url)}")
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise CopyError(502, f"{_strip_query(url)} is over the {self.max_bytes}-byte limit")
+                chunks.append(chunk)
+            expected = response.headers.get("Content-Length")
+            if expected is not None and expected.isdigit() and int(expected) != size:
+                raise _TransientDownload(f"{_strip_query(url)} ended after {size} of {expected} bytes")
+            data = b"".join(chunks)
+        if not data:
+            raise _TransientDownload(f"{_strip_query(url)} returned an empty body")
+        return data
+
+
+class _ExpiredDownload(Exception):
+    pass
+
+
+class _TransientDownload(Exception):
+    pass
+
+
+def _strip_query(url: str) -> str:
+    # Presigned output URLs carry credentials in their query string.
+    return url.split("?", 1)[0]

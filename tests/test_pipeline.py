@@ -1,0 +1,471 @@
+"""The manifest pipeline end to end against the real local API server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from removebg_provider import pipeline
+from removebg_provider.client import RemoveBgClient
+from removebg_provider.errors import BudgetExceededError, FailurePolicyError, ManifestError
+from removebg_provider.manifest import RESULT_SCHEMA
+from removebg_provider.storage import Storage
+from servers import LocalApiServer, sample_photo, start_api_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApiServer]:
+    with start_api_server(tmp_path_factory.mktemp("server")) as running:
+        yield running
+
+
+@pytest.fixture
+def billed(server: LocalApiServer) -> None:
+    server.reset_stats()
+
+
+def _photos(folder: Path, count: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"product-{index}.jpg"
+        path.write_bytes(sample_photo(80 + index, 64, "JPEG"))
+        paths.append(str(path))
+    return paths
+
+
+def _write_manifest(path: Path, columns: dict[str, list[object]]) -> str:
+    table = pa.table(columns)
+    if path.suffix == ".csv":
+        pa_csv.write_csv(table, path)
+    else:
+        pq.write_table(table, path)
+    return str(path)
+
+
+def _config(tmp_path: Path, manifest: str, **overrides: object) -> pipeline.PipelineConfig:
+    options: dict[str, object] = {
+        "manifest_uri": manifest,
+        "output_prefix": str(tmp_path / "cutouts"),
+        "output_manifest_uri": str(tmp_path / "enriched.parquet"),
+        "shard_size": 4,
+        "max_records_per_request": 3,
+        "concurrency": 3,
+    }
+    options.update(overrides)
+    return pipeline.PipelineConfig(**options)  # type: ignore[arg-type]
+
+
+def _run(server: LocalApiServer, config: pipeline.PipelineConfig) -> pipeline.RunSummary:
+    with RemoveBgClient(server.base_url, server.token, mode=config.mode) as client:
+        return pipeline.run(config, client, Storage())
+
+
+def _enriched(config: pipeline.PipelineConfig) -> pa.Table:
+    if config.output_manifest_uri.endswith(".csv"):
+        return pa_csv.read_csv(config.output_manifest_uri)
+    return pq.read_table(config.output_manifest_uri)
+
+
+@pytest.mark.usefixtures("billed")
+def test_every_row_appears_once_with_input_columns_first_then_results(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    images = _photos(tmp_path / "photos", 10)
+    manifest = _write_manifest(
+        tmp_path / "m.parquet", {"sku": [f"sku-{i}" for i in range(10)], "image_url": images}
+    )
+    config = _config(tmp_path, manifest, id_column="sku")
+
+    summary = _run(server, config)
+
+    table = _enriched(config)
+    assert table.column_names == ["sku", "image_url", *RESULT_SCHEMA.names]
+    assert table.column("sku").to_pylist() == [f"sku-{i}" for i in range(10)]
+    assert table.column("removebg_status_code").to_pylist() == [200] * 10
+    assert summary.rows == 10
+    assert summary.succeeded == 10
+
+
+@pytest.mark.usefixtures("billed")
+def test_outputs_are_rgba_png_cutouts_plus_requested_mask_and_white_background(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _write_manifest(tmp_path / "m.csv", {"image_url": _photos(tmp_path / "photos", 3)})
+    config = _config(tmp_path, manifest, binary_mask=True, white_background=True)
+
+    _run(server, config)
+
+    for row in _enriched(config).to_pylist():
+        assert Image.open(row["removebg_output_url"]).mode == "RGBA"
+        assert Image.open(row["removebg_output_url_mask"]).format == "JPEG"
+        assert Image.open(row["removebg_output_url_whitebg"]).mode == "RGB"
+        assert row["removebg_output_url"].startswith(str(tmp_path / "cutouts"))
+
+
+@pytest.mark.usefixtures("billed")
+def test_outputs_not_requested_are_null(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 2)})
+    config = _config(tmp_path, manifest)
+
+    _run(server, config)
+
+    table = _enriched(config)
+    assert table.column("removebg_output_url_mask").null_count == 2
+    assert table.column("removebg_output_url_whitebg").null_count == 2
+
+
+@pytest.mark.usefixtures("billed")
+def test_csv_manifest_gives_csv_enriched_manifest_with_text_ids_kept(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "m.csv"
+    images = _photos(tmp_path / "photos", 2)
+    manifest.write_text(f"sku,image_url\n00017,{images[0]}\n00018,{images[1]}\n")
+    config = _config(tmp_path, str(manifest), id_column="sku", output_manifest_uri=str(tmp_path / "e.csv"))
+
+    _run(server, config)
+
+    text = (tmp_path / "e.csv").read_text()
+    assert '"00017"' in text
+    assert Path(tmp_path / "cutouts" / "00017.png").is_file()
+
+
+def test_a_rerun_bills_no_row_that_already_succeeded(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 9)})
+    config = _config(tmp_path, manifest)
+    server.reset_stats()
+
+    _run(server, config)
+    _run(server, config)
+
+    assert server.stats()["records_billed"] == 9
+
+
+class _CrashAfter(RemoveBgClient):
+    """A real client that dies (like a killed worker) once it has sent `batches` requests."""
+
+    def __init__(self, *args: object, batches: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.remaining = batches
+
+    def remove_batch(self, records, options=None):  # type: ignore[no-untyped-def]
+        if self.remaining <= 0:
+            raise KeyboardInterrupt("worker killed")
+        self.remaining -= 1
+        return super().remove_batch(records, options or pipeline.RemovalOptions())
+
+
+def test_an_interrupted_run_resumes_without_billing_finished_batches_again(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 12)})
+    config = _config(tmp_path, manifest, concurrency=1)
+    server.reset_stats()
+    with (
+        pytest.raises(KeyboardInterrupt),
+        _CrashAfter(server.base_url, server.token, batches=2) as crashing,
+    ):
+        pipeline.run(config, crashing, Storage())
+    billed_before_crash = server.stats()["records_billed"]
+
+    summary = _run(server, config)
+
+    assert billed_before_crash == 4
+    assert server.stats()["records_billed"] == 12
+    assert summary.succeeded == 12
+
+
+@pytest.mark.usefixtures("billed")
+def test_rows_with_the_same_image_are_sent_once_and_share_the_result(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    images = _photos(tmp_path / "photos", 3)
+    manifest = _write_manifest(
+        tmp_path / "m.parquet",
+        {
+            "sku": ["a", "b", "c", "d", "e"],
+            "image_url": [images[0], images[1], images[0], images[2], images[0]],
+        },
+    )
+    config = _config(tmp_path, manifest, id_column="sku")
+
+    summary = _run(server, config)
+
+    rows = _enriched(config).to_pylist()
+    assert server.stats()["records_billed"] == 3
+    assert summary.succeeded == 5
+    assert rows[2]["removebg_output_url"] == rows[0]["removebg_output_url"]
+    assert rows[4]["removebg_output_url"] == rows[0]["removebg_output_url"]
+
+
+def test_dry_run_counts_billable_records_after_resume_and_duplicates(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    images = _photos(tmp_path / "photos", 6)
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": [*images, images[0], None]})
+    config = _config(tmp_path, manifest)
+    _run(
+        server,
+        _config(
+            tmp_path,
+            _write_manifest(tmp_path / "first.parquet", {"image_url": images[:2]}),
+            staging_prefix=config.staging,
+        ),
+    )
+    server.reset_stats()
+
+    estimate = pipeline.estimate_billing(pipeline.plan(config, Storage()), Storage())
+
+    assert estimate.to_dict() == {
+        "rows": 8,
+        "duplicates": 1,
+        "resumed": 2,
+        "existing": 0,
+        "without_reference": 1,
+        "billable": 4,
+    }
+    assert server.stats()["records_billed"] == 0
+
+
+def test_dry_run_after_a_partial_run_counts_only_what_is_left(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 8)})
+    config = _config(tmp_path, manifest, concurrency=1)
+    with pytest.raises(KeyboardInterrupt), _CrashAfter(server.base_url, server.token, batches=1) as crashing:
+        pipeline.run(config, crashing, Storage())
+
+    estimate = pipeline.estimate_billing(pipeline.plan(config, Storage()), Storage())
+
+    assert (estimate.resumed, estimate.billable) == (3, 5)
+
+
+@pytest.mark.usefixtures("billed")
+def test_budget_stops_before_any_request_when_the_run_would_pass_it(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 5)})
+    config = _config(tmp_path, manifest, max_billable_records=4)
+
+    with pytest.raises(BudgetExceededError, match="needs 5 billable records"):
+        _run(server, config)
+
+    assert server.stats()["records_billed"] == 0
+
+
+@pytest.mark.usefixtures("billed")
+def test_skip_existing_keeps_existing_outputs_without_sending_them(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    images = _photos(tmp_path / "photos", 4)
+    first = _config(tmp_path, _write_manifest(tmp_path / "day1.parquet", {"image_url": images[:3]}))
+    _run(server, first)
+    server.reset_stats()
+    second = _config(
+        tmp_path,
+        _write_manifest(tmp_path / "day2.parquet", {"image_url": images}),
+        output_manifest_uri=str(tmp_path / "day2-enriched.parquet"),
+        skip_existing=True,
+        resume=False,
+    )
+
+    _run(server, second)
+
+    rows = _enriched(second).to_pylist()
+    assert server.stats()["records_billed"] == 1
+    assert [row["removebg_status_code"] for row in rows] == [200] * 4
+    assert rows[0]["removebg_output_url"] == _enriched(first).to_pylist()[0]["removebg_output_url"]
+    assert rows[0]["removebg_attempts"] == 0
+
+
+@pytest.mark.usefixtures("billed")
+def test_per_image_problems_become_row_statuses(server: LocalApiServer, tmp_path: Path) -> None:
+    good = _photos(tmp_path / "photos", 2)
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("this is not a picture")
+    manifest = _write_manifest(
+        tmp_path / "m.parquet",
+        {
+            "sku": ["ok1", "none", "empty", "missing", "garbage", "ok2"],
+            "image_url": [good[0], None, "", str(tmp_path / "nope.jpg"), str(not_an_image), good[1]],
+        },
+    )
+    config = _config(tmp_path, manifest, id_column="sku", max_failed_fraction=1.0)
+
+    _run(server, config)
+
+    codes = {row["sku"]: row["removebg_status_code"] for row in _enriched(config).to_pylist()}
+    assert codes["ok1"] == codes["ok2"] == 200
+    assert codes["none"] == codes["empty"] == pipeline.STATUS_NO_REFERENCE
+    assert codes["missing"] == pipeline.STATUS_UNREADABLE_IMAGE
+    assert 400 <= codes["garbage"] < 500
+
+
+@pytest.mark.usefixtures("billed")
+def test_too_many_failed_rows_fail_the_run_after_writing_the_whole_manifest(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    good = _photos(tmp_path / "photos", 2)
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": [good[0], None, None, good[1]]})
+    config = _config(tmp_path, manifest, max_failed_fraction=0.25)
+
+    with pytest.raises(FailurePolicyError, match=r"2 of 4 rows failed.*no image reference"):
+        _run(server, config)
+
+    assert _enriched(config).num_rows == 4
+
+
+def test_missing_image_column_is_a_clear_error_naming_the_manifest(tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"url": ["a.jpg"]})
+
+    with pytest.raises(ManifestError, match=r"m\.parquet has no column 'image_url'"):
+        pipeline.plan(_config(tmp_path, manifest), Storage())
+
+
+def test_duplicate_ids_are_refused_and_listed(tmp_path: Path) -> None:
+    manifest = _write_manifest(
+        tmp_path / "m.parquet", {"sku": ["a", "b", "a", "c", "b"], "image_url": ["1", "2", "3", "4", "5"]}
+    )
+
+    with pytest.raises(ManifestError, match=r"duplicate ids in column 'sku': 'a', 'b'"):
+        pipeline.plan(_config(tmp_path, manifest, id_column="sku"), Storage())
+
+
+def test_ids_that_collide_once_made_safe_are_refused(tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"sku": ["a/b", "a_b"], "image_url": ["1", "2"]})
+
+    with pytest.raises(ManifestError, match="same output key"):
+        pipeline.plan(_config(tmp_path, manifest, id_column="sku"), Storage())
+
+
+@pytest.mark.usefixtures("billed")
+def test_unsafe_ids_write_inside_the_output_prefix(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _write_manifest(
+        tmp_path / "m.parquet", {"sku": ["../../etc/passwd"], "image_url": _photos(tmp_path / "photos", 1)}
+    )
+    config = _config(tmp_path, manifest, id_column="sku")
+
+    _run(server, config)
+
+    output = Path(_enriched(config).column("removebg_output_url")[0].as_py())
+    assert output.resolve().parent == (tmp_path / "cutouts").resolve()
+
+
+def test_unreadable_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 this is not parquet")
+
+    with pytest.raises(ManifestError, match=r"broken\.parquet"):
+        pipeline.plan(_config(tmp_path, str(broken)), Storage())
+
+
+def test_unknown_manifest_format_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"cannot tell the format of manifest .*m\.xlsx"):
+        pipeline.plan(_config(tmp_path, str(tmp_path / "m.xlsx")), Storage())
+
+
+def test_an_empty_manifest_succeeds_with_zero_rows(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = tmp_path / "empty.csv"
+    manifest.write_text("image_url,sku\n")
+    config = _config(tmp_path, str(manifest))
+
+    summary = _run(server, config)
+
+    assert summary.rows == 0
+    assert _enriched(config).num_rows == 0
+
+
+def test_plan_never_makes_more_shards_than_max_map_length(tmp_path: Path) -> None:
+    manifest = _write_manifest(
+        tmp_path / "m.parquet", {"image_url": [f"https://x.test/{i}.jpg" for i in range(50)]}
+    )
+
+    planned = pipeline.plan(_config(tmp_path, manifest, shard_size=2, max_map_length=7), Storage())
+
+    assert len(planned.shards) <= 7
+    assert sum(shard.rows for shard in planned.shards) == 50
+
+
+def test_shard_descriptors_are_small_json_values(tmp_path: Path) -> None:
+    manifest = _write_manifest(
+        tmp_path / "m.parquet", {"image_url": [f"https://x.test/{i}.jpg" for i in range(9)]}
+    )
+
+    planned = pipeline.plan(_config(tmp_path, manifest), Storage())
+
+    descriptor = planned.shards[0].to_dict()
+    assert set(descriptor) == {"plan_uri", "index", "uri", "rows", "first_row"}
+    assert pipeline.ShardDescriptor.from_dict(descriptor) == planned.shards[0]
+
+
+def test_a_failed_enriched_manifest_write_leaves_no_file(tmp_path: Path) -> None:
+    target = tmp_path / "enriched.parquet"
+    storage = Storage()
+
+    def write_half_then_fail() -> None:
+        with storage.atomic_writer(str(target)) as stream:
+            stream.write(b"partial")
+            raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError):
+        write_half_then_fail()
+
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("billed")
+def test_progress_is_logged_with_rate_and_eta(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 4)})
+    caplog.set_level(logging.INFO, logger="removebg_provider.pipeline")
+
+    _run(server, _config(tmp_path, manifest))
+
+    assert any("rows/s" in message and "ETA" in message for message in caplog.messages)
+
+
+def test_http_references_go_to_the_api_as_urls(tmp_path: Path) -> None:
+    storage = Storage()
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": ["https://cdn.example.test/a.jpg"]})
+    planned = pipeline.plan(_config(tmp_path, manifest), storage)
+    work = pipeline._ShardWork.load(planned.shards[0], planned.config, storage)
+
+    record = work._record(work.rows[0])
+
+    assert isinstance(record, pipeline.ImageRecord)
+    assert (record.url, record.data) == ("https://cdn.example.test/a.jpg", None)
+
+
+def test_enriched_manifest_round_trips_through_json_lines(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    images = _photos(tmp_path / "photos", 2)
+    manifest.write_text(
+        "".join(f'{{"image_url": "{path}", "price": {i}.5}}\n' for i, path in enumerate(images))
+    )
+    config = _config(tmp_path, str(manifest), output_manifest_uri=str(tmp_path / "e.jsonl"))
+
+    _run(server, config)
+
+    lines = (tmp_path / "e.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    assert '"price": 0.5' in lines[0]
+    assert '"removebg_status_code": 200' in lines[0]
+
+
+def test_output_cutouts_are_real_images_of_the_input_size(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 1)})
+    config = _config(tmp_path, manifest)
+
+    _run(server, config)
+
+    row = _enriched(config).to_pylist()[0]
+    with Image.open(io.BytesIO(Path(row["removebg_output_url"]).read_bytes())) as cutout:
+        assert cutout.size == (row["removebg_width"], row["removebg_height"]) == (80, 64)
