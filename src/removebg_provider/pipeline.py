@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -66,6 +67,7 @@ _INTERNAL_COLUMNS = (_ROW, _ID, _REF, _CANONICAL)
 _IMAGE_EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
 _PROGRESS_EVERY_SECONDS = 5.0
 _FIRST_ERRORS = 5
+_SHARDS_SIDE_BY_SIDE = 2
 
 
 @dataclass(frozen=True)
@@ -445,13 +447,15 @@ def process_shard(
     copier: OutputCopier | None = None,
     budget: Budget | None = None,
     on_progress: ProgressCallback | None = None,
+    request_slots: threading.Semaphore | None = None,
 ) -> RunSummary:
     """Remove the backgrounds of one shard's rows, copy the outputs and store the shard's results.
 
     Each finished batch is checkpointed first, so a retried task sends no request for a row that
     already succeeded. Authentication and out-of-credits errors stop the shard at once; every
     other problem becomes the row's status. Raises FailurePolicyError, after storing the results,
-    when more than `max_failed_fraction` of the shard's rows failed.
+    when more than `max_failed_fraction` of the shard's rows failed. `request_slots`, shared by
+    shards processed side by side, caps their requests in flight together.
     """
     config = plan_.config
     work = _ShardWork.load(shard, config, storage)
@@ -459,7 +463,7 @@ def process_shard(
     copier = copier or OutputCopier(storage, pool_size=config.concurrency)
     budget = budget or Budget(config.max_billable_records)
     try:
-        results = work.run(client, copier, budget, on_progress)
+        results = work.run(client, copier, budget, on_progress, request_slots)
     finally:
         if owned_copier:
             copier.close()
@@ -523,19 +527,41 @@ def run(
     on_progress: ProgressCallback | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> RunSummary:
-    """Plan, process every shard and merge: the whole pipeline in one process (the CLI's path)."""
+    """Plan, process every shard and merge: the whole pipeline in one process (the CLI's path).
+
+    Two shards are processed side by side, sharing `concurrency` request slots, so the API stays
+    busy while one shard drains its last batches. The failure policy is applied once, run-wide.
+    """
     plan_ = plan(config, storage)
     check_budget(plan_, storage)
     if on_plan is not None:
         on_plan(plan_)
     budget = Budget(config.max_billable_records)
+    slots = threading.Semaphore(config.concurrency)
     copier = OutputCopier(storage, pool_size=config.concurrency)
     relaxed = dataclasses.replace(plan_, config=dataclasses.replace(config, max_failed_fraction=1.0))
     try:
-        for shard in plan_.shards:
-            process_shard(
-                shard, relaxed, client, storage, copier=copier, budget=budget, on_progress=on_progress
-            )
+        with ThreadPoolExecutor(_SHARDS_SIDE_BY_SIDE, thread_name_prefix="removebg-shard") as shards:
+            futures = [
+                shards.submit(
+                    process_shard,
+                    shard,
+                    relaxed,
+                    client,
+                    storage,
+                    copier=copier,
+                    budget=budget,
+                    on_progress=on_progress,
+                    request_slots=slots,
+                )
+                for shard in plan_.shards
+            ]
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+            for future in futures:
+                if not future.cancelled():
+                    future.result()
     finally:
         copier.close()
     return merge(plan_, storage)
@@ -602,6 +628,7 @@ class _ShardWork:
         copier: OutputCopier,
         budget: Budget,
         on_progress: ProgressCallback | None,
+        request_slots: threading.Semaphore | None,
     ) -> dict[int, RowResult]:
         results: dict[int, RowResult] = {}
         todo: list[dict[str, Any]] = []
@@ -626,7 +653,8 @@ class _ShardWork:
         ]
         with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="removebg") as pool:
             futures: list[Future[list[RowResult]]] = [
-                pool.submit(self._process_batch, batch, client, copier, budget, progress) for batch in batches
+                pool.submit(self._process_batch, batch, client, copier, budget, progress, request_slots)
+                for batch in batches
             ]
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
@@ -645,6 +673,7 @@ class _ShardWork:
         copier: OutputCopier,
         budget: Budget,
         progress: Progress,
+        request_slots: threading.Semaphore | None,
     ) -> list[RowResult]:
         outcomes: dict[str, RowResult] = {}
         records: list[ImageRecord] = []
@@ -663,8 +692,9 @@ class _ShardWork:
                 )
             records = []
         if records:
-            for api_result in self._call_api(records, client):
-                outcomes[api_result.id] = self._copy_outputs(api_result, copier)
+            with request_slots or contextlib.nullcontext():
+                for api_result in self._call_api(records, client):
+                    outcomes[api_result.id] = self._copy_outputs(api_result, copier)
         stamped = [
             dataclasses.replace(outcomes[row[_ID]], fingerprint=self.config.fingerprint(row[_REF]))
             for row in batch
@@ -1042,8 +1072,9 @@ def _read_shard_results(shard: ShardDescriptor, config: PipelineConfig, storage:
 
 
 def _read_parquet(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
-    with storage.open(uri, "rb") as stream:
-        return pq.read_table(stream, columns=columns)
+    # Shards are small: reading them whole keeps Arrow's read-ahead threads away from Python file
+    # objects, whose buffers Arrow would otherwise release after interpreter shutdown (a crash).
+    return pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns)
 
 
 def _plan_to_json(plan_: Plan) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
 from removebg_provider import __version__
@@ -29,7 +28,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     exit_code: int = args.handler(args)
     return exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

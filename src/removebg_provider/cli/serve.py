@@ -55,7 +55,7 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument(
         "--engine", choices=("classic", "onnx"), default=_DEFAULTS.engine, help="background-removal engine"
     )
-    parser.add_argument("--model", default=None, help="path of the ONNX model file (required by --engine onnx)")
+    parser.add_argument("--model", default=None, help="ONNX model file (required by --engine onnx)")
     parser.add_argument(
         "--workers", type=int, default=_DEFAULTS.workers, help="engine threads processing records in parallel"
     )

@@ -1,0 +1,278 @@
+"""The ASGI app that answers the Ximilar Remove Background API, field for field, with a local engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from removebg_provider.engines import MODES, Engine, Mode, get_engine
+from removebg_provider.server.errors import RecordRejected, RequestRejected
+from removebg_provider.server.fetch import FetchLimits, allow_any_address, fetch_url, is_public_address
+from removebg_provider.server.files import MEDIA_TYPES, Clock, FileStore
+from removebg_provider.server.imaging import ImageLimits, decode_base64, decode_image, encode_outputs
+from removebg_provider.server.pool import EnginePool
+from removebg_provider.server.records import OutputOptions, RecordJob, parse_request
+from removebg_provider.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+_SWEEP_INTERVAL_SECONDS = 300.0
+
+
+@dataclass
+class Counters:
+    """What `GET /stats` reports, so tests can prove no record is billed twice.
+
+    `requests` counts removebg POSTs that passed auth, `requests_rejected` those refused whole
+    (400, 413, 429). A record is billed once it is decoded and handed to the engine; records refused
+    before that (bad data, limits, unreachable `_url`) count as failed but not billed.
+    """
+
+    requests: int = 0
+    requests_rejected: int = 0
+    records_billed: int = 0
+    records_ok: int = 0
+    records_failed: int = 0
+
+
+def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Clock = time.time) -> FastAPI:
+    """Build the app; `engine` defaults to `get_engine(settings.engine, settings.model_path)`.
+
+    `clock` (seconds since the epoch) decides when output files expire, so tests can fake time.
+    """
+    service = _Service(settings, engine or get_engine(settings.engine, settings.model_path), clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(service.sweep_forever())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            service.pool.shutdown()
+
+    app = FastAPI(title="removebg local server (Ximilar Remove Background API)", lifespan=lifespan)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(error.status_code, str(error.detail))
+
+    @app.post("/removebg/{mode}/removebg")
+    async def removebg(mode: str, request: Request) -> JSONResponse:
+        if mode not in MODES:
+            return _error_response(
+                404, f"unknown mode {mode!r}; use /removebg/fast/removebg or /removebg/precise/removebg"
+            )
+        return await service.handle(_as_mode(mode), request)
+
+    @app.api_route("/files/{name}", methods=["GET", "HEAD"])
+    async def files(name: str) -> Response:
+        path = service.store.open_path(name)
+        if path is None:
+            return _error_response(404, f"file {name!r} does not exist or has expired")
+        return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lstrip(".")])
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        # Liveness needs no token; a caller that sends one learns whether it is valid (a connection test).
+        if request.headers.get("authorization") is not None and not service.authorized(request):
+            return _error_response(401, _AUTH_HELP)
+        return JSONResponse(
+            {
+                "status": {"code": 200, "text": "OK"},
+                "engine": service.engine.name,
+                "workers": service.pool.workers,
+                "auth": "token" if settings.token else "off",
+                "queue": {"admitted_records": service.pool.admitted, "capacity": service.pool.capacity},
+            }
+        )
+
+    @app.get("/stats")
+    async def stats() -> JSONResponse:
+        return JSONResponse(asdict(service.counters))
+
+    @app.post("/stats/reset")
+    async def reset_stats(request: Request) -> JSONResponse:
+        if not service.authorized(request):
+            return _error_response(401, _AUTH_HELP)
+        service.counters = Counters()
+        return JSONResponse(asdict(service.counters))
+
+    return app
+
+
+_AUTH_HELP = "missing or invalid token; send the header 'Authorization: Token <your token>'"
+
+
+class _Service:
+    """The state behind the routes: engine pool, file store, limits and counters."""
+
+    def __init__(self, settings: ServerSettings, engine: Engine, clock: Clock) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = FileStore(settings.storage_dir, settings.ttl_seconds, clock)
+        self.pool = EnginePool(settings.workers, settings.queue_records, settings.retry_after_seconds)
+        self.counters = Counters()
+        self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self.fetch_limits = FetchLimits(
+            settings.max_image_bytes, settings.fetch_timeout_seconds, settings.max_redirects
+        )
+        self.address_policy = allow_any_address if settings.allow_private_urls else is_public_address
+
+    def authorized(self, request: Request) -> bool:
+        if self.settings.token is None:
+            return True
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "token" and hmac.compare_digest(
+            value.strip().encode(), self.settings.token.encode()
+        )
+
+    async def handle(self, mode: Mode, request: Request) -> JSONResponse:
+        if not self.authorized(request):
+            return _error_response(401, _AUTH_HELP)
+        self.counters.requests += 1
+        started = time.perf_counter()
+        request_id = str(uuid.uuid4())
+        try:
+            jobs = parse_request(await self._read_body(request), self.settings.max_records)
+            self.pool.admit(len(jobs))
+        except RequestRejected as rejection:
+            self.counters.requests_rejected += 1
+            headers = {"Retry-After": str(self.pool.retry_after_seconds)} if rejection.code == 429 else None
+            return _error_response(rejection.code, rejection.message, request_id, headers)
+        try:
+            base_url = self.settings.public_url or str(request.base_url).rstrip("/")
+            results = await asyncio.gather(*(self._process(job, mode, request_id, base_url) for job in jobs))
+        finally:
+            self.pool.release(len(jobs))
+        failed = sum(1 for result in results if result["_status"]["code"] != 200)
+        elapsed = time.perf_counter() - started
+        log.info(
+            "request %s: %s mode, %d record(s), %d failed, %.2f s",
+            request_id,
+            mode,
+            len(jobs),
+            failed,
+            elapsed,
+        )
+        return JSONResponse(
+            {
+                "records": results,
+                "status": {
+                    "code": 200,
+                    "text": "OK",
+                    "request_id": request_id,
+                    "proc_id": str(uuid.uuid4()),
+                },
+                "statistics": {"processing time": elapsed},
+            }
+        )
+
+    async def sweep_forever(self) -> None:
+        interval = min(self.settings.ttl_seconds, _SWEEP_INTERVAL_SECONDS)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.store.sweep)
+            except OSError:
+                log.exception("could not sweep expired files from %s", self.store.directory)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        too_large = RequestRejected(413, f"the request body is larger than the limit of {limit} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            # Chunked uploads declare no length, so the limit is also enforced while reading.
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    async def _process(self, job: RecordJob, mode: Mode, request_id: str, base_url: str) -> dict[str, Any]:
+        result: dict[str, Any] = dict(job.echo)
+        result["_id"] = job.record_id
+        try:
+            rgb = await self._load(job)
+            result["_width"], result["_height"] = int(rgb.shape[1]), int(rgb.shape[0])
+            self.counters.records_billed += 1
+            names = await self.pool.run(_render, self.engine, self.store, rgb, mode, job.options)
+        except RecordRejected as rejection:
+            self.counters.records_failed += 1
+            result["_status"] = {"code": rejection.code, "text": rejection.message, "request_id": request_id}
+            return result
+        except Exception:
+            self.counters.records_failed += 1
+            log.exception("request %s: record %s failed in the %s engine", request_id, job.record_id, mode)
+            result["_status"] = {
+                "code": 500,
+                "text": "the engine failed on this image; see the server log",
+                "request_id": request_id,
+            }
+            return result
+        self.counters.records_ok += 1
+        result["_status"] = {"code": 200, "text": "OK", "request_id": request_id}
+        result["_output_url"] = f"{base_url}/files/{names[0]}"
+        if names[1] is not None:
+            result["_output_url_mask"] = f"{base_url}/files/{names[1]}"
+        if names[2] is not None:
+            result["_output_url_whitebg"] = f"{base_url}/files/{names[2]}"
+        return result
+
+    async def _load(self, job: RecordJob) -> np.ndarray:
+        if job.problem is not None:
+            raise RecordRejected(400, job.problem)
+        if job.base64_data is not None:
+            raw = decode_base64(job.base64_data, self.image_limits)
+        elif job.url is not None:
+            raw = await asyncio.to_thread(fetch_url, job.url, self.fetch_limits, self.address_policy)
+        else:
+            raise RecordRejected(400, "the record has no image: give it a '_base64' or a '_url' field")
+        return await asyncio.to_thread(decode_image, raw, self.image_limits)
+
+
+def _render(
+    engine: Engine, store: FileStore, rgb: np.ndarray, mode: Mode, options: OutputOptions
+) -> tuple[str, str | None, str | None]:
+    """Matte, encode and store one image (on an engine thread); returns cutout, mask, white-bg names."""
+    alpha = np.asarray(engine.matte(rgb, mode))
+    if alpha.shape != rgb.shape[:2] or alpha.dtype != np.uint8:
+        raise TypeError(
+            f"engine {engine.name!r} returned a {alpha.dtype} matte of shape {alpha.shape}; "
+            f"expected uint8 of shape {rgb.shape[:2]}"
+        )
+    outputs = encode_outputs(
+        rgb, alpha, options.image_format, options.image_quality, options.binary_mask, options.white_background
+    )
+    cutout = store.save(outputs.cutout, options.image_format)
+    mask = store.save(outputs.mask, "jpg") if outputs.mask is not None else None
+    whitebg = store.save(outputs.whitebg, "jpg") if outputs.whitebg is not None else None
+    return cutout, mask, whitebg
+
+
+def _as_mode(name: str) -> Mode:
+    return "fast" if name == "fast" else "precise"
+
+
+def _error_response(
+    code: int, description: str, request_id: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    status: dict[str, Any] = {"code": code, "text": HTTPStatus(code).phrase, "error_description": description}
+    if request_id is not None:
+        status["request_id"] = request_id
+    return JSONResponse({"status": status}, status_code=code, headers=headers)

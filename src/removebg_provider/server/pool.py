@@ -1,0 +1,92 @@
+"""The engine pool: N worker threads that run matting off the event loop, behind a bounded queue.
+
+Why threads and not processes: the expensive parts all release the GIL. OpenCV does its work in C++
+without the GIL, pymatting's numba kernels are compiled with `nogil=True` (its parallel ones run on
+numba's own thread pool), numpy/scipy release it in their inner loops, onnxruntime releases it for the
+whole `run`, and Pillow releases it while decoding and encoding. Threads therefore use every core while
+sharing one engine: an ONNX model is loaded once instead of once per process, and numba's compiled code
+is loaded once. Processes would also clash with OpenMP: numba's `omp` layer (and OpenCV/onnxruntime
+thread pools) do not survive `fork`, so a process pool would need `spawn`, paying a full import and
+model load per worker. One catch with threads: numba's fallback `workqueue` layer aborts the whole
+process when two threads enter parallel code at once, so with more than one worker we require a
+thread-safe layer (OpenMP or TBB) and fall back to a single worker when neither is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from removebg_provider.server.errors import RequestRejected
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EnginePool:
+    """Runs engine calls on `workers` threads and admits at most `capacity` records at a time.
+
+    Admission is counted in records, not requests, because a record is the unit of engine work.
+    A request that does not fit is refused whole with 429 and `Retry-After`, so an overloaded server
+    sheds load instead of queueing without bound. Admission is only touched from the event loop
+    thread, so the counter needs no lock.
+    """
+
+    def __init__(self, workers: int, capacity: int, retry_after_seconds: int) -> None:
+        self.workers = _thread_safe_worker_count(workers)
+        self.capacity = capacity
+        self.retry_after_seconds = retry_after_seconds
+        self.admitted = 0
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="removebg-engine")
+
+    def admit(self, records: int) -> None:
+        """Reserve room for `records` records or raise a 429 `RequestRejected`."""
+        if self.admitted + records > self.capacity:
+            raise RequestRejected(
+                429,
+                f"the server is busy ({self.admitted} of {self.capacity} record slots in use); "
+                f"retry after {self.retry_after_seconds} s",
+            )
+        self.admitted += records
+
+    def release(self, records: int) -> None:
+        """Give back the room reserved by `admit`."""
+        self.admitted -= records
+
+    async def run(self, function: Callable[..., T], *args: object) -> T:
+        """Run `function(*args)` on a worker thread and wait for it without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def shutdown(self) -> None:
+        """Stop the worker threads after the work already queued."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _thread_safe_worker_count(workers: int) -> int:
+    if workers == 1:
+        return 1
+    try:
+        import numba
+    except ImportError:
+        return workers
+    if numba.config.THREADING_LAYER != "default":  # type: ignore[attr-defined]
+        return workers
+    for module in ("numba.np.ufunc.tbbpool", "numba.np.ufunc.omppool"):
+        try:
+            importlib.import_module(module)
+        except (ImportError, OSError):
+            continue
+        # "threadsafe" picks TBB or OpenMP; without this numba may settle on workqueue later.
+        numba.config.THREADING_LAYER = "threadsafe"  # type: ignore[attr-defined]
+        return workers
+    log.warning(
+        "numba has no thread-safe threading layer (install tbb or an OpenMP runtime); "
+        "running 1 engine worker instead of %d",
+        workers,
+    )
+    return 1

@@ -1,0 +1,79 @@
+"""The local server's configuration as one validated, frozen value."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+MIB = 1024 * 1024
+
+DEFAULT_STORAGE_DIR = Path(tempfile.gettempdir()) / "removebg-server"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `create_app` needs besides the engine; `removebg serve --help` documents each field."""
+
+    storage_dir: Path = DEFAULT_STORAGE_DIR
+    token: str | None = field(default=None, repr=False)
+    public_url: str | None = None
+    engine: str = "classic"
+    model_path: str | None = None
+    workers: int = 2
+    ttl_hours: float = 24.0
+    max_records: int = 10
+    allow_private_urls: bool = False
+    max_body_bytes: int = 64 * MIB
+    max_image_bytes: int = 20 * MIB
+    max_image_pixels: int = 50_000_000
+    queue_records: int = 40
+    retry_after_seconds: int = 5
+    fetch_timeout_seconds: float = 20.0
+    max_redirects: int = 5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "storage_dir", Path(self.storage_dir))
+        if self.public_url is not None:
+            object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+        for problem in self._problems():
+            raise ValueError(problem)
+
+    @property
+    def ttl_seconds(self) -> float:
+        """How long an output file stays downloadable."""
+        return self.ttl_hours * 3600.0
+
+    def _problems(self) -> list[str]:
+        problems: list[str] = []
+        positive = {
+            "workers": self.workers,
+            "ttl_hours": self.ttl_hours,
+            "max_records": self.max_records,
+            "max_body_bytes": self.max_body_bytes,
+            "max_image_bytes": self.max_image_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "queue_records": self.queue_records,
+            "retry_after_seconds": self.retry_after_seconds,
+            "fetch_timeout_seconds": self.fetch_timeout_seconds,
+        }
+        problems += [
+            f"{name} must be positive, got {value}" for name, value in positive.items() if value <= 0
+        ]
+        if self.max_redirects < 0:
+            problems.append(f"max_redirects must be 0 or more, got {self.max_redirects}")
+        if self.queue_records < self.max_records:
+            # A full-size batch must always fit into an empty queue, or it could never be admitted.
+            problems.append(
+                f"queue_records ({self.queue_records}) must be at least max_records ({self.max_records})"
+            )
+        if self.token is not None and not self.token.strip():
+            problems.append("the token is empty; pass a non-empty token or none at all")
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                problems.append(
+                    f"public_url must be an http(s) URL like https://host[:port], got {self.public_url!r}"
+                )
+        return problems

@@ -1,0 +1,123 @@
+"""Start the real local API server on a free 127.0.0.1 port for a test, and stop it afterwards.
+
+Any test that needs a Ximilar-compatible endpoint uses this:
+
+    with start_api_server(tmp_path) as server:
+        client = Client(server.base_url, server.token)
+        ...
+        assert server.stats()["records_billed"] == 3
+
+`settings` are `ServerSettings` fields (max_records=2, allow_private_urls=True, ...). `engine` replaces
+the configured engine with any object that has `name` and `matte(rgb, mode)`; `clock` replaces
+`time.time` for output-file expiry.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+import uvicorn
+from PIL import Image
+
+from removebg_provider.engines import Engine
+from removebg_provider.server import ServerSettings, create_app
+from removebg_provider.server.files import Clock
+
+_STARTUP_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class LocalApiServer:
+    """A running server: where it listens, the token it wants, and where its output files live."""
+
+    base_url: str
+    token: str | None
+    storage_dir: Path
+
+    def stats(self) -> dict[str, int]:
+        """The server's `GET /stats` counters (requests, records billed/ok/failed...)."""
+        response = requests.get(f"{self.base_url}/stats", timeout=10)
+        response.raise_for_status()
+        counters: dict[str, int] = response.json()
+        return counters
+
+    def reset_stats(self) -> None:
+        """Zero the counters (`POST /stats/reset`, authenticated)."""
+        response = requests.post(f"{self.base_url}/stats/reset", headers=self.auth_headers(), timeout=10)
+        response.raise_for_status()
+
+    def auth_headers(self) -> dict[str, str]:
+        """The `Authorization` header this server accepts (none when auth is off)."""
+        return {"Authorization": f"Token {self.token}"} if self.token else {}
+
+
+@contextlib.contextmanager
+def start_api_server(
+    tmp_path: Path,
+    *,
+    token: str | None = "test-token",
+    engine: Engine | None = None,
+    clock: Clock = time.time,
+    **settings: Any,
+) -> Iterator[LocalApiServer]:
+    """Run uvicorn with the app in a background thread until the `with` block ends."""
+    storage_dir = Path(settings.pop("storage_dir", tmp_path / "removebg-server-files"))
+    config = ServerSettings(storage_dir=storage_dir, token=token, **settings)
+    app = create_app(config, engine=engine, clock=clock)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="api-server")
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(base_url, thread)
+        yield LocalApiServer(base_url=base_url, token=token, storage_dir=storage_dir)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def _wait_until_healthy(base_url: str, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if not thread.is_alive():
+            raise RuntimeError(f"the API server thread died during startup ({base_url})")
+        try:
+            if requests.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"the API server at {base_url} did not answer /health in {_STARTUP_TIMEOUT_SECONDS} s")
+
+
+def sample_photo(width: int = 96, height: int = 64, image_format: str = "PNG") -> bytes:
+    """A synthetic studio product photo: a dark rounded product on a light, slightly graded backdrop."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    backdrop = 235 - (ys * 10 // max(height, 1))
+    pixels = np.repeat(backdrop[:, :, None], 3, axis=2).astype(np.uint8)
+    inside = ((xs - width / 2) / (width / 4)) ** 2 + ((ys - height / 2) / (height / 3)) ** 2 <= 1.0
+    pixels[inside] = (40, 70, 160)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def sample_photo_base64(width: int = 96, height: int = 64, image_format: str = "PNG") -> str:
+    """`sample_photo` as the `_base64` field of a record."""
+    return base64.b64encode(sample_photo(width, height, image_format)).decode("ascii")
