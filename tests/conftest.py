@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,9 @@ import pytest
 from servers import LocalApiServer, start_api_server
 
 pytest_plugins = ["conftest_stores"]
+
+# Importing Airflow creates folders under AIRFLOW_HOME (default ~/airflow); tests keep theirs private.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="removebg-tests-airflow-"))
 
 
 @pytest.fixture

@@ -37,3 +37,7 @@ class BudgetExceededError(RemoveBgError):
 
 class FailurePolicyError(RemoveBgError):
     """More rows failed than `max_failed_fraction` allows."""
+
+
+class ConfigurationError(RemoveBgError, ValueError):
+    """An argument, record, option or connection setting is invalid; the message names it and what fits."""

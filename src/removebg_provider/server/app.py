@@ -100,6 +100,14 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
             }
         )
 
+    @app.get("/account/v2/user/")
+    async def account(request: Request) -> JSONResponse:
+        # The public API's free token check (ximilar-client's get_user_details), so a connection
+        # test against this server verifies the token exactly as against the real service.
+        if not service.authorized(request):
+            return _error_response(401, _AUTH_HELP)
+        return JSONResponse({"username": "removebg-local", "auth": "token" if settings.token else "off"})
+
     @app.get("/stats")
     async def stats() -> JSONResponse:
         return JSONResponse(asdict(service.counters))

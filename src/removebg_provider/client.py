@@ -1,0 +1,710 @@
+"""HTTP client for the Ximilar Remove Background API: batching, retries, rate limiting, result matching."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base, wait_random_exponential
+
+from removebg_provider.errors import (
+    ApiRequestError,
+    AuthenticationError,
+    ConfigurationError,
+    OutOfCreditsError,
+    TransientApiError,
+)
+
+DEFAULT_BASE_URL = "https://api.ximilar.com"
+MODES = ("fast", "precise")
+IMAGE_FORMATS = ("png", "jpg", "webp")
+RETRYABLE_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
+# A record the API answered for without a usable result is reported like a bad gateway: the request
+# itself went through, so nothing else in the batch is lost, and a later rerun may fix it.
+BAD_RECORD_STATUS = 502
+# The public API documents no side-effect-free endpoint for the removal service; the account
+# details endpoint (the one ximilar-client's `get_user_details` calls) checks the token for free.
+ACCOUNT_CHECK_PATH = "/account/v2/user/"
+
+# A connection check should answer quickly even when removal requests may take minutes.
+_PROBE_TIMEOUT = (5.0, 10.0)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image to process: an id of the caller's choosing and either a URL or the encoded bytes."""
+
+    id: str
+    url: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ConfigurationError(f"an image record needs a non-empty string id, got {self.id!r}")
+        given = [name for name, value in (("url", self.url), ("data", self.data)) if value]
+        if len(given) != 1:
+            found = " and ".join(given) if given else "neither"
+            raise ConfigurationError(
+                f"image record {self.id!r} needs exactly one of a non-empty url or data, got {found}"
+            )
+
+
+@dataclass(frozen=True)
+class RemovalOptions:
+    """What the API should produce for every record of a request."""
+
+    binary_mask: bool = False
+    white_background: bool = False
+    image_format: str | None = None
+    image_quality: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_format is not None and self.image_format not in IMAGE_FORMATS:
+            raise ConfigurationError(
+                f"image_format must be one of {', '.join(IMAGE_FORMATS)} or unset, got {self.image_format!r}"
+            )
+        quality = self.image_quality
+        if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int)):
+            raise ConfigurationError(f"image_quality must be an integer from 1 to 100, got {quality!r}")
+        if quality is not None and not 1 <= quality <= 100:
+            raise ConfigurationError(f"image_quality must be from 1 to 100, got {quality}")
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """The API's answer for one record, matched to the input record's id."""
+
+    id: str
+    status_code: int
+    status_text: str
+    error: str | None
+    output_url: str | None
+    output_url_mask: str | None
+    output_url_whitebg: str | None
+    width: int | None
+    height: int | None
+    request_id: str | None
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        """True when the API processed the record (a 2xx record status)."""
+        return 200 <= self.status_code < 300
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long one request may keep retrying: attempts, backoff (seconds) and an overall deadline."""
+
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    backoff_cap: float = 30.0
+    deadline: float = 300.0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
+            raise ConfigurationError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        for name in ("backoff_base", "backoff_cap", "deadline"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+_DEFAULT_OPTIONS = RemovalOptions()
+
+
+class RemoveBgClient:
+    """Thread-safe client: one pooled HTTP session, retried requests, results in input order."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        token: str | None = None,
+        mode: str = "fast",
+        timeout: float | tuple[float, float] = (10, 120),
+        max_records_per_request: int = 10,
+        max_retries: int = 5,
+        retry_policy: RetryPolicy | None = None,
+        concurrency: int = 4,
+        requests_per_minute: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Validate the settings and open the session; `retry_policy`, when given, wins over `max_retries`."""
+        self.base_url = _validated_base_url(base_url)
+        if mode not in MODES:
+            raise ConfigurationError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+        self.timeout = _validated_timeout(timeout)
+        self.max_records_per_request = _positive_int("max_records_per_request", max_records_per_request)
+        self.concurrency = _positive_int("concurrency", concurrency)
+        self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy(max_retries=max_retries)
+        if requests_per_minute is not None and not (
+            isinstance(requests_per_minute, int | float) and requests_per_minute > 0
+        ):
+            raise ConfigurationError(
+                f"requests_per_minute must be a positive number or unset, got {requests_per_minute!r}"
+            )
+        self.requests_per_minute = requests_per_minute
+        self._token = token or None
+        self._sleep = sleep
+        self._clock = clock
+        self._spacer = (
+            _RequestSpacer(requests_per_minute, clock, sleep) if requests_per_minute is not None else None
+        )
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=self.concurrency, pool_maxsize=self.concurrency)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    @property
+    def endpoint(self) -> str:
+        """URL of the removal endpoint for the configured mode."""
+        return f"{self.base_url}/removebg/{self.mode}/removebg"
+
+    def remove_batch(
+        self, records: Sequence[ImageRecord], options: RemovalOptions = _DEFAULT_OPTIONS
+    ) -> list[RecordResult]:
+        """Send one request for `records` (retried as needed); results come back in input order."""
+        if not records:
+            return []
+        if len(records) > self.max_records_per_request:
+            raise ConfigurationError(
+                f"one request takes at most {self.max_records_per_request} records, got {len(records)}; "
+                "use remove_background to split them"
+            )
+        _check_unique_ids(records)
+        payload, attempts = self._post_with_retries(_request_body(records, options), len(records))
+        return _match_results(records, payload, attempts)
+
+    def remove_background(
+        self,
+        records: Sequence[ImageRecord],
+        *,
+        binary_mask: bool = False,
+        white_background: bool = False,
+        image_format: str | None = None,
+        image_quality: int | None = None,
+    ) -> list[RecordResult]:
+        """Process any number of records in requests of `max_records_per_request`, `concurrency` at a time.
+
+        The first request that fails as a whole (after its retries) cancels the requests not yet
+        started and its error is raised; use `remove_batch` to keep the results of the others.
+        """
+        options = RemovalOptions(binary_mask, white_background, image_format, image_quality)
+        _check_unique_ids(records)
+        size = self.max_records_per_request
+        chunks = [records[start : start + size] for start in range(0, len(records), size)]
+        if not chunks:
+            return []
+        progress = _Progress(len(records), self._clock)
+        with ThreadPoolExecutor(
+            max_workers=min(self.concurrency, len(chunks)), thread_name_prefix="removebg"
+        ) as pool:
+            futures = [pool.submit(self.remove_batch, chunk, options) for chunk in chunks]
+            try:
+                for future in as_completed(futures):
+                    progress.advance(len(future.result()))
+            except BaseException:
+                _cancel(futures)
+                raise
+        return [result for future in futures for result in future.result()]
+
+    def check_connection(self) -> tuple[bool, str]:
+        """Check reachability and the token without spending credits; returns (ok, message)."""
+        is_public = urlsplit(self.base_url).hostname == urlsplit(DEFAULT_BASE_URL).hostname
+        if not is_public:
+            health = self._probe(f"{self.base_url}/health", authenticated=False)
+            if isinstance(health, str):
+                return False, f"Cannot reach {self.base_url}/health: {health}"
+            if health.status_code != 200:
+                return False, f"{self.base_url}/health answered HTTP {health.status_code}"
+        if self._token is None:
+            if is_public:
+                return False, f"No API token is configured for {self.base_url}; set the connection password"
+            return True, f"{self.base_url} is healthy (no token configured, none checked)"
+        account = self._probe(f"{self.base_url}{ACCOUNT_CHECK_PATH}", authenticated=True)
+        if isinstance(account, str):
+            return False, f"Cannot reach {self.base_url}{ACCOUNT_CHECK_PATH}: {account}"
+        if account.status_code in (401, 403):
+            return False, f"{self.base_url} refused the API token (HTTP {account.status_code})"
+        if account.status_code == 404 and not is_public:
+            return (
+                True,
+                f"{self.base_url} is healthy; it has no token check endpoint, so the token is unchecked",
+            )
+        if account.status_code != 200:
+            return False, f"{self.base_url}{ACCOUNT_CHECK_PATH} answered HTTP {account.status_code}"
+        return True, f"{self.base_url} is reachable and accepted the API token"
+
+    def close(self) -> None:
+        """Release the pooled connections."""
+        self._session.close()
+
+    def __enter__(self) -> RemoveBgClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        token = "set" if self._token else "none"
+        return f"RemoveBgClient(base_url={self.base_url!r}, mode={self.mode!r}, token={token})"
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Token {self._token}"} if self._token else {}
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, "***") if self._token else text
+
+    def _post_with_retries(self, body: Mapping[str, Any], n_records: int) -> tuple[dict[str, Any], int]:
+        policy = self.retry_policy
+        started = self._clock()
+
+        def give_up(retry_state: RetryCallState) -> None:
+            failure = retry_state.outcome.exception() if retry_state.outcome else None
+            attempts = retry_state.attempt_number
+            wait = retry_state.upcoming_sleep
+            if attempts > policy.max_retries:
+                why = f"gave up after {attempts} attempts (max_retries={policy.max_retries})"
+            elif isinstance(failure, _RetryableFailure) and failure.retry_after == wait:
+                why = (
+                    f"the API asked to wait {wait:.0f}s (Retry-After), which would pass the "
+                    f"{policy.deadline:.0f}s deadline after {attempts} attempt(s)"
+                )
+            else:
+                why = (
+                    f"the next wait of {wait:.1f}s would pass the {policy.deadline:.0f}s deadline "
+                    f"after {attempts} attempt(s)"
+                )
+            raise TransientApiError(
+                f"Request of {n_records} record(s) to {self.endpoint} failed: {why}, "
+                f"{self._clock() - started:.1f}s after the first attempt; last error: {failure}. "
+                "The API may be overloaded or rate limiting: rerun later, lower concurrency or "
+                "requests_per_minute, or raise the retry policy's max_retries/deadline."
+            ) from failure
+
+        retrying = Retrying(
+            sleep=self._sleep,
+            stop=stop_after_attempt(policy.max_retries + 1) | _StopAtDeadline(self._clock, started, policy),
+            wait=_RetryAfterOrJitter(policy),
+            retry=retry_if_exception_type(_RetryableFailure),
+            before_sleep=_log_wait,
+            retry_error_callback=give_up,
+        )
+        payload: dict[str, Any] = {}
+        attempts = 0
+        for attempt in retrying:
+            with attempt:
+                attempts = attempt.retry_state.attempt_number
+                payload = self._post_once(body, n_records, attempts)
+        return payload, attempts
+
+    def _post_once(self, body: Mapping[str, Any], n_records: int, attempt: int) -> dict[str, Any]:
+        if self._spacer is not None:
+            self._spacer.wait()
+        started = self._clock()
+        try:
+            response = self._session.post(
+                self.endpoint, json=body, headers=self._auth_headers(), timeout=self.timeout
+            )
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError,
+        ) as exc:
+            latency = self._clock() - started
+            log.info(
+                "POST %s records=%d http=- latency=%.2fs attempt=%d error=%s",
+                self.endpoint,
+                n_records,
+                latency,
+                attempt,
+                type(exc).__name__,
+            )
+            detail = self._redact(str(exc))[:300]
+            raise _RetryableFailure(
+                f"{type(exc).__name__} after {latency:.2f}s on attempt {attempt}: {detail}"
+            ) from exc
+        latency = self._clock() - started
+        log.info(
+            "POST %s records=%d http=%d latency=%.2fs attempt=%d",
+            self.endpoint,
+            n_records,
+            response.status_code,
+            latency,
+            attempt,
+        )
+        return self._checked_payload(response, latency, attempt)
+
+    def _checked_payload(self, response: requests.Response, latency: float, attempt: int) -> dict[str, Any]:
+        payload = _json_object(response)
+        context = f"after {latency:.2f}s on attempt {attempt}"
+        http_status = response.status_code
+        if not 200 <= http_status < 300:
+            text = _status_text(payload) or response.text.strip()[:200] or response.reason or ""
+            retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+            self._raise_for_code(http_status, self._redact(text), context, retry_after)
+        if payload is None:
+            raise _RetryableFailure(
+                f"HTTP {http_status} with an unreadable body ({len(response.content)} bytes, not a JSON "
+                f"object, possibly truncated) {context}"
+            )
+        body_code = _status_code(payload)
+        if body_code is not None and not 200 <= body_code < 300:
+            self._raise_for_code(body_code, self._redact(_status_text(payload) or ""), context, None)
+        if not isinstance(payload.get("records"), list):
+            raise _RetryableFailure(f"HTTP {http_status} body has no 'records' list {context}")
+        return payload
+
+    def _raise_for_code(self, code: int, text: str, context: str, retry_after: float | None) -> None:
+        described = f"HTTP {code}: {text}" if text else f"HTTP {code}"
+        if code in (401, 403):
+            raise AuthenticationError(
+                f"The API at {self.base_url} refused the token ({described}). Check the API token "
+                "of the connection and that the Remove Background service is enabled for the account."
+            )
+        if code == 402:
+            raise OutOfCreditsError(
+                f"The account has no credits left ({described} from {self.base_url}). "
+                "Top up the Ximilar account, then rerun."
+            )
+        if code in RETRYABLE_STATUS_CODES:
+            raise _RetryableFailure(f"{described} {context}", retry_after)
+        raise ApiRequestError(
+            f"The API at {self.endpoint} rejected the request ({described}). "
+            "Check the records and options sent; retrying the same request will not help."
+        )
+
+    def _probe(self, url: str, *, authenticated: bool) -> requests.Response | str:
+        started = self._clock()
+        try:
+            response = self._session.get(
+                url, headers=self._auth_headers() if authenticated else {}, timeout=_PROBE_TIMEOUT
+            )
+        except requests.RequestException as exc:
+            log.info("GET %s http=- latency=%.2fs error=%s", url, self._clock() - started, type(exc).__name__)
+            return f"{type(exc).__name__}: {self._redact(str(exc))[:300]}"
+        log.info("GET %s http=%d latency=%.2fs", url, response.status_code, self._clock() - started)
+        return response
+
+
+class _RetryableFailure(Exception):
+    """One failed attempt worth retrying; it stays inside the client, wrapped by TransientApiError."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class _StopAtDeadline(stop_base):
+    """Stop when the wait before the next attempt would end past the overall deadline."""
+
+    def __init__(self, clock: Callable[[], float], started: float, policy: RetryPolicy) -> None:
+        self._clock = clock
+        self._started = started
+        self._deadline = policy.deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._clock() - self._started + retry_state.upcoming_sleep > self._deadline
+
+
+class _RetryAfterOrJitter(wait_base):
+    """Wait as long as the server's Retry-After says, else a fully jittered exponential backoff."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._jitter = wait_random_exponential(multiplier=policy.backoff_base, max=policy.backoff_cap)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        failure = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(failure, _RetryableFailure) and failure.retry_after is not None:
+            return failure.retry_after
+        return self._jitter(retry_state)
+
+
+class _RequestSpacer:
+    """Spaces requests at least 60/requests_per_minute seconds apart across all threads of a client."""
+
+    def __init__(
+        self, requests_per_minute: float, clock: Callable[[], float], sleep: Callable[[float], None]
+    ):
+        self._interval = 60.0 / requests_per_minute
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next_slot: float | None = None
+
+    def wait(self) -> None:
+        """Reserve the next free slot under the lock, then sleep until it outside the lock."""
+        with self._lock:
+            now = self._clock()
+            slot = now if self._next_slot is None else max(now, self._next_slot)
+            self._next_slot = slot + self._interval
+        if slot > now:
+            self._sleep(slot - now)
+
+
+class _Progress:
+    """Logs done/total, rate and ETA as batches finish."""
+
+    def __init__(self, total: int, clock: Callable[[], float]) -> None:
+        self._total = total
+        self._clock = clock
+        self._started = clock()
+        self._done = 0
+
+    def advance(self, n: int) -> None:
+        self._done += n
+        elapsed = self._clock() - self._started
+        rate = self._done / elapsed if elapsed > 0 else 0.0
+        eta = (self._total - self._done) / rate if rate > 0 else 0.0
+        log.info(
+            "removebg progress %d/%d records, %.1f records/s, ETA %.0fs", self._done, self._total, rate, eta
+        )
+
+
+def _log_wait(retry_state: RetryCallState) -> None:
+    failure = retry_state.outcome.exception() if retry_state.outcome else None
+    log.info(
+        "waiting %.2fs before attempt %d after: %s",
+        retry_state.upcoming_sleep,
+        retry_state.attempt_number + 1,
+        failure,
+    )
+
+
+def _validated_base_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(
+            f"base_url must be an http(s) URL such as {DEFAULT_BASE_URL}, got {base_url!r}"
+        )
+    return base_url.rstrip("/")
+
+
+def _validated_timeout(timeout: float | tuple[float, float]) -> float | tuple[float, float]:
+    values = timeout if isinstance(timeout, tuple) else (timeout,)
+    if len(values) not in (1, 2) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values
+    ):
+        raise ConfigurationError(
+            f"timeout must be a positive number of seconds or a (connect, read) pair, got {timeout!r}"
+        )
+    return timeout
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_unique_ids(records: Sequence[ImageRecord]) -> None:
+    seen: set[str] = set()
+    for record in records:
+        if record.id in seen:
+            raise ConfigurationError(
+                f"image record id {record.id!r} appears twice; ids must be unique to match results"
+            )
+        seen.add(record.id)
+
+
+def _request_body(records: Sequence[ImageRecord], options: RemovalOptions) -> dict[str, Any]:
+    items = []
+    for record in records:
+        item: dict[str, Any] = {"_id": record.id}
+        if record.url is not None:
+            item["_url"] = record.url
+        else:
+            item["_base64"] = base64.b64encode(record.data or b"").decode("ascii")
+        item["binary_mask"] = options.binary_mask
+        item["white_background"] = options.white_background
+        items.append(item)
+    body: dict[str, Any] = {"records": items}
+    if options.image_format is not None:
+        body["image_format"] = options.image_format
+    if options.image_quality is not None:
+        body["image_quality"] = options.image_quality
+    return body
+
+
+def _json_object(response: requests.Response) -> dict[str, Any] | None:
+    try:
+        payload = response.json()
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _status_code(payload: Mapping[str, Any] | None) -> int | None:
+    status = payload.get("status") if payload is not None else None
+    return _int_or_none(status.get("code")) if isinstance(status, dict) else None
+
+
+def _status_text(payload: Mapping[str, Any] | None) -> str | None:
+    status = payload.get("status") if payload is not None else None
+    if not isinstance(status, dict):
+        return None
+    parts = [str(status[key]) for key in ("text", "error_description") if status.get(key)]
+    return ": ".join(parts)[:500] or None
+
+
+def _parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delay seconds or an HTTP date), None if absent or bad."""
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _match_results(
+    records: Sequence[ImageRecord], payload: Mapping[str, Any], attempts: int
+) -> list[RecordResult]:
+    """Pair response records with inputs by echoed `_id`, else by position when the counts agree."""
+    answered: list[Any] = payload["records"]
+    index = {record.id: position for position, record in enumerate(records)}
+    matched: list[Mapping[str, Any] | None] = [None] * len(records)
+    leftovers: list[tuple[int, Any]] = []
+    for position, item in enumerate(answered):
+        echoed = item.get("_id") if isinstance(item, dict) else None
+        if isinstance(echoed, str) and echoed in index and matched[index[echoed]] is None:
+            matched[index[echoed]] = item
+        else:
+            leftovers.append((position, item))
+    extras = []
+    for position, item in leftovers:
+        unclaimed_id = not isinstance(item, dict) or item.get("_id") not in index
+        if (
+            len(answered) == len(records)
+            and isinstance(item, dict)
+            and unclaimed_id
+            and matched[position] is None
+        ):
+            matched[position] = item
+        else:
+            extras.append(position)
+    if extras:
+        log.warning(
+            "The API response to %d record(s) held %d record(s) matching no input (positions %s); ignored",
+            len(records),
+            len(extras),
+            extras,
+        )
+    request_id = _request_id(payload.get("status"))
+    return [
+        _record_result(record.id, item, request_id, attempts)
+        if item is not None
+        else _failed(record.id, "missing", "missing from the API response", request_id, attempts)
+        for record, item in zip(records, matched, strict=True)
+    ]
+
+
+def _record_result(
+    record_id: str, item: Mapping[str, Any], request_id: str | None, attempts: int
+) -> RecordResult:
+    status = item.get("_status")
+    status = status if isinstance(status, dict) else {}
+    request_id = _request_id(status) or request_id
+    output_url = _str_or_none(item.get("_output_url"))
+    code = _int_or_none(status.get("code"))
+    if code is None and output_url is not None:
+        code = 200
+    if code is None:
+        return _failed(
+            record_id, "no result", "the API returned neither _status nor _output_url", request_id, attempts
+        )
+    if 200 <= code < 300 and output_url is None:
+        return _failed(
+            record_id, "no result", "the API reported OK but returned no _output_url", request_id, attempts
+        )
+    text = _str_or_none(status.get("text")) or ("OK" if 200 <= code < 300 else f"HTTP {code}")
+    error = None
+    if not 200 <= code < 300:
+        error = _str_or_none(status.get("error_description")) or text
+    return RecordResult(
+        id=record_id,
+        status_code=code,
+        status_text=text,
+        error=error,
+        output_url=output_url,
+        output_url_mask=_str_or_none(item.get("_output_url_mask")),
+        output_url_whitebg=_str_or_none(item.get("_output_url_whitebg")),
+        width=_int_or_none(item.get("_width")),
+        height=_int_or_none(item.get("_height")),
+        request_id=request_id,
+        attempts=attempts,
+    )
+
+
+def _failed(record_id: str, text: str, error: str, request_id: str | None, attempts: int) -> RecordResult:
+    return RecordResult(
+        id=record_id,
+        status_code=BAD_RECORD_STATUS,
+        status_text=text,
+        error=error,
+        output_url=None,
+        output_url_mask=None,
+        output_url_whitebg=None,
+        width=None,
+        height=None,
+        request_id=request_id,
+        attempts=attempts,
+    )
+
+
+def _request_id(status: Any) -> str | None:
+    return _str_or_none(status.get("request_id")) if isinstance(status, dict) else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _cancel(futures: Sequence[Future[list[RecordResult]]]) -> None:
+    for future in futures:
+        future.cancel()

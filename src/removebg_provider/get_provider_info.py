@@ -1,0 +1,87 @@
+"""Provider metadata Airflow reads through the `apache_airflow_provider` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from removebg_provider import __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    """Return the provider description: package, integration, hook and the `removebg` connection type."""
+    return {
+        "package-name": "airflow-provider-removebg",
+        "name": "Ximilar Remove Background",
+        "description": (
+            "Remove backgrounds from catalog product photos at scale, through the Ximilar Remove "
+            "Background API or an embedded local server.\n"
+        ),
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Ximilar Remove Background",
+                "external-doc-url": "https://docs.ximilar.com/image-tools/remove-background",
+                "tags": ["service"],
+            }
+        ],
+        "hooks": [
+            {
+                "integration-name": "Ximilar Remove Background",
+                "python-modules": ["removebg_provider.hooks.removebg"],
+            }
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "removebg_provider.hooks.removebg.RemoveBgHook",
+                "hook-name": "Ximilar Remove Background",
+                "connection-type": "removebg",
+                "conn-fields": {
+                    "mode": {
+                        "label": "Mode",
+                        "schema": {
+                            "type": ["string", "null"],
+                            "default": "fast",
+                            "enum": ["fast", "precise"],
+                        },
+                        "description": "fast or precise removal endpoint",
+                    },
+                    "timeout": {
+                        "label": "Timeout (seconds)",
+                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                        "description": (
+                            "Connect and read timeout of one HTTP request; empty for 10 s connect, "
+                            "120 s read. A [connect, read] pair can be set in the extra JSON."
+                        ),
+                    },
+                    "max_retries": {
+                        "label": "Max retries",
+                        "schema": {"type": ["integer", "null"], "default": 5, "minimum": 0},
+                        "description": "Retries of one request on connection errors, timeouts, 429 and 5xx",
+                    },
+                    "max_records_per_request": {
+                        "label": "Max records per request",
+                        "schema": {"type": ["integer", "null"], "default": 10, "minimum": 1},
+                    },
+                    "requests_per_minute": {
+                        "label": "Requests per minute",
+                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                        "description": "Client-side rate limit shared by all threads; empty for none",
+                    },
+                    "concurrency": {
+                        "label": "Concurrency",
+                        "schema": {"type": ["integer", "null"], "default": 4, "minimum": 1},
+                        "description": "Requests in flight at once",
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login"],
+                    "relabeling": {"host": "API base URL", "password": "API token"},
+                    "placeholders": {
+                        "host": "https://api.ximilar.com (empty for the public API)",
+                        "password": "Ximilar API token",
+                        "port": "only when the base URL has none",
+                    },
+                },
+            }
+        ],
+    }

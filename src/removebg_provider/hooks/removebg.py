@@ -1,0 +1,137 @@
+"""Airflow hook that turns a `removebg` connection into a ready RemoveBgClient."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from airflow.sdk import BaseHook
+from airflow.sdk.log import mask_secret
+
+from removebg_provider.client import DEFAULT_BASE_URL, MODES, RemoveBgClient
+from removebg_provider.errors import ConfigurationError, RemoveBgError
+
+log = logging.getLogger(__name__)
+
+
+class RemoveBgHook(BaseHook):
+    """Builds a RemoveBgClient from a `removebg` connection.
+
+    Connection fields: host = API base URL (empty for the public Ximilar API; with or without a
+    scheme; schema and port are used when the host does not carry them), password = API token.
+    Extras: `mode` (fast|precise), `timeout` (seconds or [connect, read]), `max_retries`,
+    `max_records_per_request`, `requests_per_minute`, `concurrency`. Keyword arguments given to the
+    hook are passed to RemoveBgClient and win over the connection.
+    """
+
+    conn_name_attr = "removebg_conn_id"
+    default_conn_name = "removebg_default"
+    conn_type = "removebg"
+    hook_name = "Ximilar Remove Background"
+
+    def __init__(self, removebg_conn_id: str = default_conn_name, **client_overrides: Any) -> None:
+        super().__init__()
+        self.removebg_conn_id = removebg_conn_id
+        self.client_overrides = client_overrides
+
+    def get_conn(self) -> RemoveBgClient:
+        """Return a new client for the connection; close it (or use it as a context manager) when done."""
+        conn = self.get_connection(self.removebg_conn_id)
+        token = conn.password or None
+        if token is not None:
+            mask_secret(token)
+        try:
+            settings: dict[str, Any] = {
+                "base_url": _base_url(conn.host, conn.schema, conn.port),
+                "token": token,
+                **_client_settings(conn.extra_dejson),
+            }
+            settings.update(self.client_overrides)
+            return RemoveBgClient(**settings)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"Connection {self.removebg_conn_id!r} is invalid: {exc}. Fix it in Airflow's connections."
+            ) from exc
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check that the API is reachable and accepts the token, without spending credits."""
+        try:
+            with self.get_conn() as client:
+                return client.check_connection()
+        except RemoveBgError as exc:
+            return False, str(exc)
+
+
+def _base_url(host: str | None, schema: str | None, port: int | None) -> str:
+    host = (host or "").strip()
+    if not host:
+        return DEFAULT_BASE_URL
+    if "://" not in host:
+        host = f"{schema or 'https'}://{host}"
+    parts = urlsplit(host)
+    if port and parts.port is None:
+        parts = parts._replace(netloc=f"{parts.netloc}:{port}")
+    return urlunsplit(parts).rstrip("/")
+
+
+def _client_settings(extras: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(extras) - set(_EXTRA_PARSERS))
+    if unknown:
+        log.warning("Ignoring unknown removebg connection extras: %s", ", ".join(unknown))
+    settings = {}
+    for name, parse in _EXTRA_PARSERS.items():
+        value = extras.get(name)
+        if value is None or value == "":
+            continue
+        try:
+            settings[name] = parse(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"extra {name!r}={value!r}: {exc}") from exc
+    return settings
+
+
+def _mode(value: Any) -> str:
+    if value not in MODES:
+        raise ValueError(f"must be one of {', '.join(MODES)}")
+    return str(value)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _timeout(value: Any) -> float | tuple[float, float]:
+    if isinstance(value, list | tuple):
+        if len(value) != 2:
+            raise ValueError("must be seconds or a [connect, read] pair of seconds")
+        return (_number(value[0]), _number(value[1]))
+    return _number(value)
+
+
+def _integer(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"must be an integer >= {minimum}")
+        number = int(value)
+        if number < minimum:
+            raise ValueError(f"must be an integer >= {minimum}")
+        return number
+
+    return parse
+
+
+_EXTRA_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "mode": _mode,
+    "timeout": _timeout,
+    "max_retries": _integer(0),
+    "max_records_per_request": _integer(1),
+    "requests_per_minute": _number,
+    "concurrency": _integer(1),
+}
