@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import IO, Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
@@ -33,8 +36,11 @@ RESULT_SCHEMA = pa.schema(
         ("removebg_mode", pa.string()),
         ("removebg_attempts", pa.int32()),
         ("removebg_processed_at", pa.timestamp("us", tz="UTC")),
+        ("removebg_foreground_fraction", pa.float32()),
+        ("removebg_quality_flags", pa.list_(pa.string())),
     ]
 )
+FLAG_SEPARATOR = ";"
 
 _EXTENSIONS: dict[str, ManifestFormat] = {
     ".parquet": "parquet",
@@ -135,11 +141,13 @@ class ManifestWriter:
         if self.format == "parquet":
             self._writer = pq.ParquetWriter(self._stream, self.schema, compression="zstd")
         elif self.format == "csv":
-            self._writer = pa_csv.CSVWriter(self._stream, self.schema)
+            self._writer = pa_csv.CSVWriter(self._stream, _csv_schema(self.schema))
         return self
 
     def write(self, batch: pa.RecordBatch) -> None:
-        """Append `batch` (which must have the writer's schema)."""
+        """Append `batch` (which must have the writer's schema); CSV joins list cells with ';'."""
+        if self.format == "csv":
+            batch = _joined_lists(batch)
         if self._writer is not None:
             self._writer.write_batch(batch)
         else:
@@ -159,6 +167,30 @@ class ManifestWriter:
                 self._writer.close()
         finally:
             self._context.__exit__(exc_type, exc, traceback)
+
+
+def derive_id(reference: str | None, row: int) -> str:
+    """A stable, readable id for a row without an id column: the file name plus a hash of the reference.
+
+    Rows without a reference get an id from their row number, so they still appear in the output.
+    """
+    if not reference:
+        return f"row-{row}"
+    stem = reference.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:48] or "image"
+    return f"{stem}-{hashlib.sha256(reference.encode()).hexdigest()[:12]}"
+
+
+def _csv_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([pa.field(f.name, pa.string()) if pa.types.is_list(f.type) else f for f in schema])
+
+
+def _joined_lists(batch: pa.RecordBatch) -> pa.RecordBatch:
+    columns = [
+        pc.binary_join(column, FLAG_SEPARATOR) if pa.types.is_list(column.type) else column
+        for column in batch.columns
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=_csv_schema(batch.schema))
 
 
 def _parquet_batches(

@@ -7,9 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -20,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from removebg_provider import quality, report
 from removebg_provider.client import ImageRecord, RecordResult, RemovalOptions, RemoveBgClient
 from removebg_provider.errors import (
     ApiRequestError,
@@ -28,16 +27,19 @@ from removebg_provider.errors import (
     FailurePolicyError,
     ManifestError,
     OutOfCreditsError,
+    RemoveBgError,
     StorageError,
     TransientApiError,
 )
 from removebg_provider.manifest import (
     RESULT_SCHEMA,
     ManifestWriter,
+    derive_id,
     iter_batches,
     read_schema,
     require_columns,
 )
+from removebg_provider.progress import Progress, ProgressCallback
 from removebg_provider.storage import (
     DEFAULT_OUTPUT_KEY_TEMPLATE,
     CopyError,
@@ -47,6 +49,7 @@ from removebg_provider.storage import (
     output_uri,
     safe_key_id,
     scheme_of,
+    unique_name,
 )
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,6 @@ _REF = "__removebg_ref"
 _CANONICAL = "__removebg_canonical"
 _INTERNAL_COLUMNS = (_ROW, _ID, _REF, _CANONICAL)
 _IMAGE_EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
-_PROGRESS_EVERY_SECONDS = 5.0
 _FIRST_ERRORS = 5
 _SHARDS_SIDE_BY_SIDE = 2
 
@@ -102,6 +104,8 @@ class PipelineConfig:
     max_billable_records: int | None = None
     max_failed_fraction: float = 0.05
     max_image_bytes: int = 20 << 20
+    report: bool = True
+    report_sample: int = 48
 
     def __post_init__(self) -> None:
         problems = []
@@ -229,6 +233,8 @@ class RowResult:
     attempts: int = 0
     processed_at: datetime | None = None
     fingerprint: str | None = None
+    foreground_fraction: float | None = None
+    quality_flags: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -242,7 +248,13 @@ class RowResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RowResult:
         stamp = data.get("processed_at")
-        return cls(**{**data, "processed_at": datetime.fromisoformat(stamp) if stamp else None})
+        return cls(
+            **{
+                **data,
+                "processed_at": datetime.fromisoformat(stamp) if stamp else None,
+                "quality_flags": tuple(data.get("quality_flags") or ()),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -270,9 +282,12 @@ class RunSummary:
     billed_records: int
     by_status: dict[int, int]
     first_errors: tuple[dict[str, Any], ...]
+    by_flag: dict[str, int] = field(default_factory=dict)
     output_manifest_uri: str | None = None
     output_prefix: str | None = None
     shard_index: int | None = None
+    report_html_uri: str | None = None
+    report_png_uri: str | None = None
 
     @property
     def failed_fraction(self) -> float:
@@ -284,52 +299,6 @@ class RunSummary:
         data["first_errors"] = list(self.first_errors)
         data["failed_fraction"] = round(self.failed_fraction, 6)
         return data
-
-
-ProgressCallback = Callable[[int, int, int], None]
-
-
-class Progress:
-    """Counts finished rows; logs done/total, rate, ETA and failures at most every few seconds."""
-
-    def __init__(
-        self,
-        total: int,
-        label: str,
-        on_update: ProgressCallback | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.total = total
-        self.label = label
-        self.done = 0
-        self.failed = 0
-        self._on_update = on_update
-        self._clock = clock
-        self._started = clock()
-        self._last_log = self._started
-        self._lock = threading.Lock()
-
-    def advance(self, rows: int, failed: int) -> None:
-        with self._lock:
-            self.done += rows
-            self.failed += failed
-            now = self._clock()
-            if now - self._last_log >= _PROGRESS_EVERY_SECONDS or self.done >= self.total:
-                self._last_log = now
-                log.info("%s", self.describe(now))
-        if self._on_update is not None:
-            self._on_update(rows, self.done, self.total)
-
-    def describe(self, now: float | None = None) -> str:
-        elapsed = max((now if now is not None else self._clock()) - self._started, 1e-9)
-        rate = self.done / elapsed
-        remaining = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta = _format_seconds(remaining) if remaining != float("inf") else "unknown"
-        percent = 100.0 * self.done / self.total if self.total else 100.0
-        return (
-            f"{self.label}: {self.done}/{self.total} rows ({percent:.0f}%), {rate:.1f} rows/s, "
-            f"ETA {eta}, {self.failed} failed"
-        )
 
 
 class Budget:
@@ -486,7 +455,7 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
     kept = [name for name in input_schema.names if name not in RESULT_SCHEMA.names]
     output_schema = pa.schema([input_schema.field(name) for name in kept] + list(RESULT_SCHEMA))
     canonical: dict[str, RowResult] = {}
-    all_results: list[RowResult] = []
+    tally = _Tally()
     billed = 0
     with ManifestWriter(
         config.output_manifest_uri, storage, output_schema, config.output_manifest_format
@@ -501,7 +470,7 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
                 if row[_ID] in plan_.canonical_ids and row[_CANONICAL] is None:
                     canonical[row[_ID]] = row_result
                 rows.append(row_result)
-            all_results.extend(rows)
+            tally.add(rows)
             columns = [table.column(name) for name in kept] + _result_arrays(rows)
             out.write(
                 pa.RecordBatch.from_arrays(
@@ -509,14 +478,37 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
                     schema=output_schema,
                 )
             )
+    report_html_uri, report_png_uri = _write_report(config, storage)
     summary = dataclasses.replace(
-        _summarise(all_results, billed=billed),
+        tally.summary(billed=billed),
         output_manifest_uri=config.output_manifest_uri,
         output_prefix=config.output_prefix,
+        report_html_uri=report_html_uri,
+        report_png_uri=report_png_uri,
     )
     log.info("enriched manifest %s written: %s", config.output_manifest_uri, json.dumps(summary.to_dict()))
     _enforce_failure_policy(summary, config, config.manifest_uri)
     return summary
+
+
+def _write_report(config: PipelineConfig, storage: Storage) -> tuple[str | None, str | None]:
+    """Build the run's contact-sheet report next to the enriched manifest; a failure only warns."""
+    if not config.report:
+        return None, None
+    try:
+        built = report.build_report(
+            config.output_manifest_uri,
+            storage,
+            sample=config.report_sample,
+            image_column=config.image_column,
+            id_column=config.id_column,
+            manifest_format=config.output_manifest_format,
+        )
+    except RemoveBgError as exc:
+        log.warning("the run report was not written: %s", exc)
+        return None, None
+    log.info("run report: %s and %s", built.html_uri, built.png_uri)
+    return built.html_uri, built.png_uri
 
 
 def run(
@@ -755,6 +747,7 @@ class _ShardWork:
             "whitebg": api_result.output_url_whitebg,
         }
         copied: dict[str, str] = {}
+        data: dict[str, bytes] = {}
         for kind, destination in self.config.outputs_for(api_result.id).items():
             source = sources[kind]
             if not source:
@@ -765,22 +758,23 @@ class _ShardWork:
                     error=f"the API returned no {kind} URL",
                 )
             try:
-                copier.copy(source, destination, destination.rsplit(".", 1)[-1])
+                data[kind] = copier.copy(source, destination, destination.rsplit(".", 1)[-1])
             except CopyError as exc:
                 return dataclasses.replace(
                     base, status_code=exc.status_code, status_text="output copy failed", error=str(exc)
                 )
             copied[kind] = destination
+        verdict = quality.assess(data["cutout"], data.get("mask"))
         return dataclasses.replace(
             base,
             output_url=copied.get("cutout"),
             output_url_mask=copied.get("mask"),
             output_url_whitebg=copied.get("whitebg"),
+            foreground_fraction=verdict.foreground_fraction,
+            quality_flags=verdict.flags,
         )
 
     def _checkpoint(self, results: list[RowResult], billed: int) -> None:
-        from removebg_provider.storage import unique_name
-
         uri = join_uri(_checkpoint_prefix(self.shard, self.config), unique_name("ckpt") + ".jsonl")
         lines = [json.dumps({"billed": billed})] + [json.dumps(r.to_json()) for r in results]
         self.storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
@@ -891,6 +885,8 @@ def _result_arrays(rows: Sequence[RowResult]) -> list[pa.Array]:
         values["removebg_mode"].append(r.mode)
         values["removebg_attempts"].append(r.attempts)
         values["removebg_processed_at"].append(r.processed_at)
+        values["removebg_foreground_fraction"].append(r.foreground_fraction)
+        values["removebg_quality_flags"].append(list(r.quality_flags))
     return [pa.array(values[f.name], type=f.type) for f in RESULT_SCHEMA]
 
 
@@ -997,18 +993,6 @@ class _FirstRows:
         return first_id if first_row != row else None
 
 
-def derive_id(reference: str | None, row: int) -> str:
-    """A stable, readable id for a row without an id column: the file name plus a hash of the reference.
-
-    Rows without a reference get an id from their row number, so they still appear in the output.
-    """
-    if not reference:
-        return f"row-{row}"
-    stem = reference.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:48] or "image"
-    return f"{stem}-{hashlib.sha256(reference.encode()).hexdigest()[:12]}"
-
-
 def _as_text(column: pa.Array | pa.ChunkedArray) -> list[str | None]:
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         column = column.cast(pa.string())
@@ -1088,25 +1072,43 @@ def _plan_to_json(plan_: Plan) -> dict[str, Any]:
     }
 
 
+class _Tally:
+    """Running counts of row outcomes, so summaries of huge runs keep no rows in memory."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.by_status: Counter[int] = Counter()
+        self.by_flag: Counter[str] = Counter()
+        self.first_errors: list[dict[str, Any]] = []
+
+    def add(self, results: Iterable[RowResult]) -> None:
+        for r in results:
+            self.rows += 1
+            self.by_status[r.status_code] += 1
+            self.by_flag.update(r.quality_flags)
+            if not r.ok and len(self.first_errors) < _FIRST_ERRORS:
+                self.first_errors.append(
+                    {"id": r.id, "status_code": r.status_code, "error": r.error or r.status_text}
+                )
+
+    def summary(self, *, billed: int, shard_index: int | None = None) -> RunSummary:
+        succeeded = sum(count for code, count in self.by_status.items() if 200 <= code < 300)
+        return RunSummary(
+            rows=self.rows,
+            succeeded=succeeded,
+            failed=self.rows - succeeded,
+            billed_records=billed,
+            by_status=dict(self.by_status),
+            first_errors=tuple(self.first_errors),
+            by_flag=dict(self.by_flag),
+            shard_index=shard_index,
+        )
+
+
 def _summarise(results: Iterable[RowResult], *, billed: int, shard_index: int | None = None) -> RunSummary:
-    by_status: Counter[int] = Counter()
-    first_errors: list[dict[str, Any]] = []
-    rows = 0
-    for r in results:
-        rows += 1
-        by_status[r.status_code] += 1
-        if not r.ok and len(first_errors) < _FIRST_ERRORS:
-            first_errors.append({"id": r.id, "status_code": r.status_code, "error": r.error or r.status_text})
-    succeeded = sum(count for code, count in by_status.items() if 200 <= code < 300)
-    return RunSummary(
-        rows=rows,
-        succeeded=succeeded,
-        failed=rows - succeeded,
-        billed_records=billed,
-        by_status=dict(by_status),
-        first_errors=tuple(first_errors),
-        shard_index=shard_index,
-    )
+    tally = _Tally()
+    tally.add(results)
+    return tally.summary(billed=billed, shard_index=shard_index)
 
 
 def _enforce_failure_policy(summary: RunSummary, config: PipelineConfig, what: str) -> None:

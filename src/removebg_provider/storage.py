@@ -22,6 +22,8 @@ REMOTE_SCHEMES = frozenset({"s3", "gs", "az", "http", "https"})
 OUTPUT_KINDS = ("cutout", "mask", "whitebg")
 DEFAULT_OUTPUT_KEY_TEMPLATE = "{id}{suffix}.{ext}"
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _SUFFIXES = {"cutout": "", "mask": ".mask", "whitebg": ".whitebg"}
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
 _MAX_KEY_ID_LENGTH = 120
@@ -110,6 +112,8 @@ class Storage:
         try:
             with os.fdopen(handle, "wb") as stream:
                 yield stream
+            # mkstemp creates files only the owner can read; published files get the usual umask.
+            os.chmod(temporary, 0o666 & ~_UMASK)
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)
@@ -260,8 +264,8 @@ class OutputCopier:
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 
-    def copy(self, source_url: str, destination_uri: str, ext: str) -> int:
-        """Copy one output and return its size; raises CopyError with the row status it earns."""
+    def copy(self, source_url: str, destination_uri: str, ext: str) -> bytes:
+        """Copy one output and return its bytes; raises CopyError with the row status it earns."""
         data = self.download(source_url)
         if not looks_like_image(data, ext):
             raise CopyError(502, f"the API output at {_strip_query(source_url)} is not a {ext} image")
@@ -269,7 +273,7 @@ class OutputCopier:
             self.storage.write_bytes(destination_uri, data)
         except StorageError as exc:
             raise CopyError(507, str(exc)) from exc
-        return len(data)
+        return data
 
     def download(self, url: str) -> bytes:
         """The bytes at a temporary output URL, retried on transient failures."""

@@ -130,6 +130,15 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (logs still report progress)"
     )
+    parser.add_argument(
+        "--no-report", action="store_true", help="skip the contact-sheet report next to the enriched manifest"
+    )
+    parser.add_argument(
+        "--report-sample",
+        type=int,
+        default=defaults.report_sample,
+        help="tiles in the report, flagged and failed rows first (default %(default)s)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -157,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
             skip_existing=args.skip_existing,
             max_billable_records=args.max_billable_records,
             max_failed_fraction=args.max_failed_fraction,
+            report=not args.no_report,
+            report_sample=args.report_sample,
         )
     except ValueError as exc:
         return _fail(EXIT_BAD_INPUT, str(exc))
