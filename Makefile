@@ -3,10 +3,16 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# Azurite (the Azure Blob emulator the storage tests run) comes from the npm registry.
+AZURITE_VERSION := 3.35.0
+AZURITE := .work/node_modules/.bin/azurite-blob
 
 .PHONY: install lint typecheck unit test demo clean
 
-$(STAMP): pyproject.toml
+$(AZURITE):
+	npm install --prefix .work --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
+
+$(STAMP): pyproject.toml $(AZURITE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -18,12 +19,14 @@ import tenacity
 
 from removebg_provider.errors import StorageError
 
-REMOTE_SCHEMES = frozenset({"s3", "gs", "az", "http", "https"})
+REMOTE_SCHEMES = frozenset({"s3", "gs", "az", "azure", "http", "https"})
 OUTPUT_KINDS = ("cutout", "mask", "whitebg")
 DEFAULT_OUTPUT_KEY_TEMPLATE = "{id}{suffix}.{ext}"
+AZURE_CONNECTION_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+_AZURE_SCHEMES = ("az", "azure")
 _SUFFIXES = {"cutout": "", "mask": ".mask", "whitebg": ".whitebg"}
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
 _MAX_KEY_ID_LENGTH = 120
@@ -48,16 +51,30 @@ class Storage:
 
     def open(self, uri: str, mode: str = "rb") -> IO[Any]:
         """Open `uri` through smart_open with the scheme's transport parameters."""
-        params = dict(self.transport_params.get(scheme_of(uri), {}))
+        scheme = scheme_of(uri)
+        params = dict(self._params(scheme))
+        if scheme == "az":
+            # smart_open names Azure Blob `azure://`; `az://` is the fsspec/adlfs spelling users know.
+            uri = "azure" + uri[len("az") :]
         opened: IO[Any] = smart_open.open(uri, mode, transport_params=params, compression="disable")
         return opened
+
+    def _params(self, scheme: str) -> Mapping[str, Any]:
+        if scheme in _AZURE_SCHEMES:
+            for alias in _AZURE_SCHEMES:
+                if alias in self.transport_params:
+                    return self.transport_params[alias]
+            connection_string = os.environ.get(AZURE_CONNECTION_ENV)
+            # S3 and GCS SDKs read their environment themselves; smart_open needs an Azure client.
+            return {"client": _azure_client(connection_string)} if connection_string else {}
+        return self.transport_params.get(scheme, {})
 
     def read_bytes(self, uri: str, limit: int | None = None) -> bytes:
         """Read the whole object at `uri`; raises StorageError when missing or over `limit` bytes."""
         try:
             with self.open(uri, "rb") as stream:
                 data: bytes = stream.read(limit + 1 if limit is not None else -1)
-        except (OSError, ValueError) as exc:
+        except _storage_errors() as exc:
             raise StorageError(f"cannot read {uri}: {_short(exc)}") from exc
         if limit is not None and len(data) > limit:
             raise StorageError(f"{uri} is larger than the {limit}-byte limit")
@@ -70,9 +87,9 @@ class Storage:
         try:
             with self.open(uri, "rb"):
                 return True
-        except FileNotFoundError:
+        except _missing_errors():
             return False
-        except (OSError, ValueError) as exc:
+        except _storage_errors() as exc:
             if _looks_missing(exc):
                 return False
             raise StorageError(f"cannot check {uri}: {_short(exc)}") from exc
@@ -82,14 +99,14 @@ class Storage:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.write_attempts),
             wait=tenacity.wait_random_exponential(multiplier=0.2, max=5),
-            retry=tenacity.retry_if_exception_type(OSError),
+            retry=tenacity.retry_if_exception_type(_storage_errors()),
             reraise=True,
         )
         try:
             for attempt in retrying:
                 with attempt, self.atomic_writer(uri) as stream:
                     stream.write(data)
-        except OSError as exc:
+        except _storage_errors() as exc:
             raise StorageError(
                 f"cannot write {uri} after {self.write_attempts} attempts: {_short(exc)}"
             ) from exc
@@ -134,9 +151,10 @@ class Storage:
 
     def _list_remote(self, prefix: str) -> list[str]:
         parsed = urlparse(prefix)
-        bucket, key_prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/") + "/"
+        bucket, folder = parsed.netloc, parsed.path.strip("/")
+        key_prefix = f"{folder}/" if folder else ""
         scheme = parsed.scheme
-        params = self.transport_params.get(scheme, {})
+        params = self._params(scheme)
         if scheme == "s3":
             import boto3
 
@@ -151,7 +169,12 @@ class Storage:
 
             client = params.get("client") or gcs.Client()
             keys = [blob.name for blob in client.list_blobs(bucket, prefix=key_prefix, delimiter="/")]
-        elif scheme == "az":
+        elif scheme in _AZURE_SCHEMES:
+            if "client" not in params:
+                raise StorageError(
+                    f"cannot list {prefix}: Azure Blob needs a client (set AZURE_STORAGE_CONNECTION_STRING "
+                    "or pass wasb_conn_id)"
+                )
             container = params["client"].get_container_client(bucket)
             keys = [blob.name for blob in container.walk_blobs(name_starts_with=key_prefix, delimiter="/")]
             keys = [key for key in keys if not key.endswith("/")]
@@ -214,6 +237,61 @@ def looks_like_image(data: bytes, ext: str) -> bool:
 def unique_name(prefix: str) -> str:
     """A collision-free object name, for checkpoints written by concurrent workers."""
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@functools.cache
+def _azure_client(connection_string: str) -> Any:
+    try:
+        from azure.storage.blob import BlobServiceClient
+    except ImportError as exc:
+        raise StorageError(
+            f"{AZURE_CONNECTION_ENV} is set but azure-storage-blob is not installed; "
+            "pip install 'airflow-provider-removebg[azure]'"
+        ) from exc
+    return BlobServiceClient.from_connection_string(connection_string)
+
+
+@functools.cache
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What the object-store SDKs raise for a failed read or write; they do not all use OSError."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        import botocore.exceptions
+
+        errors += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
+    except ImportError:
+        pass
+    try:
+        import google.api_core.exceptions
+
+        errors.append(google.api_core.exceptions.GoogleAPIError)
+    except ImportError:
+        pass
+    try:
+        import azure.core.exceptions
+
+        errors.append(azure.core.exceptions.AzureError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+@functools.cache
+def _missing_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [FileNotFoundError]
+    try:
+        import google.api_core.exceptions
+
+        errors.append(google.api_core.exceptions.NotFound)
+    except ImportError:
+        pass
+    try:
+        import azure.core.exceptions
+
+        errors.append(azure.core.exceptions.ResourceNotFoundError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _looks_missing(exc: BaseException) -> bool:
