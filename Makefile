@@ -12,7 +12,7 @@ AZURITE := .work/node_modules/.bin/azurite-blob
 $(AZURITE):
 	npm install --prefix .work --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
 
-$(STAMP): pyproject.toml $(AZURITE)
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -26,7 +26,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-unit: install
+unit: install $(AZURITE)
 	$(BIN)/pytest
 
 test: lint typecheck unit
