@@ -20,8 +20,12 @@ class Engine(Protocol):
         ...
 
 
-def get_engine(name: str = "classic", model_path: str | None = None) -> Engine:
-    """Build the engine called `name`: `classic` (no weights) or `onnx` (needs `model_path`)."""
+def get_engine(name: str = "classic", model_path: str | None = None, family: str | None = None) -> Engine:
+    """Build the engine called `name`: `classic` (no weights) or `onnx` (needs `model_path`).
+
+    `family` (u2net, isnet, birefnet, bria, ben) overrides the onnx engine's guess of the model's
+    pre- and post-processing convention.
+    """
     if name == "classic":
         from removebg_provider.engines.classic import ClassicEngine
 
@@ -31,5 +35,5 @@ def get_engine(name: str = "classic", model_path: str | None = None) -> Engine:
             raise ValueError("the onnx engine needs a model path (--model PATH)")
         from removebg_provider.engines.onnx import OnnxEngine
 
-        return OnnxEngine(model_path)
+        return OnnxEngine(model_path, family)
     raise ValueError(f"unknown engine {name!r}; choose 'classic' or 'onnx'")

@@ -1,0 +1,313 @@
+"""The weight-free engine: background modelling, graph cut and guided-filter matting with OpenCV."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from removebg_provider.engines import MODES, Mode
+from removebg_provider.engines._guided import apply_coefficients, guided_coefficients
+
+# Rounds of flood-then-refit; each lets the backdrop model follow gradients further inwards.
+_ROUNDS = 3
+# A shadow's soft outline towards the lit backdrop is at least this long relative to its sharp one.
+_SHADOW_FADE_RATIO = 1.0
+# Width (working pixels) of the frame looked at around an enclosed region to tell holes from faces.
+_HOLE_FRAME = 10
+# How far (fraction of the diagonal) a shadow may reach into a region that is not clearly shadow.
+_SHADOW_REACH = 0.02
+# Window (working pixels) and fraction of its contrast a pixel step must reach to count as sharp.
+_SHARPNESS_WINDOW = 7
+_MIN_SHARPNESS = 0.25
+
+
+@dataclass(frozen=True)
+class ModeParams:
+    """Everything that differs between the modes; the code path is the same."""
+
+    work_pixels: int  # pixel budget of the reduced resolution the segmentation runs at
+    grabcut_iterations: int  # 0 skips the graph cut
+    guide_radius: int  # guided-filter window radius, in working-resolution pixels
+    guide_eps: float  # guided-filter regulariser: lower follows weaker image edges
+    colour_guide: bool  # a colour guide separates edges that are invisible in grey
+
+
+MODE_PARAMS: dict[Mode, ModeParams] = {
+    "fast": ModeParams(
+        work_pixels=120_000, grabcut_iterations=0, guide_radius=2, guide_eps=2e-3, colour_guide=False
+    ),
+    "precise": ModeParams(
+        work_pixels=360_000, grabcut_iterations=2, guide_radius=2, guide_eps=5e-4, colour_guide=True
+    ),
+}
+
+
+class ClassicEngine:
+    """Studio-photo background removal without model weights.
+
+    Takes RGB only (H x W x 3 uint8); callers convert grayscale or RGBA inputs first.
+    Memory stays bounded for very large images: segmentation runs at `work_pixels`, and the
+    full-resolution refinement streams over row strips.
+    """
+
+    name = "classic"
+
+    def matte(self, rgb: np.ndarray, mode: Mode) -> np.ndarray:
+        """Return the alpha matte (H x W uint8, 255 = product) of an RGB studio photo."""
+        _check_rgb(rgb)
+        if mode not in MODE_PARAMS:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        params = MODE_PARAMS[mode]
+        h, w = rgb.shape[:2]
+        scale = min(1.0, math.sqrt(params.work_pixels / (h * w)))
+        size = (max(8, round(w * scale)), max(8, round(h * scale)))
+        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if scale < 1.0 else rgb
+        foreground = segment(small)
+        if params.grabcut_iterations and foreground.any() and not foreground.all():
+            foreground = _graph_cut(small, foreground, params.grabcut_iterations)
+        coefficients = guided_coefficients(
+            small, foreground.astype(np.float32), params.guide_radius, params.guide_eps, params.colour_guide
+        )
+        return apply_coefficients(rgb, coefficients, params.colour_guide)
+
+
+def segment(rgb: np.ndarray) -> np.ndarray:
+    """Boolean foreground mask of a (small) studio photo: everything the backdrop cannot explain.
+
+    The backdrop is modelled locally, by smoothly filling in the colours of pixels already known to be
+    backdrop (at first only the border). A pixel is backdrop when it matches that model, or is a darker
+    copy of it (a cast shadow), and is reachable from the border without crossing a sharp edge:
+    products have sharp outlines, shadows do not. Each round refits the model to the unshadowed
+    backdrop found so far, so gradients and vignettes are followed inwards; the last round also
+    accepts enclosed see-through holes.
+    """
+    h, w = rgb.shape[:2]
+    img = cv2.GaussianBlur(rgb, (3, 3), 0).astype(np.float32)
+    border = _border_mask(h, w)
+    surface = _fill_in(img, border)
+    noise = _noise(img, surface, border)
+    barrier = _edges(img, noise)
+    background = border
+    for final in [False] * (_ROUNDS - 1) + [True]:
+        background, lit = _flood_backdrop(img, surface, noise, barrier, border, holes=final)
+        if final or not lit.any():
+            break
+        surface = _fill_in(img, lit)
+    return _clean(~background)
+
+
+def _check_rgb(rgb: np.ndarray) -> None:
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        shape = getattr(rgb, "shape", None)
+        dtype = getattr(rgb, "dtype", type(rgb).__name__)
+        raise ValueError(
+            f"engines take RGB images as H x W x 3 uint8 arrays, got shape {shape} dtype {dtype}; "
+            "convert grayscale or RGBA images to RGB before calling matte()"
+        )
+    if rgb.shape[0] < 8 or rgb.shape[1] < 8:
+        raise ValueError(f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels is too small; need at least 8x8")
+
+
+def _border_mask(h: int, w: int) -> np.ndarray:
+    band = max(2, round(0.02 * min(h, w)))
+    mask = np.zeros((h, w), bool)
+    mask[:band] = mask[-band:] = True
+    mask[:, :band] = mask[:, -band:] = True
+    return mask
+
+
+def _fill_in(img: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Smooth backdrop colour everywhere, interpolated from `known` pixels (normalised convolution).
+
+    Runs on a quarter-size copy: the backdrop is smooth, and this keeps the wide blur cheap.
+    """
+    h, w = known.shape
+    small_size = (max(4, w // 4), max(4, h // 4))
+    weight = cv2.resize(known.astype(np.float32), small_size, interpolation=cv2.INTER_AREA)
+    colour = cv2.resize(img * known[..., None], small_size, interpolation=cv2.INTER_AREA)
+    sigma = 0.04 * math.hypot(*small_size)
+    weight_b = cv2.GaussianBlur(weight, (0, 0), sigma)
+    colour_b = cv2.GaussianBlur(colour, (0, 0), sigma)
+    # Far from every known pixel the local estimate is undefined: fall back to the mean backdrop.
+    mean = colour.reshape(-1, 3).sum(axis=0) / max(float(weight.sum()), 1e-6)
+    trust = np.clip(weight_b / 0.02, 0, 1)[..., None]
+    local = colour_b / np.maximum(weight_b, 1e-6)[..., None]
+    filled = local * trust + mean[None, None, :] * (1 - trust)
+    return cv2.resize(filled, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _noise(img: np.ndarray, surface: np.ndarray, sample: np.ndarray) -> float:
+    """Robust noise level (colour distance) of the backdrop pixels in `sample`."""
+    residual = np.linalg.norm(img[sample] - surface[sample], axis=1)
+    return float(1.4826 * np.median(residual))
+
+
+def _edges(img: np.ndarray, noise: float) -> np.ndarray:
+    """Sharp-edge pixels: product outlines stop the backdrop flood, soft shadow borders do not."""
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3) / 8
+    gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3) / 8
+    # Colour edges matter too: a red product on a same-brightness green backdrop has no grey edge.
+    colour = (
+        np.maximum(
+            _channel_max(np.abs(cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3))),
+            _channel_max(np.abs(cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3))),
+        )
+        / 8
+    )
+    magnitude = np.maximum(np.sqrt(gx * gx + gy * gy), colour)
+    # Sharpness: a step edge climbs most of its local contrast within a pixel or two, a shadow's
+    # penumbra spreads the same contrast over many pixels.
+    window = np.ones((_SHARPNESS_WINDOW, _SHARPNESS_WINDOW), np.uint8)
+    contrast = _channel_max(cv2.dilate(img, window) - cv2.erode(img, window))
+    edges = ((magnitude > max(4.0, 2.5 * noise)) & (magnitude >= _MIN_SHARPNESS * contrast)).astype(np.uint8)
+    # Thickening closes one-pixel gaps in faint outlines, which would otherwise let the flood leak in.
+    return cv2.dilate(edges, np.ones((3, 3), np.uint8)).astype(bool)
+
+
+def _flood_backdrop(
+    img: np.ndarray, surface: np.ndarray, noise: float, barrier: np.ndarray, border: np.ndarray, holes: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Backdrop pixels, and the unshadowed part of them that the backdrop model may learn from."""
+    h, w = barrier.shape
+    tolerance = max(9.0, 3.5 * noise)
+    diff = img - surface
+    exact = _dot(diff, diff) < tolerance * tolerance
+    # A shadow darkens the backdrop by a factor: the pixel is a scaled copy of the surface colour.
+    factor = _dot(img, surface) / np.maximum(_dot(surface, surface), 1.0)
+    off = img - factor[..., None] * surface
+    off_axis = np.sqrt(_dot(off, off))
+    # Scaled copies of the backdrop: darker is a cast shadow, brighter a spotlight the model missed.
+    scaled = (factor > 0.35) & (factor < 1.8) & (off_axis < tolerance * (0.6 + 0.4 * np.minimum(factor, 1.0)))
+    scaled &= ~exact
+
+    count, labels = cv2.connectedComponents((exact & ~barrier).astype(np.uint8), connectivity=4)
+    is_lit = np.zeros(count, bool)
+    is_lit[np.unique(labels[border & exact & ~barrier])] = True
+    is_lit[0] = False
+    lit = is_lit[labels]
+    # Enclosed regions that look like (possibly lighter or darker) backdrop are see-through holes,
+    # such as a ring's centre, when large enough and framed by product. Only the last round looks for
+    # them, so a misjudged hole cannot teach the backdrop model the product's colour.
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        ((exact | scaled) & ~barrier & ~lit).astype(np.uint8), connectivity=4
+    )
+    candidates = stats[:, cv2.CC_STAT_AREA] >= max(12, int(0.002 * h * w)) if holes else np.zeros(count, bool)
+    for index in np.flatnonzero(candidates):
+        if (
+            index
+            and not (border & (labels == index)).any()
+            and _is_hole(labels, stats[index], int(index), exact | scaled, barrier)
+        ):
+            lit |= labels == index
+    # A shadow or light spot fades into lit backdrop along most of its outline; a product region that
+    # merely looks like a scaled backdrop (grey on grey) is walled off by its sharp outline instead.
+    count, labels = cv2.connectedComponents((scaled & ~barrier).astype(np.uint8), connectivity=4)
+    ring = np.ones((3, 3), np.uint8)
+    near_lit = np.bincount(labels[cv2.dilate(lit.astype(np.uint8), ring).astype(bool)], minlength=count)
+    near_wall = np.bincount(labels[cv2.dilate(barrier.astype(np.uint8), ring).astype(bool)], minlength=count)
+    is_soft = (near_lit > 0) & (near_lit >= _SHADOW_FADE_RATIO * near_wall)
+    is_soft[0] = False
+    soft = is_soft[labels]
+    # Walled-off shadow-coloured regions still give up their part near lit backdrop: a shadow inside a
+    # ring's hole, or the penumbra of a shadow merged with a grey product through a gap in its outline.
+    walled = (labels > 0) & ~soft
+    backdrop = lit | soft
+    reach = max(2, round(_SHADOW_REACH * math.hypot(h, w)))
+    for _ in range(reach):
+        grown = walled & cv2.dilate(backdrop.astype(np.uint8), ring).astype(bool) & ~backdrop
+        if not grown.any():
+            break
+        backdrop |= grown
+    learn = lit | (soft & (factor > 1.0))
+    # Outline pixels of backdrop colour next to the backdrop belong to it.
+    grow = exact & barrier
+    for _ in range(2):
+        backdrop |= grow & cv2.dilate(backdrop.astype(np.uint8), ring).astype(bool)
+    return backdrop, learn
+
+
+def _is_hole(
+    labels: np.ndarray, box: np.ndarray, index: int, backdrop_like: np.ndarray, barrier: np.ndarray
+) -> bool:
+    """Whether an enclosed backdrop-coloured region is see-through (a ring's centre) or product surface.
+
+    A hole is framed by product: just beyond its outline lies something that looks like neither backdrop
+    nor shadow. A pale product's face is framed by its outline with backdrop or shadow behind it.
+    """
+    h, w = labels.shape
+    reach = _HOLE_FRAME + 2
+    x, y, bw, bh = (int(v) for v in box[:4])
+    y0, y1, x0, x1 = max(0, y - reach), min(h, y + bh + reach), max(0, x - reach), min(w, x + bw + reach)
+    region = (labels[y0:y1, x0:x1] == index).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
+    frame = cv2.dilate(region, kernel).astype(bool) & ~region.astype(bool) & ~barrier[y0:y1, x0:x1]
+    if not frame.any():
+        return False
+    return bool(np.mean(~backdrop_like[y0:y1, x0:x1][frame]) >= 0.5)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-pixel dot product of two H x W x 3 images (much faster than a reduction over the last axis)."""
+    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
+
+
+def _channel_max(a: np.ndarray) -> np.ndarray:
+    return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
+
+
+def _clean(foreground: np.ndarray) -> np.ndarray:
+    """Drop specks and thin spurs, keep every sizeable component, fill pinholes."""
+    h, w = foreground.shape
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    mask = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return np.zeros((h, w), bool)
+    area = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.zeros(count, bool)
+    keep[1:] = (area >= 0.05 * area.max()) & (area >= max(16, 0.001 * h * w))
+    mask = keep[labels]
+    holes = ~mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(holes.astype(np.uint8), connectivity=4)
+    small = stats[:, cv2.CC_STAT_AREA] < max(4, int(0.0005 * h * w))
+    small[0] = False
+    return mask | (small[labels] & holes)
+
+
+def _graph_cut(rgb: np.ndarray, foreground: np.ndarray, iterations: int) -> np.ndarray:
+    """Re-decide a band around the outline with GrabCut, seeded by the backdrop model's mask."""
+    h, w = foreground.shape
+    band = max(2, round(0.015 * math.sqrt(h * w)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))
+    fg8 = foreground.astype(np.uint8)
+    inner = cv2.erode(fg8, kernel).astype(bool)
+    outer = cv2.dilate(fg8, kernel).astype(bool)
+    mask = np.full((h, w), cv2.GC_BGD, np.uint8)
+    mask[outer] = cv2.GC_PR_BGD
+    mask[foreground] = cv2.GC_PR_FGD
+    mask[inner] = cv2.GC_FGD
+    ys, xs = np.nonzero(outer)
+    margin = 2 * band
+    y0, y1 = max(0, ys.min() - margin), min(h, ys.max() + margin + 1)
+    x0, x1 = max(0, xs.min() - margin), min(w, xs.max() + margin + 1)
+    crop = mask[y0:y1, x0:x1].copy()
+    if not ((crop == cv2.GC_BGD) | (crop == cv2.GC_PR_BGD)).any():
+        return foreground
+    bgd_model = np.zeros((1, 65), np.float64)
+    fgd_model = np.zeros((1, 65), np.float64)
+    cv2.grabCut(
+        np.ascontiguousarray(rgb[y0:y1, x0:x1]),
+        crop,
+        (0, 0, 1, 1),  # ignored with GC_INIT_WITH_MASK
+        bgd_model,
+        fgd_model,
+        iterations,
+        cv2.GC_INIT_WITH_MASK,
+    )
+    result = foreground.copy()
+    result[y0:y1, x0:x1] = (crop == cv2.GC_FGD) | (crop == cv2.GC_PR_FGD)
+    return _clean(result)
