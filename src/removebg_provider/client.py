@@ -400,7 +400,8 @@ class RemoveBgClient:
             raise _RetryableFailure(f"{described} {context}", retry_after)
         raise ApiRequestError(
             f"The API at {self.endpoint} rejected the request ({described}). "
-            "Check the records and options sent; retrying the same request will not help."
+            "Check the records and options sent; retrying the same request will not help.",
+            status_code=code,
         )
 
     def _probe(self, url: str, *, authenticated: bool) -> requests.Response | str:

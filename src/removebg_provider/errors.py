@@ -18,6 +18,10 @@ class OutOfCreditsError(RemoveBgError):
 class ApiRequestError(RemoveBgError):
     """The API rejected a whole request (a 4xx other than 401, 402, 403, 429, or an error body)."""
 
+    def __init__(self, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
 
 class TransientApiError(RemoveBgError):
     """A retryable failure (connection, timeout, 429, 5xx, unreadable body) that outlasted the retries."""

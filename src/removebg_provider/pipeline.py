@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http import HTTPStatus
 from typing import Any
 
 import pyarrow as pa
@@ -22,11 +23,9 @@ from removebg_provider import quality, report
 from removebg_provider.client import ImageRecord, RecordResult, RemovalOptions, RemoveBgClient
 from removebg_provider.errors import (
     ApiRequestError,
-    AuthenticationError,
     BudgetExceededError,
     FailurePolicyError,
     ManifestError,
-    OutOfCreditsError,
     RemoveBgError,
     StorageError,
     TransientApiError,
@@ -241,8 +240,10 @@ class RowResult:
         return 200 <= self.status_code < 300
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        # Built by hand: dataclasses.asdict deep-copies every field and showed up in profiles.
+        data = {field.name: getattr(self, field.name) for field in _ROW_RESULT_FIELDS}
         data["processed_at"] = self.processed_at.isoformat() if self.processed_at else None
+        data["quality_flags"] = list(self.quality_flags)
         return data
 
     @classmethod
@@ -255,6 +256,9 @@ class RowResult:
                 "quality_flags": tuple(data.get("quality_flags") or ()),
             }
         )
+
+
+_ROW_RESULT_FIELDS = dataclasses.fields(RowResult)
 
 
 @dataclass(frozen=True)
@@ -436,7 +440,7 @@ def process_shard(
     finally:
         if owned_copier:
             copier.close()
-    _write_shard_results(shard, config, storage, work.rows, results)
+    _write_shard_results(shard, config, storage, work.rows, results, work.billed_before + work.billed)
     summary = _summarise(results.values(), billed=work.billed, shard_index=shard.index)
     log.info("shard %d done: %s", shard.index, json.dumps(summary.to_dict()))
     _enforce_failure_policy(summary, config, f"shard {shard.index} of {config.manifest_uri}")
@@ -575,20 +579,22 @@ class _ShardWork:
         storage: Storage,
         rows: list[dict[str, Any]],
         prior: dict[str, RowResult],
+        billed_before: int,
     ) -> None:
         self.shard = shard
         self.config = config
         self.storage = storage
         self.rows = rows
         self.prior = prior
+        self.billed_before = billed_before
         self.billed = 0
         self._billed_lock = threading.Lock()
 
     @classmethod
     def load(cls, shard: ShardDescriptor, config: PipelineConfig, storage: Storage) -> _ShardWork:
         table = _read_parquet(shard.uri, storage, columns=list(_INTERNAL_COLUMNS))
-        prior = _load_checkpoints(shard, config, storage) if config.resume else {}
-        return cls(shard, config, storage, table.to_pylist(), prior)
+        prior, billed_before = _load_checkpoints(shard, config, storage)
+        return cls(shard, config, storage, table.to_pylist(), prior if config.resume else {}, billed_before)
 
     def classify(self) -> Iterator[tuple[str, dict[str, Any], RowResult | None]]:
         """Each row with its class: duplicate, without_reference, resumed, existing or todo."""
@@ -698,15 +704,16 @@ class _ShardWork:
     def _call_api(self, records: list[ImageRecord], client: RemoveBgClient) -> list[RecordResult]:
         try:
             results = client.remove_batch(records, self.config.options)
-        except (AuthenticationError, OutOfCreditsError):
-            raise
         except TransientApiError as exc:
             return [
                 _api_failure(record.id, STATUS_API_UNAVAILABLE, "API unavailable", str(exc))
                 for record in records
             ]
         except ApiRequestError as exc:
-            code = getattr(exc, "status_code", None) or 400
+            if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE and len(records) > 1:
+                # One oversized image must not sink its batch mates on every rerun: send each alone.
+                return [result for record in records for result in self._call_api([record], client)]
+            code = exc.status_code
             return [
                 _api_failure(record.id, code, "request rejected by the API", str(exc)) for record in records
             ]
@@ -1009,16 +1016,18 @@ def _results_uri(shard: ShardDescriptor, config: PipelineConfig) -> str:
 
 def _load_checkpoints(
     shard: ShardDescriptor, config: PipelineConfig, storage: Storage
-) -> dict[str, RowResult]:
-    """Earlier results for this shard's rows, newest success first, from checkpoints and results."""
+) -> tuple[dict[str, RowResult], int]:
+    """Earlier results for this shard's rows (a success wins), and the records they billed."""
     found: dict[str, RowResult] = {}
-    uris = storage.list_prefix(_checkpoint_prefix(shard, config))
-    for uri in uris:
-        for line in storage.read_bytes(uri).decode().splitlines()[1:]:
+    billed = 0
+    for uri in storage.list_prefix(_checkpoint_prefix(shard, config)):
+        header, *lines = storage.read_bytes(uri).decode().splitlines()
+        billed += json.loads(header)["billed"]
+        for line in lines:
             row_result = RowResult.from_json(json.loads(line))
             if row_result.ok or row_result.id not in found:
                 found[row_result.id] = row_result
-    return found
+    return found, billed
 
 
 def _write_shard_results(
@@ -1027,19 +1036,13 @@ def _write_shard_results(
     storage: Storage,
     rows: list[dict[str, Any]],
     results: dict[int, RowResult],
+    billed: int,
 ) -> None:
-    billed = sum(_read_billed(uri, storage) for uri in storage.list_prefix(_checkpoint_prefix(shard, config)))
     lines = [json.dumps({"billed": billed})]
     lines += [
         json.dumps({"row": row[_ROW], **results[row[_ROW]].to_json()}) for row in rows if row[_ROW] in results
     ]
     storage.write_bytes(_results_uri(shard, config), ("\n".join(lines) + "\n").encode())
-
-
-def _read_billed(uri: str, storage: Storage) -> int:
-    with storage.open(uri, "rb") as stream:
-        billed: int = json.loads(stream.readline())["billed"]
-    return billed
 
 
 def _read_shard_results(shard: ShardDescriptor, config: PipelineConfig, storage: Storage) -> _StoredResults:

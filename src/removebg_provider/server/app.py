@@ -122,6 +122,8 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
     return app
 
 
+# The engines model the backdrop from a border band; below this there is no photo to cut out.
+MIN_SIDE_PIXELS = 8
 _AUTH_HELP = "missing or invalid token; send the header 'Authorization: Token <your token>'"
 
 
@@ -218,6 +220,12 @@ class _Service:
         try:
             rgb = await self._load(job)
             result["_width"], result["_height"] = int(rgb.shape[1]), int(rgb.shape[0])
+            if min(rgb.shape[:2]) < MIN_SIDE_PIXELS:
+                raise RecordRejected(
+                    422,
+                    f"image is {rgb.shape[1]}x{rgb.shape[0]} pixels; "
+                    f"it needs at least {MIN_SIDE_PIXELS} on each side",
+                )
             self.counters.records_billed += 1
             names = await self.pool.run(_render, self.engine, self.store, rgb, mode, job.options)
         except RecordRejected as rejection:
