@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import re
-import tempfile
+import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
@@ -25,8 +26,10 @@ OUTPUT_KINDS = ("cutout", "mask", "whitebg")
 DEFAULT_OUTPUT_KEY_TEMPLATE = "{id}{suffix}.{ext}"
 AZURE_CONNECTION_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+# A temporary file per write, unique per process and thread without a syscall, created with the
+# process umask like any other file (mkstemp would cost random names, retries and a chmod).
+_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_TEMPORARY_COUNTER = itertools.count()
 _AZURE_SCHEMES = ("az", "azure")
 _SUFFIXES = {"cutout": "", "mask": ".mask", "whitebg": ".whitebg"}
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
@@ -124,14 +127,16 @@ class Storage:
                 yield stream
             return
         path = local_path(uri)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+        directory, name = os.path.split(os.path.abspath(path))
+        temporary = os.path.join(directory, f".{name}.{_temporary_suffix()}")
+        try:
+            handle = os.open(temporary, _CREATE_NEW, 0o666)
+        except FileNotFoundError:
+            os.makedirs(directory, exist_ok=True)
+            handle = os.open(temporary, _CREATE_NEW, 0o666)
         try:
             with os.fdopen(handle, "wb") as stream:
                 yield stream
-            # mkstemp creates files only the owner can read; published files get the usual umask.
-            os.chmod(temporary, 0o666 & ~_UMASK)
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)
@@ -233,6 +238,10 @@ def looks_like_image(data: bytes, ext: str) -> bool:
     if ext == "webp":
         return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     return any(data.startswith(magic) for magic in _MAGIC.get(ext, ()))
+
+
+def _temporary_suffix() -> str:
+    return f"{os.getpid()}-{threading.get_ident()}-{next(_TEMPORARY_COUNTER)}.tmp"
 
 
 def unique_name(prefix: str) -> str:
