@@ -31,5 +31,8 @@ unit: install $(AZURITE)
 
 test: lint typecheck unit
 
+demo: install
+	$(BIN)/python scripts/demo.py
+
 clean:
 	rm -rf .work

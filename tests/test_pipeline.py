@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Iterator
@@ -436,7 +437,7 @@ def test_http_references_go_to_the_api_as_urls(tmp_path: Path) -> None:
     storage = Storage()
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": ["https://cdn.example.test/a.jpg"]})
     planned = pipeline.plan(_config(tmp_path, manifest), storage)
-    work = pipeline._ShardWork.load(planned.shards[0], planned.config, storage)
+    work = pipeline._ShardWork.load(planned.shards[0], planned, storage)
 
     record = work._record(work.rows[0])
 
@@ -515,3 +516,38 @@ def test_csv_enriched_manifests_join_quality_flags_with_semicolons(
     flags = pa_csv.read_csv(tmp_path / "e.csv").column("removebg_quality_flags").to_pylist()[0]
     assert isinstance(flags, str)
     assert flags
+
+
+def test_the_summary_counts_records_billed_by_this_run_only(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 5)})
+    config = _config(tmp_path, manifest)
+    first = _run(server, config)
+
+    second = _run(server, config)
+
+    assert (first.billed_records, second.billed_records) == (5, 0)
+
+
+def test_resume_finds_this_reference_among_checkpoints_of_other_references(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    photos = _photos(tmp_path / "photos", 3)
+    moved = [str(Path(photo).with_name(f"moved-{Path(photo).name}")) for photo in photos]
+    for old, new in zip(photos, moved, strict=True):
+        Path(new).write_bytes(Path(old).read_bytes())
+    ids = ["a", "b", "c"]
+    config = _config(
+        tmp_path, _write_manifest(tmp_path / "m.parquet", {"sku": ids, "image_url": photos}), id_column="sku"
+    )
+    _run(server, config)
+    _run(
+        server,
+        dataclasses.replace(
+            config, manifest_uri=_write_manifest(tmp_path / "m.parquet", {"sku": ids, "image_url": moved})
+        ),
+    )
+    server.reset_stats()
+
+    _run(server, config)
+
+    assert server.stats()["records_billed"] == 0

@@ -58,7 +58,7 @@ def test_object_references_are_sent_to_the_api_as_image_bytes(object_store: Obje
     images = _put_photos(object_store, 1)
     config = _config(object_store, _put_manifest(object_store, "in/m.parquet", {"image_url": images}))
     planned = pipeline.plan(config, object_store.storage)
-    work = pipeline._ShardWork.load(planned.shards[0], planned.config, object_store.storage)
+    work = pipeline._ShardWork.load(planned.shards[0], planned, object_store.storage)
 
     record = work._record(work.rows[0])
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -212,6 +213,7 @@ class Plan:
     duplicate_rows: int
     canonical_ids: frozenset[str]
     schema_uri: str
+    run_id: str
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,14 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
         shards.append(ShardDescriptor(plan_uri, index, shard_uri, table.num_rows, first_row))
 
     result = Plan(
-        plan_uri, config, tuple(shards), total_rows, duplicate_rows, frozenset(canonical_ids), schema_uri
+        plan_uri,
+        config,
+        tuple(shards),
+        total_rows,
+        duplicate_rows,
+        frozenset(canonical_ids),
+        schema_uri,
+        run_id=uuid.uuid4().hex,
     )
     storage.write_bytes(plan_uri, json.dumps(_plan_to_json(result)).encode())
     log.info(
@@ -377,6 +386,7 @@ def load_plan(plan_uri: str, storage: Storage) -> Plan:
         duplicate_rows=data["duplicate_rows"],
         canonical_ids=frozenset(data["canonical_ids"]),
         schema_uri=data["schema_uri"],
+        run_id=data["run_id"],
     )
 
 
@@ -384,7 +394,7 @@ def estimate_billing(plan_: Plan, storage: Storage) -> BillingEstimate:
     """Count the records a run of `plan_` would bill, without calling the API."""
     counts: Counter[str] = Counter()
     for shard in plan_.shards:
-        work = _ShardWork.load(shard, plan_.config, storage)
+        work = _ShardWork.load(shard, plan_, storage)
         counts.update(work.classify_counts())
     return BillingEstimate(
         rows=plan_.total_rows,
@@ -431,7 +441,7 @@ def process_shard(
     shards processed side by side, caps their requests in flight together.
     """
     config = plan_.config
-    work = _ShardWork.load(shard, config, storage)
+    work = _ShardWork.load(shard, plan_, storage)
     owned_copier = copier is None
     copier = copier or OutputCopier(storage, pool_size=config.concurrency)
     budget = budget or Budget(config.max_billable_records)
@@ -440,7 +450,7 @@ def process_shard(
     finally:
         if owned_copier:
             copier.close()
-    _write_shard_results(shard, config, storage, work.rows, results, work.billed_before + work.billed)
+    _write_shard_results(shard, plan_, storage, work.rows, results, work.billed_earlier + work.billed)
     summary = _summarise(results.values(), billed=work.billed, shard_index=shard.index)
     log.info("shard %d done: %s", shard.index, json.dumps(summary.to_dict()))
     _enforce_failure_policy(summary, config, f"shard {shard.index} of {config.manifest_uri}")
@@ -466,7 +476,7 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
     ) as out:
         for shard in plan_.shards:
             table = _read_parquet(shard.uri, storage)
-            stored = _read_shard_results(shard, config, storage)
+            stored = _read_shard_results(shard, plan_, storage)
             billed += stored.billed
             rows: list[RowResult] = []
             for row in table.select(list(_INTERNAL_COLUMNS)).to_pylist():
@@ -575,26 +585,28 @@ class _ShardWork:
     def __init__(
         self,
         shard: ShardDescriptor,
-        config: PipelineConfig,
+        plan_: Plan,
         storage: Storage,
         rows: list[dict[str, Any]],
-        prior: dict[str, RowResult],
-        billed_before: int,
+        prior: dict[tuple[str, str], RowResult],
+        billed_earlier: int,
     ) -> None:
         self.shard = shard
-        self.config = config
+        self.config = plan_.config
+        self.run_id = plan_.run_id
         self.storage = storage
         self.rows = rows
         self.prior = prior
-        self.billed_before = billed_before
+        self.billed_earlier = billed_earlier
         self.billed = 0
         self._billed_lock = threading.Lock()
 
     @classmethod
-    def load(cls, shard: ShardDescriptor, config: PipelineConfig, storage: Storage) -> _ShardWork:
+    def load(cls, shard: ShardDescriptor, plan_: Plan, storage: Storage) -> _ShardWork:
         table = _read_parquet(shard.uri, storage, columns=list(_INTERNAL_COLUMNS))
-        prior, billed_before = _load_checkpoints(shard, config, storage)
-        return cls(shard, config, storage, table.to_pylist(), prior if config.resume else {}, billed_before)
+        prior, billed_earlier = _load_checkpoints(shard, plan_, storage)
+        resumable = prior if plan_.config.resume else {}
+        return cls(shard, plan_, storage, table.to_pylist(), resumable, billed_earlier)
 
     def classify(self) -> Iterator[tuple[str, dict[str, Any], RowResult | None]]:
         """Each row with its class: duplicate, without_reference, resumed, existing or todo."""
@@ -783,12 +795,13 @@ class _ShardWork:
 
     def _checkpoint(self, results: list[RowResult], billed: int) -> None:
         uri = join_uri(_checkpoint_prefix(self.shard, self.config), unique_name("ckpt") + ".jsonl")
-        lines = [json.dumps({"billed": billed})] + [json.dumps(r.to_json()) for r in results]
+        header = {"billed": billed, "run_id": self.run_id}
+        lines = [json.dumps(header)] + [json.dumps(r.to_json()) for r in results]
         self.storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
 
     def _resumable(self, row: dict[str, Any]) -> RowResult | None:
-        previous = self.prior.get(row[_ID])
-        if previous is None or not previous.ok or previous.fingerprint != self.config.fingerprint(row[_REF]):
+        previous = self.prior.get((row[_ID], self.config.fingerprint(row[_REF])))
+        if previous is None:
             return None
         wanted = self.config.outputs_for(row[_ID])
         recorded = {
@@ -1015,42 +1028,52 @@ def _results_uri(shard: ShardDescriptor, config: PipelineConfig) -> str:
 
 
 def _load_checkpoints(
-    shard: ShardDescriptor, config: PipelineConfig, storage: Storage
-) -> tuple[dict[str, RowResult], int]:
-    """Earlier results for this shard's rows (a success wins), and the records they billed."""
-    found: dict[str, RowResult] = {}
-    billed = 0
-    for uri in storage.list_prefix(_checkpoint_prefix(shard, config)):
-        header, *lines = storage.read_bytes(uri).decode().splitlines()
-        billed += json.loads(header)["billed"]
+    shard: ShardDescriptor, plan_: Plan, storage: Storage
+) -> tuple[dict[tuple[str, str], RowResult], int]:
+    """Earlier successes for this shard's rows by (id, fingerprint), and what this run billed so far.
+
+    Keying by fingerprint means a checkpoint of other work for the same id (another reference or
+    other options, from an earlier run) never stands in for this run's work.
+    """
+    found: dict[tuple[str, str], RowResult] = {}
+    billed_in_run = 0
+    for uri in storage.list_prefix(_checkpoint_prefix(shard, plan_.config)):
+        header_line, *lines = storage.read_bytes(uri).decode().splitlines()
+        header = json.loads(header_line)
+        if header.get("run_id") == plan_.run_id:
+            billed_in_run += header["billed"]
         for line in lines:
             row_result = RowResult.from_json(json.loads(line))
-            if row_result.ok or row_result.id not in found:
-                found[row_result.id] = row_result
-    return found, billed
+            if row_result.ok and row_result.fingerprint is not None:
+                found[(row_result.id, row_result.fingerprint)] = row_result
+    return found, billed_in_run
 
 
 def _write_shard_results(
     shard: ShardDescriptor,
-    config: PipelineConfig,
+    plan_: Plan,
     storage: Storage,
     rows: list[dict[str, Any]],
     results: dict[int, RowResult],
     billed: int,
 ) -> None:
-    lines = [json.dumps({"billed": billed})]
+    lines = [json.dumps({"billed": billed, "run_id": plan_.run_id})]
     lines += [
         json.dumps({"row": row[_ROW], **results[row[_ROW]].to_json()}) for row in rows if row[_ROW] in results
     ]
-    storage.write_bytes(_results_uri(shard, config), ("\n".join(lines) + "\n").encode())
+    storage.write_bytes(_results_uri(shard, plan_.config), ("\n".join(lines) + "\n").encode())
 
 
-def _read_shard_results(shard: ShardDescriptor, config: PipelineConfig, storage: Storage) -> _StoredResults:
-    uri = _results_uri(shard, config)
+def _read_shard_results(shard: ShardDescriptor, plan_: Plan, storage: Storage) -> _StoredResults:
+    """The shard's stored results, if this run wrote them (an earlier run's file does not count)."""
+    uri = _results_uri(shard, plan_.config)
     if not storage.exists(uri):
         return _StoredResults()
     lines = storage.read_bytes(uri).decode().splitlines()
-    stored = _StoredResults(billed=json.loads(lines[0])["billed"])
+    header = json.loads(lines[0])
+    if header.get("run_id") != plan_.run_id:
+        return _StoredResults()
+    stored = _StoredResults(billed=header["billed"])
     for line in lines[1:]:
         data = json.loads(line)
         row = data.pop("row")
@@ -1072,6 +1095,7 @@ def _plan_to_json(plan_: Plan) -> dict[str, Any]:
         "duplicate_rows": plan_.duplicate_rows,
         "canonical_ids": sorted(plan_.canonical_ids),
         "schema_uri": plan_.schema_uri,
+        "run_id": plan_.run_id,
     }
 
 

@@ -1,0 +1,17 @@
+"""Airflow operators and the task group of the Remove Background provider."""
+
+from removebg_provider.operators.removebg import (
+    MergeEnrichedManifestOperator,
+    PlanManifestShardsOperator,
+    ProcessManifestShardOperator,
+    RemoveBackgroundOperator,
+    remove_background_task_group,
+)
+
+__all__ = [
+    "MergeEnrichedManifestOperator",
+    "PlanManifestShardsOperator",
+    "ProcessManifestShardOperator",
+    "RemoveBackgroundOperator",
+    "remove_background_task_group",
+]

@@ -1,0 +1,349 @@
+"""Airflow operators and a task group running the manifest pipeline: whole, or plan, mapped shards, merge."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Asset, BaseOperator, Context, TaskGroup, TriggerRule, XComArg
+
+from removebg_provider import pipeline
+from removebg_provider.errors import ConfigurationError
+from removebg_provider.hooks.removebg import RemoveBgHook
+from removebg_provider.operators._storage import storage_from_connections
+from removebg_provider.storage import Storage, scheme_of
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ACTIVE_SHARDS = 4
+
+_DEFAULTS = pipeline.PipelineConfig("-", "-", "-")
+_CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(pipeline.PipelineConfig))
+_REQUIRED_FIELDS = ("manifest_uri", "output_prefix", "output_manifest_uri")
+_OPTION_FIELDS = tuple(name for name in _CONFIG_FIELDS if name not in _REQUIRED_FIELDS)
+_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(pipeline.PipelineConfig)}
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class _StorageOperator(BaseOperator):
+    """Base of every operator here: optional storage connections, resolved only in `execute`."""
+
+    def __init__(
+        self,
+        *,
+        aws_conn_id: str | None = None,
+        gcp_conn_id: str | None = None,
+        wasb_conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.aws_conn_id = aws_conn_id
+        self.gcp_conn_id = gcp_conn_id
+        self.wasb_conn_id = wasb_conn_id
+
+    def storage(self) -> Storage:
+        """The Storage for this task's connections (each SDK's environment defaults without them)."""
+        return storage_from_connections(self.aws_conn_id, self.gcp_conn_id, self.wasb_conn_id)
+
+    def _report(self, summary: pipeline.RunSummary, context: Context) -> dict[str, Any]:
+        """Log the counts and first errors, describe them on the outlet Assets, return the XCom value."""
+        data = summary.to_dict()
+        log.info("%s", describe_summary(summary))
+        outlet_events = context.get("outlet_events")
+        if outlet_events is not None:
+            extra = {key: data[key] for key in ("rows", "succeeded", "failed", "output_manifest_uri")}
+            for outlet in self.outlets:
+                if isinstance(outlet, Asset):
+                    outlet_events[outlet].extra.update(extra)
+        return data
+
+
+class _ManifestConfigOperator(_StorageOperator):
+    """Base of the operators that take a whole pipeline configuration; every option is a template field.
+
+    Options are the keyword arguments named after PipelineConfig fields (mode, image_column,
+    id_column, binary_mask, white_background, image_format, shard_size, concurrency,
+    max_billable_records, max_failed_fraction, ...), with the same meanings and defaults. Values
+    without a Jinja expression are validated when the DAG is parsed; templated values once
+    rendered, in `execute`.
+    Rendered booleans and numbers may be strings ("true", "8"): they are converted.
+    """
+
+    template_fields: Sequence[str] = _CONFIG_FIELDS
+
+    def __init__(
+        self, *, manifest_uri: str, output_prefix: str, output_manifest_uri: str, **kwargs: Any
+    ) -> None:
+        options = {name: kwargs.pop(name) for name in _OPTION_FIELDS if name in kwargs}
+        super().__init__(**kwargs)
+        self.manifest_uri = manifest_uri
+        self.output_prefix = output_prefix
+        self.output_manifest_uri = output_manifest_uri
+        for name in _OPTION_FIELDS:
+            setattr(self, name, options.get(name, getattr(_DEFAULTS, name)))
+        self._check_static_options()
+
+    def pipeline_config(self) -> pipeline.PipelineConfig:
+        """The PipelineConfig of the rendered options; ConfigurationError names the task and the option."""
+        return self._build_config({name: getattr(self, name) for name in _CONFIG_FIELDS})
+
+    def _check_static_options(self) -> None:
+        # Templated values are replaced by valid stand-ins so that only literal values are judged now.
+        values = {
+            name: (_stand_in(name) if is_templated(getattr(self, name)) else getattr(self, name))
+            for name in _CONFIG_FIELDS
+        }
+        self._build_config(values)
+
+    def _build_config(self, values: Mapping[str, Any]) -> pipeline.PipelineConfig:
+        try:
+            return pipeline.PipelineConfig(**{name: _coerce(name, value) for name, value in values.items()})
+        except ValueError as exc:
+            raise ConfigurationError(f"{type(self).__name__} task {self.task_id!r}: {exc}") from exc
+
+
+class RemoveBackgroundOperator(_ManifestConfigOperator):
+    """Remove the backgrounds of a whole manifest in this one task: plan, every shard, merge.
+
+    Suits manifests one worker handles in a run; split bigger ones with `remove_background_task_group`.
+    Returns the run summary (counts by status, first errors, URIs) as XCom. Fails, after writing
+    the enriched manifest, when more than `max_failed_fraction` of the rows failed.
+
+    Outlets: when `output_manifest_uri` has no Jinja expression and no `outlets` are given, the
+    enriched manifest is the task's Asset. A templated URI names a different object each run,
+    so no Asset is guessed: pass `outlets=[Asset(...)]` (e.g. the folder of the daily manifests);
+    every outlet Asset's event carries the rendered `output_manifest_uri` and the counts in its extra.
+
+    :param removebg_conn_id: the `removebg` connection (API base URL and token).
+    :param aws_conn_id: optional Amazon connection for s3:// URIs (extra `amazon`).
+    :param gcp_conn_id: optional Google connection for gs:// URIs (extra `google`).
+    :param wasb_conn_id: optional Azure Blob Storage connection for azure:// URIs (extra `microsoft-azure`).
+    """
+
+    def __init__(self, *, removebg_conn_id: str = RemoveBgHook.default_conn_name, **kwargs: Any) -> None:
+        uri = kwargs.get("output_manifest_uri")
+        if kwargs.get("outlets") is None and isinstance(uri, str) and uri and not is_templated(uri):
+            kwargs["outlets"] = [manifest_asset(uri)]
+        super().__init__(**kwargs)
+        self.removebg_conn_id = removebg_conn_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        config = self.pipeline_config()
+        storage = self.storage()
+        with RemoveBgHook(self.removebg_conn_id, mode=config.mode).get_conn() as client:
+            summary = pipeline.run(config, client, storage)
+        return self._report(summary, context)
+
+
+class PlanManifestShardsOperator(_ManifestConfigOperator):
+    """Validate a manifest, cut it into shards under the staging prefix and check the billing budget.
+
+    Returns one small descriptor dict per shard (for `ProcessManifestShardOperator.expand(shard=...)`)
+    and pushes the plan's URI under the XCom key `plan_uri` (for the merge, even with zero shards).
+    Raises BudgetExceededError, before any request, when the run would bill more than
+    `max_billable_records`.
+    """
+
+    def execute(self, context: Context) -> list[dict[str, Any]]:
+        storage = self.storage()
+        plan = pipeline.plan(self.pipeline_config(), storage)
+        estimate = pipeline.check_budget(plan, storage)
+        if estimate is not None:
+            log.info("billing estimate: %s", estimate.to_dict())
+        context["ti"].xcom_push(key="plan_uri", value=plan.uri)
+        return [shard.to_dict() for shard in plan.shards]
+
+
+class ProcessManifestShardOperator(_StorageOperator):
+    """Remove the backgrounds of one planned shard; map it over the plan with `.expand(shard=...)`.
+
+    Every finished batch is checkpointed, so a retry sends no request for a row that already
+    succeeded and bills nothing twice. Failed rows do not fail the task (the merge applies the
+    run-wide `max_failed_fraction`); it fails, and is retried, when the shard cannot finish:
+    the API refused the token, credits ran out, storage failed, the worker died.
+
+    :param shard: one descriptor dict returned by PlanManifestShardsOperator.
+    :param removebg_conn_id: the `removebg` connection (API base URL and token).
+    """
+
+    template_fields: Sequence[str] = ("shard",)
+
+    def __init__(
+        self,
+        *,
+        shard: dict[str, Any],
+        removebg_conn_id: str = RemoveBgHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.shard = shard
+        self.removebg_conn_id = removebg_conn_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            descriptor = pipeline.ShardDescriptor.from_dict(dict(self.shard))
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"task {self.task_id!r}: shard must be a descriptor from PlanManifestShardsOperator, "
+                f"not {self.shard!r}"
+            ) from exc
+        storage = self.storage()
+        plan = pipeline.load_plan(descriptor.plan_uri, storage)
+        # Failed rows are judged once, run-wide, by the merge (as `pipeline.run` does): a retry
+        # cannot fix an unreadable image, and the API client already retried transient failures.
+        relaxed = dataclasses.replace(plan.config, max_failed_fraction=1.0)
+        plan = dataclasses.replace(plan, config=relaxed)
+        with RemoveBgHook(self.removebg_conn_id, mode=plan.config.mode).get_conn() as client:
+            summary = pipeline.process_shard(descriptor, plan, client, storage)
+        return self._report(summary, context)
+
+
+class MergeEnrichedManifestOperator(_StorageOperator):
+    """Write the enriched manifest from the stored shard results, then apply the run's failure policy.
+
+    Run it with `trigger_rule=TriggerRule.ALL_DONE` (as the task group does): it then writes the
+    manifest even when shard tasks failed. Every input row appears exactly once; rows of a shard
+    whose task stored no results get status 504. The task fails, after writing, when more than
+    `max_failed_fraction` of all rows failed. Returns the run summary as XCom.
+
+    :param plan_uri: the plan's URI, usually `plan_task.output["plan_uri"]`.
+    """
+
+    template_fields: Sequence[str] = ("plan_uri",)
+
+    def __init__(self, *, plan_uri: str | XComArg, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plan_uri = plan_uri
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        if not isinstance(self.plan_uri, str):
+            raise ConfigurationError(f"task {self.task_id!r}: plan_uri must be a URI, not {self.plan_uri!r}")
+        storage = self.storage()
+        summary = pipeline.merge(pipeline.load_plan(self.plan_uri, storage), storage)
+        return self._report(summary, context)
+
+
+def remove_background_task_group(
+    *,
+    manifest_uri: str,
+    output_prefix: str,
+    output_manifest_uri: str,
+    group_id: str = "remove_background",
+    removebg_conn_id: str = RemoveBgHook.default_conn_name,
+    pool: str | None = None,
+    pool_slots: int | None = None,
+    max_active_tis_per_dagrun: int = DEFAULT_MAX_ACTIVE_SHARDS,
+    outlets: Sequence[Asset] | None = None,
+    aws_conn_id: str | None = None,
+    gcp_conn_id: str | None = None,
+    wasb_conn_id: str | None = None,
+    **options: Any,
+) -> TaskGroup:
+    """Plan -> one mapped task per shard -> merge, as a task group; create it inside a DAG.
+
+    `options` are the pipeline options of PlanManifestShardsOperator (mode, shard_size, ...).
+    Only the shard tasks call the API, so only they take `pool`; each takes `pool_slots` slots,
+    by default its `concurrency` (requests in flight), so a pool's size is a budget of concurrent
+    API requests: give it at least `concurrency` slots. At most `max_active_tis_per_dagrun` shards
+    of one run are processed at once. The merge runs when every shard task has finished, failed or
+    not, and is not retried; its outlets default to the enriched manifest's Asset when that URI has
+    no Jinja expression.
+    """
+    storage = {"aws_conn_id": aws_conn_id, "gcp_conn_id": gcp_conn_id, "wasb_conn_id": wasb_conn_id}
+    concurrency = options.get("concurrency", _DEFAULTS.concurrency)
+    if pool_slots is None:
+        pool_slots = concurrency if isinstance(concurrency, int) else 1
+    if outlets is None and not is_templated(output_manifest_uri):
+        outlets = [manifest_asset(output_manifest_uri)]
+    with TaskGroup(group_id=group_id) as group:
+        plan_task = PlanManifestShardsOperator(
+            task_id="plan",
+            manifest_uri=manifest_uri,
+            output_prefix=output_prefix,
+            output_manifest_uri=output_manifest_uri,
+            **options,
+            **storage,
+        )
+        shard_tasks = ProcessManifestShardOperator.partial(
+            task_id="process_shard",
+            removebg_conn_id=removebg_conn_id,
+            pool=pool,
+            pool_slots=pool_slots,
+            max_active_tis_per_dagrun=max_active_tis_per_dagrun,
+            **storage,
+        ).expand(shard=plan_task.output)
+        merge_task = MergeEnrichedManifestOperator(
+            task_id="merge",
+            plan_uri=XComArg(plan_task, key="plan_uri"),
+            trigger_rule=TriggerRule.ALL_DONE,
+            # A retry would merge the same stored results and break the same policy again.
+            retries=0,
+            outlets=list(outlets or []),
+            **storage,
+        )
+        shard_tasks >> merge_task
+    return group
+
+
+def describe_summary(summary: pipeline.RunSummary) -> str:
+    """One log line: rows, successes, failures by status and the first errors."""
+    where = f"shard {summary.shard_index}" if summary.shard_index is not None else "run"
+    by_status = ", ".join(f"{code}: {count}" for code, count in sorted(summary.by_status.items()))
+    text = (
+        f"{where}: {summary.rows} rows, {summary.succeeded} succeeded, {summary.failed} failed, "
+        f"{summary.billed_records} billed; by status {{{by_status}}}"
+    )
+    if summary.output_manifest_uri:
+        text += f"; enriched manifest {summary.output_manifest_uri}, outputs under {summary.output_prefix}"
+    if summary.first_errors:
+        errors = "; ".join(f"{e['id']}: {e['status_code']} {e['error']}" for e in summary.first_errors)
+        text += f"; first errors: {errors}"
+    return text
+
+
+def is_templated(value: Any) -> bool:
+    """Whether a value is only known once rendered: a Jinja expression or an XCom reference."""
+    if isinstance(value, XComArg):
+        return True
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def manifest_asset(uri: str) -> Asset:
+    """The Asset of an enriched manifest; a plain path becomes an absolute file:// URI."""
+    if scheme_of(uri) == "file" and not uri.startswith("file://"):
+        return Asset(uri=Path(uri).absolute().as_uri())
+    return Asset(uri=uri)
+
+
+def _stand_in(name: str) -> Any:
+    default = getattr(_DEFAULTS, name)
+    return "-" if default == "-" else default
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a rendered string into the type of PipelineConfig field `name`."""
+    kind = _FIELD_TYPES[name]
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if "None" in kind and text in ("", "None"):
+        # An unset optional option renders as "None" or "".
+        return None
+    if kind.startswith("str"):
+        return value
+    try:
+        if kind.startswith("bool"):
+            if text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError("expected true or false")
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}={value!r} is not a valid {kind}: {exc}") from exc
+    return value
