@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check src tests dags benchmarks
+	$(BIN)/ruff check src tests dags benchmarks scripts
 
 typecheck: install
 	$(BIN)/mypy

@@ -12,12 +12,12 @@ from removebg_provider.engines import MODES, Mode, get_engine
 from removebg_provider.engines.classic import ClassicEngine
 from removebg_provider.samples import BACKGROUNDS, make_product_photo
 
-# Median IoU over six photos per backdrop kind: regression bars at today's level, not the product goals
-# (those are in docs/BENCHMARKS.md). Grey products on pale backdrops and gradient backdrops whose centre
-# colour differs from the border are the known weak spots, hence the lower bars.
+# Median IoU over six photos per backdrop kind: regression bars a little below today's level, not the
+# product goals (those are in docs/BENCHMARKS.md). Pale products on white backdrops are the known weak
+# spot, hence the lower bar.
 MIN_MEDIAN_IOU: dict[str, dict[str, float]] = {
-    "fast": {"white": 0.85, "grey": 0.8, "coloured": 0.93, "gradient": 0.7},
-    "precise": {"white": 0.88, "grey": 0.85, "coloured": 0.96, "gradient": 0.75},
+    "fast": {"white": 0.87, "grey": 0.92, "coloured": 0.94, "gradient": 0.9},
+    "precise": {"white": 0.9, "grey": 0.95, "coloured": 0.97, "gradient": 0.95},
 }
 # Share of cast-shadow pixels that must come out as background; fast mode's coarser matte keeps
 # a little more of the penumbra next to the product.
@@ -26,7 +26,7 @@ MIN_SHADOW_REMOVED = {"fast": 0.9, "precise": 0.95}
 
 def iou(alpha: np.ndarray, truth: np.ndarray) -> float:
     pred, gt = alpha >= 128, truth >= 128
-    return np.count_nonzero(pred & gt) / max(1, np.count_nonzero(pred | gt))
+    return np.count_nonzero(pred & gt) / max(1, int(np.count_nonzero(pred | gt)))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,24 @@ def test_cast_shadow_is_background(engine: ClassicEngine, mode: Mode) -> None:
     assert np.count_nonzero(shadow) > 1000
     alpha = engine.matte(shaded.rgb, mode)
     assert np.mean(alpha[shadow] < 128) >= MIN_SHADOW_REMOVED[mode]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_spotlight_unlike_the_border_colour_is_background(engine: ClassicEngine, mode: Mode) -> None:
+    h, w = 300, 400
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = np.clip(np.hypot(yy - 170, xx - 150) / 260, 0, 1)[..., None]
+    t = t * t * (3 - 2 * t)
+    magenta, white = np.array([200, 80, 210], np.float32), np.array([240, 240, 242], np.float32)
+    image = magenta * (1 - t) + white * t
+    product = np.zeros((h, w), bool)
+    product[60:150, 260:330] = True
+    image[product] = (40, 90, 50)
+    noise = np.random.default_rng(0).normal(0, 1.5, image.shape)
+    rgb = np.clip(image + noise, 0, 255).astype(np.uint8)
+    alpha = engine.matte(rgb, mode)
+    assert np.mean(alpha[~product] < 128) >= 0.98
+    assert np.mean(alpha[product] >= 128) >= 0.95
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -17,6 +17,15 @@ _ROUNDS = 3
 _SHADOW_FADE_RATIO = 1.0
 # Width (working pixels) of the frame looked at around an enclosed region to tell holes from faces.
 _HOLE_FRAME = 10
+# Share of that frame that must be product (not backdrop or shadow) for the region to be a hole.
+_HOLE_FRAMED = 0.7
+# Share of a hole's own outline that must be sharp: a chrome band that mirrors the backdrop is also
+# enclosed by product, but fades into the darker bands beside it.
+_HOLE_SHARP = 0.6
+# Largest step (per channel, 0-255) between neighbouring pixels that the smooth flood still follows.
+_FLOOD_STEP = 2.0
+# Share of a region's outline that must touch known backdrop before the smooth flood may claim it.
+_FLOOD_FADE = 0.6
 # How far (fraction of the diagonal) a shadow may reach into a region that is not clearly shadow.
 _SHADOW_REACH = 0.02
 # Window (working pixels) and fraction of its contrast a pixel step must reach to count as sharp.
@@ -82,7 +91,8 @@ def segment(rgb: np.ndarray) -> np.ndarray:
     copy of it (a cast shadow), and is reachable from the border without crossing a sharp edge:
     products have sharp outlines, shadows do not. Each round refits the model to the unshadowed
     backdrop found so far, so gradients and vignettes are followed inwards; the last round also
-    accepts enclosed see-through holes.
+    accepts enclosed see-through holes. A spotlight whose colour no border-fitted model predicts (the
+    centre of a radial gradient) is then added by a flood that follows smooth change from the border.
     """
     h, w = rgb.shape[:2]
     img = cv2.GaussianBlur(rgb, (3, 3), 0).astype(np.float32)
@@ -96,6 +106,7 @@ def segment(rgb: np.ndarray) -> np.ndarray:
         if final or not lit.any():
             break
         surface = _fill_in(img, lit)
+    background |= _smooth_backdrop(img, barrier, border, background)
     return _clean(~background)
 
 
@@ -189,32 +200,34 @@ def _flood_backdrop(
     is_lit[np.unique(labels[border & exact & ~barrier])] = True
     is_lit[0] = False
     lit = is_lit[labels]
+    # A shadow or light spot fades into lit backdrop along most of its outline; a product region that
+    # merely looks like a scaled backdrop (grey on grey) is walled off by its sharp outline instead.
+    count, shade = cv2.connectedComponents((scaled & ~barrier).astype(np.uint8), connectivity=4)
+    ring = np.ones((3, 3), np.uint8)
+    near_lit = np.bincount(shade[cv2.dilate(lit.astype(np.uint8), ring).astype(bool)], minlength=count)
+    near_wall = np.bincount(shade[cv2.dilate(barrier.astype(np.uint8), ring).astype(bool)], minlength=count)
+    is_soft = (near_lit > 0) & (near_lit >= _SHADOW_FADE_RATIO * near_wall)
+    is_soft[0] = False
+    soft = is_soft[shade]
     # Enclosed regions that look like (possibly lighter or darker) backdrop are see-through holes,
     # such as a ring's centre, when large enough and framed by product. Only the last round looks for
     # them, so a misjudged hole cannot teach the backdrop model the product's colour.
+    hole = np.zeros_like(lit)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        ((exact | scaled) & ~barrier & ~lit).astype(np.uint8), connectivity=4
+        ((exact | scaled) & ~barrier & ~lit & ~soft).astype(np.uint8), connectivity=4
     )
     candidates = stats[:, cv2.CC_STAT_AREA] >= max(12, int(0.002 * h * w)) if holes else np.zeros(count, bool)
     for index in np.flatnonzero(candidates):
         if (
             index
             and not (border & (labels == index)).any()
-            and _is_hole(labels, stats[index], int(index), exact | scaled, barrier)
+            and _is_hole(labels, stats[index], int(index), lit | soft, barrier)
         ):
-            lit |= labels == index
-    # A shadow or light spot fades into lit backdrop along most of its outline; a product region that
-    # merely looks like a scaled backdrop (grey on grey) is walled off by its sharp outline instead.
-    count, labels = cv2.connectedComponents((scaled & ~barrier).astype(np.uint8), connectivity=4)
-    ring = np.ones((3, 3), np.uint8)
-    near_lit = np.bincount(labels[cv2.dilate(lit.astype(np.uint8), ring).astype(bool)], minlength=count)
-    near_wall = np.bincount(labels[cv2.dilate(barrier.astype(np.uint8), ring).astype(bool)], minlength=count)
-    is_soft = (near_lit > 0) & (near_lit >= _SHADOW_FADE_RATIO * near_wall)
-    is_soft[0] = False
-    soft = is_soft[labels]
+            hole |= labels == index
+    lit |= hole
     # Walled-off shadow-coloured regions still give up their part near lit backdrop: a shadow inside a
     # ring's hole, or the penumbra of a shadow merged with a grey product through a gap in its outline.
-    walled = (labels > 0) & ~soft
+    walled = (shade > 0) & ~soft
     backdrop = lit | soft
     reach = max(2, round(_SHADOW_REACH * math.hypot(h, w)))
     for _ in range(reach):
@@ -230,13 +243,45 @@ def _flood_backdrop(
     return backdrop, learn
 
 
+def _smooth_backdrop(
+    img: np.ndarray, barrier: np.ndarray, border: np.ndarray, known: np.ndarray
+) -> np.ndarray:
+    """Regions the colour model missed but that the border reaches through smooth change alone.
+
+    A flood in floating-range mode compares each pixel with its neighbour, not with a model, so it
+    follows a gradient of any colour; sharp edges stop it. It may still slip into a product through a
+    gap in its outline, so a region it adds must fade into the known backdrop along most of its
+    outline, as a spotlight does, not touch it only at a gap.
+    """
+    h, w = barrier.shape
+    smooth = cv2.GaussianBlur(img, (5, 5), 0)
+    mask = np.zeros((h + 2, w + 2), np.uint8)
+    mask[1:-1, 1:-1] = barrier
+    step = (_FLOOD_STEP,) * 3
+    flags = 4 | cv2.FLOODFILL_MASK_ONLY | (2 << 8)
+    ys, xs = np.nonzero(border)
+    # Every third border pixel is seed enough: each fill takes all of its connected smooth region.
+    for y, x in zip(ys[::3].tolist(), xs[::3].tolist(), strict=True):
+        if mask[y + 1, x + 1] == 0:
+            cv2.floodFill(smooth, mask, (x, y), 0, step, step, flags)
+    extra = (mask[1:-1, 1:-1] == 2) & ~known
+    count, labels = cv2.connectedComponents(extra.astype(np.uint8), connectivity=4)
+    ring = np.ones((3, 3), np.uint8)
+    near_known = np.bincount(labels[cv2.dilate(known.astype(np.uint8), ring).astype(bool)], minlength=count)
+    outline = np.bincount(labels[cv2.dilate((~extra).astype(np.uint8), ring).astype(bool)], minlength=count)
+    fades = near_known >= _FLOOD_FADE * outline
+    fades[0] = False
+    return fades[labels]
+
+
 def _is_hole(
-    labels: np.ndarray, box: np.ndarray, index: int, backdrop_like: np.ndarray, barrier: np.ndarray
+    labels: np.ndarray, box: np.ndarray, index: int, backdrop: np.ndarray, barrier: np.ndarray
 ) -> bool:
     """Whether an enclosed backdrop-coloured region is see-through (a ring's centre) or product surface.
 
-    A hole is framed by product: just beyond its outline lies something that looks like neither backdrop
-    nor shadow. A pale product's face is framed by its outline with backdrop or shadow behind it.
+    A hole is framed by product: its outline is sharp nearly all round, and just beyond it lies neither
+    backdrop reached from the border nor shadow. A pale product's face has backdrop or shadow just
+    beyond its outline; a chrome band that mirrors the backdrop fades into the darker bands beside it.
     """
     h, w = labels.shape
     reach = _HOLE_FRAME + 2
@@ -247,7 +292,10 @@ def _is_hole(
     frame = cv2.dilate(region, kernel).astype(bool) & ~region.astype(bool) & ~barrier[y0:y1, x0:x1]
     if not frame.any():
         return False
-    return bool(np.mean(~backdrop_like[y0:y1, x0:x1][frame]) >= 0.5)
+    edge = cv2.dilate(region, np.ones((3, 3), np.uint8)).astype(bool) & ~region.astype(bool)
+    if np.mean(barrier[y0:y1, x0:x1][edge]) < _HOLE_SHARP:
+        return False
+    return bool(np.mean(~backdrop[y0:y1, x0:x1][frame]) >= _HOLE_FRAMED)
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
