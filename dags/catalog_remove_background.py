@@ -43,8 +43,12 @@ POOL = "removebg_api"
 
 
 def _daily(param: str) -> str:
-    """A template reading `param` with `{{ ds }}` inside its value replaced by the logical date."""
-    return "{{ params." + param + " | replace('{{ ds }}', ds) }}"
+    """A template reading `param` with `{{ ds }}` inside its value replaced by the run's date.
+
+    A run triggered without a logical date (`airflow dags trigger` without `-l`) has no `ds`; its
+    `run_after` date stands in.
+    """
+    return "{{ params." + param + " | replace('{{ ds }}', (logical_date or dag_run.run_after) | ds) }}"
 
 
 with DAG(
