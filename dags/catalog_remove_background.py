@@ -23,7 +23,9 @@ run; `airflow dags test` runs tasks without consulting pools and works without i
 
 Params (set them with `airflow dags trigger -c '{...}'` or `airflow dags test -c '{...}'`): the
 default URIs live under $REMOVEBG_DEMO_DIR (default: the repository's `.work/demo`), and every
-literal `{{ ds }}` inside a Param value is replaced by the run's logical date.
+literal `{{ ds }}` inside a Param value is replaced by the run's logical date. The merge writes a
+contact-sheet report next to the enriched manifest; set `report_base_url` to the http(s) URL that
+serves that folder to get a "Remove-background report" button on the merge task.
 """
 
 from __future__ import annotations
@@ -81,6 +83,14 @@ with DAG(
         "binary_mask": Param(False, type="boolean", description="Also store a binary mask per image"),
         "white_background": Param(False, type="boolean", description="Also store a white-background jpg"),
         "shard_size": Param(1000, type="integer", minimum=1, description="Rows per mapped shard task"),
+        "report_base_url": Param(
+            None,
+            type=["string", "null"],
+            description=(
+                "http(s) URL serving the enriched manifest's folder: the merge task then links to "
+                "the run report (null: no link)"
+            ),
+        ),
     },
     tags=["removebg", "catalog"],
     doc_md=__doc__,
@@ -95,6 +105,7 @@ with DAG(
         binary_mask="{{ params.binary_mask }}",
         white_background="{{ params.white_background }}",
         shard_size="{{ params.shard_size }}",
+        report_base_url=_daily("report_base_url"),
         concurrency=8,
         removebg_conn_id="removebg_default",
         pool=POOL,

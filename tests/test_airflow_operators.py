@@ -19,9 +19,21 @@ from removebg_provider.operators import (
     RemoveBackgroundOperator,
     remove_background_task_group,
 )
+from removebg_provider.operators._lineage import RunLineage, dataset_name, operator_lineage, run_lineage
 from removebg_provider.operators._storage import storage_from_connections
+from removebg_provider.operators.links import RemoveBackgroundReportLink, check_report_base_url, report_url
+from removebg_provider.pipeline import PipelineConfig
+from removebg_provider.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
+OPENLINEAGE_MODULES = (
+    "airflow.providers.openlineage",
+    "airflow.providers.openlineage.extractors",
+    "openlineage",
+    "openlineage.client",
+    "openlineage.client.event_v2",
+    "openlineage.client.generated.output_statistics_output_dataset",
+)
 URIS = {
     "manifest_uri": "s3://catalog/{{ ds }}/products.parquet",
     "output_prefix": "s3://cutouts/{{ ds }}",
@@ -162,6 +174,123 @@ def test_dags_folder_imports_without_errors() -> None:
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
     assert "catalog_remove_background" in bag.dag_ids
+
+
+def test_both_whole_run_operators_offer_the_report_link() -> None:
+    with _dag():
+        whole = RemoveBackgroundOperator(task_id="cut", **URIS)
+        merge = MergeEnrichedManifestOperator(task_id="merge", plan_uri="s3://staging/plan.json")
+        shard = ProcessManifestShardOperator(task_id="shard", shard={})
+    for operator in (whole, merge):
+        assert [type(link) for link in operator.operator_extra_links] == [RemoveBackgroundReportLink]
+    assert list(shard.operator_extra_links) == []
+
+
+def test_http_report_links_to_itself() -> None:
+    uri = "https://reports.example.com/2024-06-01/products.report.html"
+    assert report_url(uri, "https://cdn.example.com/enriched") == uri
+
+
+def test_stored_report_links_to_its_file_name_under_the_base_url() -> None:
+    url = report_url("s3://catalog/enriched/2024-06-01/products.report.html", "https://cdn.example.com/day/")
+    assert url == "https://cdn.example.com/day/products.report.html"
+
+
+@pytest.mark.parametrize("uri", ["s3://catalog/products.report.html", "/data/enriched/products.report.html"])
+def test_report_the_browser_cannot_open_gets_no_link_without_a_base_url(uri: str) -> None:
+    assert report_url(uri, None) is None
+
+
+def test_run_without_report_gets_no_link() -> None:
+    assert report_url(None, "https://cdn.example.com/day") is None
+
+
+@pytest.mark.parametrize("operator", [RemoveBackgroundOperator, MergeEnrichedManifestOperator])
+def test_report_base_url_that_is_not_http_is_refused_at_parse_time(operator: Any) -> None:
+    arguments = URIS if operator is RemoveBackgroundOperator else {"plan_uri": "s3://staging/plan.json"}
+    with _dag(), pytest.raises(ConfigurationError, match=r"'cut'.*report_base_url must be an http\(s\) URL"):
+        operator(task_id="cut", report_base_url="s3://catalog/enriched", **arguments)
+
+
+def test_rendered_unset_report_base_url_means_no_link() -> None:
+    with _dag():
+        operator = RemoveBackgroundOperator(task_id="cut", report_base_url="{{ params.base }}", **URIS)
+    operator.render_template_fields(_context(params={"base": None}))
+    assert operator.report_base_url == "None"
+    assert check_report_base_url(operator.report_base_url, operator.task_id) is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "account", "expected"),
+    [
+        ("s3://catalog/enriched/products.parquet", None, ("s3://catalog", "enriched/products.parquet")),
+        ("gs://catalog/cutouts/", None, ("gs://catalog", "cutouts")),
+        (
+            "azure://catalog/day/products.csv",
+            "shopdata",
+            ("wasbs://catalog@shopdata.blob.core.windows.net", "day/products.csv"),
+        ),
+        ("az://catalog/day/products.csv", None, ("wasbs://catalog", "day/products.csv")),
+        ("file:///data/products.csv", None, ("file", "/data/products.csv")),
+        (
+            "https://shop.example.com/feeds/products.csv",
+            None,
+            ("https://shop.example.com", "/feeds/products.csv"),
+        ),
+    ],
+)
+def test_dataset_names_follow_the_openlineage_naming_spec(
+    uri: str, account: str | None, expected: tuple[str, str]
+) -> None:
+    assert dataset_name(uri, account) == expected
+
+
+def test_relative_local_path_is_an_absolute_file_dataset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert dataset_name("data/products.csv") == ("file", str(tmp_path / "data" / "products.csv"))
+
+
+def test_azure_lineage_takes_the_account_from_the_connection_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", "DefaultEndpointsProtocol=https;AccountName=shopdata;"
+    )
+    config = PipelineConfig("azure://in/products.csv", "azure://out/cutouts", "azure://out/enriched.parquet")
+    assert run_lineage(config, Storage()).azure_account == "shopdata"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("airflow.providers.openlineage") is None,
+    reason="the OpenLineage provider (extra `openlineage`) is not installed",
+)
+def test_lineage_names_the_manifest_as_input_and_the_outputs() -> None:
+    lineage = operator_lineage(_RUN_LINEAGE)
+    assert [(d.namespace, d.name) for d in lineage.inputs] == [("s3://catalog", "day/products.csv")]
+    assert [(d.namespace, d.name) for d in lineage.outputs] == [
+        ("s3://catalog", "day/enriched.parquet"),
+        ("s3://cutouts", "day"),
+    ]
+    assert lineage.outputs[0].outputFacets["outputStatistics"].rowCount == 12
+
+
+def test_lineage_without_the_openlineage_provider_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulation: the provider is installed in the test environment, so its modules are hidden
+    # (a None entry in sys.modules makes importing them raise ImportError).
+    for name in OPENLINEAGE_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+    assert operator_lineage(_RUN_LINEAGE) is None
+
+
+def test_operator_that_has_not_run_has_no_lineage() -> None:
+    with _dag():
+        operator = MergeEnrichedManifestOperator(task_id="merge", plan_uri="s3://staging/plan.json")
+    assert operator.get_openlineage_facets_on_complete(task_instance=None) is None
+
+
+_RUN_LINEAGE = RunLineage(
+    "s3://catalog/day/products.csv", "s3://catalog/day/enriched.parquet", "s3://cutouts/day/", rows=12
+)
 
 
 def _context(params: dict[str, Any] | None = None) -> Any:

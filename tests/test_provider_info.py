@@ -12,6 +12,7 @@ from typing import Any
 
 import airflow
 import jsonschema
+from airflow.sdk import BaseOperatorLink
 
 from removebg_provider.get_provider_info import get_provider_info
 from removebg_provider.hooks.removebg import _EXTRA_PARSERS, RemoveBgHook
@@ -62,6 +63,15 @@ def test_connection_form_defaults_are_accepted_by_the_hook() -> None:
             _EXTRA_PARSERS[name](field["schema"]["default"])
 
 
+def test_extra_links_are_operator_link_classes() -> None:
+    for name in get_provider_info()["extra-links"]:
+        module_name, class_name = name.rsplit(".", 1)
+
+        link = getattr(importlib.import_module(module_name), class_name)
+
+        assert issubclass(link, BaseOperatorLink)
+
+
 def test_package_name_matches_the_distribution() -> None:
     assert get_provider_info()["package-name"] == "airflow-provider-removebg"
 
@@ -91,3 +101,9 @@ def test_airflow_registers_the_removebg_connection_type(tmp_path: Path) -> None:
 
     assert hooks["removebg"]["class"] == "removebg_provider.hooks.removebg.RemoveBgHook"
     assert hooks["removebg"]["package_name"] == "airflow-provider-removebg"
+
+
+def test_airflow_registers_the_report_link(tmp_path: Path) -> None:
+    links = [entry["extra_link_class_name"] for entry in _airflow_cli(tmp_path, "providers", "links")]
+
+    assert "removebg_provider.operators.links.RemoveBackgroundReportLink" in links

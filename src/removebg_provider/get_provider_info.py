@@ -8,7 +8,7 @@ from removebg_provider import __version__
 
 
 def get_provider_info() -> dict[str, Any]:
-    """Return the provider description: package, integration, hook and the `removebg` connection type."""
+    """Return the provider description: package, integration, hook, extra link, `removebg` connection type."""
     return {
         "package-name": "airflow-provider-removebg",
         "name": "Ximilar Remove Background",
@@ -30,6 +30,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["removebg_provider.hooks.removebg"],
             }
         ],
+        "extra-links": ["removebg_provider.operators.links.RemoveBackgroundReportLink"],
         "connection-types": [
             {
                 "hook-class-name": "removebg_provider.hooks.removebg.RemoveBgHook",

@@ -1,5 +1,6 @@
 """Airflow operators and the task group of the Remove Background provider."""
 
+from removebg_provider.operators.links import RemoveBackgroundReportLink
 from removebg_provider.operators.removebg import (
     MergeEnrichedManifestOperator,
     PlanManifestShardsOperator,
@@ -13,5 +14,6 @@ __all__ = [
     "PlanManifestShardsOperator",
     "ProcessManifestShardOperator",
     "RemoveBackgroundOperator",
+    "RemoveBackgroundReportLink",
     "remove_background_task_group",
 ]

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import Asset, BaseOperator, Context, TaskGroup, TriggerRule, XComArg
+from airflow.sdk import Asset, BaseOperator, BaseOperatorLink, Context, TaskGroup, TriggerRule, XComArg
 
 from removebg_provider import pipeline
 from removebg_provider.errors import ConfigurationError
 from removebg_provider.hooks.removebg import RemoveBgHook
+from removebg_provider.operators._lineage import RunLineage, operator_lineage, run_lineage
 from removebg_provider.operators._storage import storage_from_connections
+from removebg_provider.operators.links import (
+    REPORT_URL_XCOM_KEY,
+    RemoveBackgroundReportLink,
+    check_report_base_url,
+    report_url,
+)
 from removebg_provider.storage import Storage, scheme_of
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,34 @@ class _StorageOperator(BaseOperator):
         return data
 
 
+class _RunOutputsMixin:
+    """For operators that write the enriched manifest: report link, report URL XCom, OpenLineage facets.
+
+    `report_base_url` is the http(s) URL at which the enriched manifest's folder is served; the
+    report written next to the manifest then gets a "Remove-background report" link in the UI.
+    """
+
+    operator_extra_links: Collection[BaseOperatorLink] = (RemoveBackgroundReportLink(),)
+    task_id: str
+    report_base_url: str | None
+    _lineage: RunLineage | None = None
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage datasets: manifest in; enriched manifest, output prefix out (or None)."""
+        return operator_lineage(self._lineage)
+
+    def _checked_report_base_url(self) -> str | None:
+        return check_report_base_url(self.report_base_url, self.task_id)
+
+    def _publish_report(self, summary: pipeline.RunSummary, base_url: str | None, context: Context) -> None:
+        """Count the rows into the lineage and push the report's browser URL, when it has one."""
+        if self._lineage is not None:
+            self._lineage = dataclasses.replace(self._lineage, rows=summary.rows)
+        url = report_url(summary.report_html_uri, base_url)
+        if url:
+            context["ti"].xcom_push(key=REPORT_URL_XCOM_KEY, value=url)
+
+
 class _ManifestConfigOperator(_StorageOperator):
     """Base of the operators that take a whole pipeline configuration; every option is a template field.
 
@@ -106,7 +141,7 @@ class _ManifestConfigOperator(_StorageOperator):
             raise ConfigurationError(f"{type(self).__name__} task {self.task_id!r}: {exc}") from exc
 
 
-class RemoveBackgroundOperator(_ManifestConfigOperator):
+class RemoveBackgroundOperator(_RunOutputsMixin, _ManifestConfigOperator):
     """Remove the backgrounds of a whole manifest in this one task: plan, every shard, merge.
 
     Suits manifests one worker handles in a run; split bigger ones with `remove_background_task_group`.
@@ -119,23 +154,39 @@ class RemoveBackgroundOperator(_ManifestConfigOperator):
     every outlet Asset's event carries the rendered `output_manifest_uri` and the counts in its extra.
 
     :param removebg_conn_id: the `removebg` connection (API base URL and token).
+    :param report_base_url: optional http(s) URL at which the enriched manifest's folder is served;
+        the run report then gets a "Remove-background report" link (XCom key `report_url`).
     :param aws_conn_id: optional Amazon connection for s3:// URIs (extra `amazon`).
     :param gcp_conn_id: optional Google connection for gs:// URIs (extra `google`).
     :param wasb_conn_id: optional Azure Blob Storage connection for azure:// URIs (extra `microsoft-azure`).
     """
 
-    def __init__(self, *, removebg_conn_id: str = RemoveBgHook.default_conn_name, **kwargs: Any) -> None:
+    template_fields: Sequence[str] = (*_CONFIG_FIELDS, "report_base_url")
+
+    def __init__(
+        self,
+        *,
+        removebg_conn_id: str = RemoveBgHook.default_conn_name,
+        report_base_url: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         uri = kwargs.get("output_manifest_uri")
         if kwargs.get("outlets") is None and isinstance(uri, str) and uri and not is_templated(uri):
             kwargs["outlets"] = [manifest_asset(uri)]
         super().__init__(**kwargs)
         self.removebg_conn_id = removebg_conn_id
+        self.report_base_url = report_base_url
+        if not is_templated(report_base_url):
+            self._checked_report_base_url()
 
     def execute(self, context: Context) -> dict[str, Any]:
         config = self.pipeline_config()
+        base_url = self._checked_report_base_url()
         storage = self.storage()
+        self._lineage = run_lineage(config, storage)
         with RemoveBgHook(self.removebg_conn_id, mode=config.mode).get_conn() as client:
             summary = pipeline.run(config, client, storage)
+        self._publish_report(summary, base_url, context)
         return self._report(summary, context)
 
 
@@ -202,7 +253,7 @@ class ProcessManifestShardOperator(_StorageOperator):
         return self._report(summary, context)
 
 
-class MergeEnrichedManifestOperator(_StorageOperator):
+class MergeEnrichedManifestOperator(_RunOutputsMixin, _StorageOperator):
     """Write the enriched manifest from the stored shard results, then apply the run's failure policy.
 
     Run it with `trigger_rule=TriggerRule.ALL_DONE` (as the task group does): it then writes the
@@ -211,19 +262,29 @@ class MergeEnrichedManifestOperator(_StorageOperator):
     `max_failed_fraction` of all rows failed. Returns the run summary as XCom.
 
     :param plan_uri: the plan's URI, usually `plan_task.output["plan_uri"]`.
+    :param report_base_url: optional http(s) URL at which the enriched manifest's folder is served;
+        the run report then gets a "Remove-background report" link (XCom key `report_url`).
     """
 
-    template_fields: Sequence[str] = ("plan_uri",)
+    template_fields: Sequence[str] = ("plan_uri", "report_base_url")
 
-    def __init__(self, *, plan_uri: str | XComArg, **kwargs: Any) -> None:
+    def __init__(self, *, plan_uri: str | XComArg, report_base_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.plan_uri = plan_uri
+        self.report_base_url = report_base_url
+        if not is_templated(report_base_url):
+            self._checked_report_base_url()
 
     def execute(self, context: Context) -> dict[str, Any]:
         if not isinstance(self.plan_uri, str):
             raise ConfigurationError(f"task {self.task_id!r}: plan_uri must be a URI, not {self.plan_uri!r}")
+        base_url = self._checked_report_base_url()
         storage = self.storage()
-        summary = pipeline.merge(pipeline.load_plan(self.plan_uri, storage), storage)
+        plan = pipeline.load_plan(self.plan_uri, storage)
+        config = plan.config
+        self._lineage = run_lineage(config, storage)
+        summary = pipeline.merge(plan, storage)
+        self._publish_report(summary, base_url, context)
         return self._report(summary, context)
 
 
@@ -238,6 +299,7 @@ def remove_background_task_group(
     pool_slots: int | None = None,
     max_active_tis_per_dagrun: int = DEFAULT_MAX_ACTIVE_SHARDS,
     outlets: Sequence[Asset] | None = None,
+    report_base_url: str | None = None,
     aws_conn_id: str | None = None,
     gcp_conn_id: str | None = None,
     wasb_conn_id: str | None = None,
@@ -251,7 +313,8 @@ def remove_background_task_group(
     API requests: give it at least `concurrency` slots. At most `max_active_tis_per_dagrun` shards
     of one run are processed at once. The merge runs when every shard task has finished, failed or
     not, and is not retried; its outlets default to the enriched manifest's Asset when that URI has
-    no Jinja expression.
+    no Jinja expression. With `report_base_url` (the http(s) URL serving the enriched manifest's
+    folder) the merge task links to the run report.
     """
     storage = {"aws_conn_id": aws_conn_id, "gcp_conn_id": gcp_conn_id, "wasb_conn_id": wasb_conn_id}
     concurrency = options.get("concurrency", _DEFAULTS.concurrency)
@@ -283,6 +346,7 @@ def remove_background_task_group(
             # A retry would merge the same stored results and break the same policy again.
             retries=0,
             outlets=list(outlets or []),
+            report_base_url=report_base_url,
             **storage,
         )
         shard_tasks >> merge_task
