@@ -1,10 +1,13 @@
 """Shared benchmark parts: a fake Ximilar-compatible API in its own process, manifests, machine facts.
 
 The fake API answers `POST /removebg/{mode}/removebg` after `--latency` seconds (an asyncio sleep, so
-any number of requests wait at once) with one tiny PNG-signed output per record, served by
-`GET /files/{name}`. It runs in a separate process so its CPU is not counted as ours.
+any number of requests wait at once) with one output per record, served by `GET /files/{name}`: a real
+RGBA cutout PNG of `--cutout` pixels (a rendered product on a transparent background, so the quality
+check decodes it as it would the API's), padded to `--output-bytes` with a private ancillary chunk
+when it encodes smaller. It runs in a separate process so its CPU is not counted as ours;
+`FakeApi.cpu_seconds` reads that CPU, to tell the machine's share from ours.
 
-Serve it by hand: `python benchmarks/_common.py --port 8790 --latency 1.4 --output-bytes 200`.
+Serve it by hand: `python benchmarks/_common.py --port 8790 --latency 1.4 --output-bytes 200 --cutout 64x48`.
 """
 
 from __future__ import annotations
@@ -13,23 +16,28 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import io
 import os
 import platform
 import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
+from PIL import Image
+
+from removebg_provider.samples import make_product_photo
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTION = "## Pipeline throughput"
 SECTION_INTRO = (
     "Our own code around the API: how close to the API's limit it runs, what it costs per record, "
@@ -45,14 +53,21 @@ class FakeApi:
     base_url: str
     latency: float
     output_bytes: int
+    cutout: tuple[int, int]
+    pid: int
 
     def stats(self) -> dict[str, int]:
         counters: dict[str, int] = requests.get(f"{self.base_url}/stats", timeout=10).json()
         return counters
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU the fake API process has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 @contextlib.contextmanager
-def fake_api(latency: float, output_bytes: int) -> Iterator[FakeApi]:
+def fake_api(latency: float, output_bytes: int, cutout: tuple[int, int] = (64, 48)) -> Iterator[FakeApi]:
     """Start the fake API in a subprocess on a free 127.0.0.1 port; stop it after the block."""
     port = _free_port()
     process = subprocess.Popen(
@@ -65,11 +80,13 @@ def fake_api(latency: float, output_bytes: int) -> Iterator[FakeApi]:
             str(latency),
             "--output-bytes",
             str(output_bytes),
+            "--cutout",
+            f"{cutout[0]}x{cutout[1]}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    api = FakeApi(f"http://127.0.0.1:{port}", latency, output_bytes)
+    api = FakeApi(f"http://127.0.0.1:{port}", latency, output_bytes, cutout, process.pid)
     try:
         _wait_healthy(api.base_url, process)
         yield api
@@ -89,6 +106,27 @@ def url_manifest(path: Path, rows: int, extra_columns: bool = True) -> str:
         columns["price"] = [float(index % 1000) + 0.99 for index in range(rows)]
     pq.write_table(pa.table(columns), path)
     return str(path)
+
+
+def cutout_png(width: int, height: int, size: int = 0) -> bytes:
+    """A real RGBA cutout PNG of a rendered product, padded to `size` bytes if it encodes smaller."""
+    photo = make_product_photo(0, width, height, background="white", product="mug")
+    rgb = np.where(photo.alpha[..., None] > 0, photo.rgb, 0).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, photo.alpha])).save(buffer, "PNG")
+    png = buffer.getvalue()
+    padding = size - len(png) - 12
+    if padding <= 0:
+        return png
+    # A private, ancillary, safe-to-copy chunk: every decoder skips it.
+    kind, body = b"paDd", b"\0" * padding
+    chunk = len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    return png[:-12] + chunk + png[-12:]
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, to read every measurement against."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def machine() -> str:
@@ -146,14 +184,14 @@ def _wait_healthy(base_url: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"the fake API at {base_url} did not start")
 
 
-def _serve(port: int, latency: float, output_bytes: int) -> None:
+def _serve(port: int, latency: float, output_bytes: int, cutout: tuple[int, int]) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    output = PNG_SIGNATURE + b"\0" * max(output_bytes - len(PNG_SIGNATURE), 0)
+    output = cutout_png(*cutout, size=output_bytes)
     counters = {"requests": 0, "records_billed": 0}
 
     async def removebg(request: Request) -> JSONResponse:
@@ -197,5 +235,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--latency", type=float, default=1.4)
     parser.add_argument("--output-bytes", type=int, default=200)
+    parser.add_argument("--cutout", default="64x48", help="cutout pixels, WIDTHxHEIGHT")
     arguments = parser.parse_args()
-    _serve(arguments.port, arguments.latency, arguments.output_bytes)
+    width, height = (int(side) for side in arguments.cutout.split("x"))
+    _serve(arguments.port, arguments.latency, arguments.output_bytes, (width, height))

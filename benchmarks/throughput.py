@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import resource
 import shlex
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from _common import FakeApi, fake_api, machine, url_manifest, write_subsection
+from _common import FakeApi, fake_api, load_average, machine, url_manifest, write_subsection
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.storage import Storage
@@ -39,6 +41,9 @@ class Measurement:
     seconds: float
     latency: float
     shard_size: int
+    our_cpu: float
+    api_cpu: float
+    load: float
 
     @property
     def rate(self) -> float:
@@ -51,6 +56,11 @@ class Measurement:
     @property
     def ratio(self) -> float:
         return self.rate / self.ideal
+
+    @property
+    def cpu_share(self) -> float:
+        """The share of the machine's cores that our process and the fake API kept busy."""
+        return (self.our_cpu + self.api_cpu) / (self.seconds * (os.cpu_count() or 1))
 
 
 def measure_pipeline(
@@ -74,12 +84,20 @@ def measure_pipeline(
     with RemoveBgClient(
         api.base_url, "bench-token", max_records_per_request=batch, concurrency=concurrency
     ) as client:
+        load = os.getloadavg()[0]
+        api_cpu = api.cpu_seconds()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         summary = pipeline.run(config, client, Storage())
         seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        api_cpu = api.cpu_seconds() - api_cpu
     if summary.succeeded != rows:
         raise RuntimeError(f"only {summary.succeeded} of {rows} rows succeeded: {summary.first_errors}")
-    return Measurement(concurrency, batch, rows, seconds, api.latency, config.shard_size)
+    our_cpu = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
+    return Measurement(
+        concurrency, batch, rows, seconds, api.latency, config.shard_size, our_cpu, api_cpu, load
+    )
 
 
 def measure_naive(api: FakeApi, folder: Path, rows: int) -> float:
@@ -111,10 +129,12 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     command = "PYTHONPATH=src .venv/bin/python benchmarks/throughput.py " + shlex.join(sys.argv[1:])
+    load_before = load_average()
+    print(f"load average before: {load_before}", flush=True)
     results: list[Measurement] = []
     with (
         tempfile.TemporaryDirectory(prefix="removebg-throughput-") as temporary,
-        fake_api(args.latency, 200) as api,
+        fake_api(args.latency, 0) as api,
     ):
         folder = Path(temporary)
         for concurrency in CONCURRENCIES:
@@ -130,7 +150,7 @@ def main() -> int:
     goal_met = all(r.ratio >= GOAL_AT_32 for r in results if r.concurrency == 32)
     print(f"goal >= {GOAL_AT_32:.2f} of ideal at concurrency 32: {'met' if goal_met else 'MISSED'}")
     if args.write_doc:
-        _write_doc(results, default_shards, naive, best_32, command, args)
+        _write_doc(results, default_shards, naive, best_32, command, args, load_before)
     return 0 if goal_met else 1
 
 
@@ -138,7 +158,9 @@ def _line(r: Measurement) -> str:
     return (
         f"c={r.concurrency:>2} b={r.batch:>2} shard={r.shard_size:>5}: "
         f"{r.rows:>5} rows in {r.seconds:6.2f} s "
-        f"= {r.rate:7.1f} rec/s, ideal {r.ideal:7.1f}, ratio {r.ratio:.3f}"
+        f"= {r.rate:7.1f} rec/s, ideal {r.ideal:7.1f}, ratio {r.ratio:.3f}; "
+        f"CPU ours {r.our_cpu:5.2f} s, fake API {r.api_cpu:5.2f} s ({r.cpu_share:.0%} of the cores); "
+        f"load {r.load:.2f}"
     )
 
 
@@ -149,24 +171,29 @@ def _write_doc(
     best_32: Measurement,
     command: str,
     args: argparse.Namespace,
+    load_before: str,
 ) -> None:
     rows = "\n".join(
         f"| {r.concurrency} | {r.batch} | {r.rows} | {r.seconds:.2f} | {r.rate:.1f} | {r.ideal:.1f} | "
-        f"**{r.ratio:.2f}** |"
+        f"**{r.ratio:.2f}** | {r.our_cpu:.2f} | {r.api_cpu:.2f} | {r.cpu_share:.0%} | {r.load:.2f} |"
         for r in results
     )
     met = all(r.ratio >= GOAL_AT_32 for r in results if r.concurrency == 32)
     goal = "met" if met else "MISSED (see the profile notes below)"
     throughput = f"""
-`{command}` on {machine()}.
+`{command}` on {machine()}; load average before the run {load_before}.
 
 A fake Ximilar-compatible API (benchmarks/_common.py, its own process) answers every request after
-{args.latency} s, the processing time in the API's example, with tiny outputs. Each row is one whole
-`pipeline.run` (plan, requests, output copies, checkpoints, enriched manifest; the QA report off) of
-{args.rounds} full rounds of requests, in one shard. Ideal = concurrency x batch / latency.
+{args.latency} s, the processing time in the API's example, with small real cutout PNGs (64x48). Each
+row is one whole `pipeline.run` (plan, requests, output copies with the quality check, checkpoints,
+enriched manifest; the QA report off) of {args.rounds} full rounds of requests, in one shard.
+Ideal = concurrency x batch / latency. CPU columns: seconds of CPU used during the run by our process
+and by the fake API; "cores busy" is both together over the run's wall time on all cores; "load" is
+the 1-minute load average just before the run (other jobs share this machine).
 
-| concurrency | batch | rows | seconds | records/s | ideal | share of ideal |
-|---:|---:|---:|---:|---:|---:|---:|
+| concurrency | batch | rows | seconds | records/s | ideal | share of ideal | our CPU s | API CPU s | \
+cores busy | load |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 
 Goal: >= {GOAL_AT_32:.2f} of ideal at concurrency 32: **{goal}**.

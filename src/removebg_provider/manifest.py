@@ -103,8 +103,8 @@ def read_schema(uri: str, storage: Storage, fmt: str | None = None) -> pa.Schema
     resolved = manifest_format(uri, fmt)
     if resolved == "parquet":
         try:
-            with storage.open(uri, "rb") as stream:
-                return pq.ParquetFile(stream).schema_arrow
+            with storage.open(uri, "rb") as stream, pq.ParquetFile(stream, pre_buffer=False) as parquet:
+                return parquet.schema_arrow
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise ManifestError(f"cannot read manifest {uri} as parquet: {_first_line(exc)}") from exc
     for batch in iter_batches(uri, storage, fmt=resolved, batch_rows=1):
@@ -196,10 +196,15 @@ def _joined_lists(batch: pa.RecordBatch) -> pa.RecordBatch:
 def _parquet_batches(
     uri: str, stream: IO[bytes], columns: Sequence[str] | None, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
-    parquet = pq.ParquetFile(stream)
-    if columns is not None:
-        require_columns(uri, parquet.schema_arrow, columns)
-    yield from parquet.iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None)
+    # Every reader here decodes in the calling thread, not Arrow's pool: pool threads release
+    # buffers of the Python file object, and one doing so while the interpreter shuts down aborts
+    # the process ("terminate called without an active exception").
+    with pq.ParquetFile(stream, pre_buffer=False) as parquet:
+        if columns is not None:
+            require_columns(uri, parquet.schema_arrow, columns)
+        yield from parquet.iter_batches(
+            batch_size=batch_rows, columns=list(columns) if columns else None, use_threads=False
+        )
 
 
 def _csv_batches(
@@ -212,7 +217,7 @@ def _csv_batches(
     names = _csv_header(uri, storage)
     reader = pa_csv.open_csv(
         stream,
-        read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+        read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
         convert_options=pa_csv.ConvertOptions(
             column_types={name: pa.string() for name in names},
@@ -227,7 +232,7 @@ def _csv_header(uri: str, storage: Storage) -> list[str]:
     with storage.open(uri, "rb") as stream:
         head = pa_csv.open_csv(
             stream,
-            read_options=pa_csv.ReadOptions(block_size=1 << 16),
+            read_options=pa_csv.ReadOptions(block_size=1 << 16, use_threads=False),
             parse_options=pa_csv.ParseOptions(newlines_in_values=True),
         )
         return list(head.schema.names)
@@ -236,7 +241,9 @@ def _csv_header(uri: str, storage: Storage) -> list[str]:
 def _jsonl_batches(
     stream: IO[bytes], columns: Sequence[str] | None, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
-    reader = pa_json.open_json(stream, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES))
+    reader = pa_json.open_json(
+        stream, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES, use_threads=False)
+    )
     for batch in _rebatch(reader, batch_rows):
         yield batch.select(list(columns)) if columns else batch
 

@@ -1082,9 +1082,13 @@ def _read_shard_results(shard: ShardDescriptor, plan_: Plan, storage: Storage) -
 
 
 def _read_parquet(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
-    # Shards are small: reading them whole keeps Arrow's read-ahead threads away from Python file
-    # objects, whose buffers Arrow would otherwise release after interpreter shutdown (a crash).
-    return pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns)
+    # Shards are small: read whole into an Arrow-owned buffer and decoded synchronously. Arrow's
+    # dataset reader (pq.read_table) finishes futures on its own threads; one releasing a buffer of
+    # Python bytes while the interpreter shuts down aborts the process.
+    sink = pa.BufferOutputStream()
+    sink.write(storage.read_bytes(uri))
+    with pq.ParquetFile(pa.BufferReader(sink.getvalue())) as parquet:
+        return parquet.read(columns=columns, use_threads=False)
 
 
 def _plan_to_json(plan_: Plan) -> dict[str, Any]:

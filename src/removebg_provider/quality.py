@@ -175,15 +175,18 @@ def _judge(alpha: _Alpha, source: str, thresholds: QualityThresholds) -> Quality
     edges = _touched_edges(opaque, thresholds)
     if edges:
         flags.append(TOUCHES_BORDER)
-    count, _, stats, _ = cv2.connectedComponentsWithStats(opaque, connectivity=8)
-    areas = stats[1:count, cv2.CC_STAT_AREA]
+    # Labels, then areas and the one box needed, by hand: connectedComponentsWithStats computes
+    # every piece's statistics and took several times as long as labelling alone.
+    count, labels = cv2.connectedComponents(opaque, connectivity=8, ltype=cv2.CV_32S)
+    areas = np.bincount(labels.ravel(), minlength=count)[1:]
     total = int(areas.sum())
     pieces = int(np.count_nonzero(areas >= thresholds.min_piece_share * total)) if total else 0
     if pieces >= thresholds.fragmented_pieces:
         flags.append(FRAGMENTED)
     if total:
-        largest = stats[1 + int(np.argmax(areas))]
-        box = int(largest[cv2.CC_STAT_WIDTH]) * int(largest[cv2.CC_STAT_HEIGHT])
+        largest = labels == 1 + int(np.argmax(areas))
+        _, _, width, height = cv2.boundingRect(largest.view(np.uint8))
+        box = width * height
         if box < thresholds.tiny_box_share * opaque.size:
             flags.append(TINY_OBJECT)
     return QualityReport(fraction, tuple(flags), source, edges, pieces)

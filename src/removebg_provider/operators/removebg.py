@@ -184,7 +184,9 @@ class RemoveBackgroundOperator(_RunOutputsMixin, _ManifestConfigOperator):
         base_url = self._checked_report_base_url()
         storage = self.storage()
         self._lineage = run_lineage(config, storage)
-        with RemoveBgHook(self.removebg_conn_id, mode=config.mode).get_conn() as client:
+        # The client's connection pool must hold every request the pipeline keeps in flight.
+        hook = RemoveBgHook(self.removebg_conn_id, mode=config.mode, concurrency=config.concurrency)
+        with hook.get_conn() as client:
             summary = pipeline.run(config, client, storage)
         self._publish_report(summary, base_url, context)
         return self._report(summary, context)
@@ -248,7 +250,8 @@ class ProcessManifestShardOperator(_StorageOperator):
         # cannot fix an unreadable image, and the API client already retried transient failures.
         relaxed = dataclasses.replace(plan.config, max_failed_fraction=1.0)
         plan = dataclasses.replace(plan, config=relaxed)
-        with RemoveBgHook(self.removebg_conn_id, mode=plan.config.mode).get_conn() as client:
+        hook = RemoveBgHook(self.removebg_conn_id, mode=plan.config.mode, concurrency=plan.config.concurrency)
+        with hook.get_conn() as client:
             summary = pipeline.process_shard(descriptor, plan, client, storage)
         return self._report(summary, context)
 
