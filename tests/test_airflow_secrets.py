@@ -78,6 +78,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedR
             "output_manifest_uri": str(outputs / "enriched" / "products.parquet"),
             "id_column": "sku",
             "shard_size": 3,
+            "report_base_url": "https://reports.example.test/{{ ds }}",
         }
         command = [
             str(BIN / "airflow"), "dags", "test", "catalog_remove_background", "2024-06-01",
@@ -122,3 +123,9 @@ def test_token_is_in_no_file_the_run_wrote(finished_run: FinishedRun) -> None:
     files = [path for path in written if path.is_file()]
     assert any(path.name == "products.parquet" for path in files)
     assert [str(path) for path in files if TOKEN.encode() in path.read_bytes()] == []
+
+
+def test_a_run_that_breaks_the_failure_policy_still_links_its_report(finished_run: FinishedRun) -> None:
+    links = [json.loads(value) for task, key, value in finished_run.xcom_values() if key == "report_url"]
+
+    assert links == ["https://reports.example.test/2024-06-01/products.report.html"]

@@ -40,7 +40,11 @@ class BudgetExceededError(RemoveBgError):
 
 
 class FailurePolicyError(RemoveBgError):
-    """More rows failed than `max_failed_fraction` allows."""
+    """More rows failed than `max_failed_fraction` allows; `summary` is the run's (a RunSummary)."""
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class ConfigurationError(RemoveBgError, ValueError):

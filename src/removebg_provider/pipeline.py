@@ -1148,7 +1148,8 @@ def _enforce_failure_policy(summary: RunSummary, config: PipelineConfig, what: s
         raise FailurePolicyError(
             f"{summary.failed} of {summary.rows} rows failed in {what} "
             f"({summary.failed_fraction:.1%} > max_failed_fraction {config.max_failed_fraction:.1%}); "
-            f"first errors: {errors}"
+            f"first errors: {errors}",
+            summary=summary,
         )
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import Asset, BaseOperator, BaseOperatorLink, Context, TaskGroup, TriggerRule, XComArg
 
 from removebg_provider import pipeline
-from removebg_provider.errors import ConfigurationError
+from removebg_provider.errors import ConfigurationError, FailurePolicyError
 from removebg_provider.hooks.removebg import RemoveBgHook
 from removebg_provider.operators._lineage import RunLineage, operator_lineage, run_lineage
 from removebg_provider.operators._storage import storage_from_connections
@@ -87,6 +87,18 @@ class _RunOutputsMixin:
 
     def _checked_report_base_url(self) -> str | None:
         return check_report_base_url(self.report_base_url, self.task_id)
+
+    def _publishing_failures(
+        self, produce: Callable[[], pipeline.RunSummary], base_url: str | None, context: Context
+    ) -> pipeline.RunSummary:
+        """Run `produce`; when the run breaks the failure policy, still publish its report, then fail."""
+        try:
+            return produce()
+        except FailurePolicyError as exc:
+            if isinstance(exc.summary, pipeline.RunSummary):
+                self._publish_report(exc.summary, base_url, context)
+                log.error("%s", describe_summary(exc.summary))
+            raise
 
     def _publish_report(self, summary: pipeline.RunSummary, base_url: str | None, context: Context) -> None:
         """Count the rows into the lineage and push the report's browser URL, when it has one."""
@@ -187,7 +199,9 @@ class RemoveBackgroundOperator(_RunOutputsMixin, _ManifestConfigOperator):
         # The client's connection pool must hold every request the pipeline keeps in flight.
         hook = RemoveBgHook(self.removebg_conn_id, mode=config.mode, concurrency=config.concurrency)
         with hook.get_conn() as client:
-            summary = pipeline.run(config, client, storage)
+            summary = self._publishing_failures(
+                lambda: pipeline.run(config, client, storage), base_url, context
+            )
         self._publish_report(summary, base_url, context)
         return self._report(summary, context)
 
@@ -286,7 +300,7 @@ class MergeEnrichedManifestOperator(_RunOutputsMixin, _StorageOperator):
         plan = pipeline.load_plan(self.plan_uri, storage)
         config = plan.config
         self._lineage = run_lineage(config, storage)
-        summary = pipeline.merge(plan, storage)
+        summary = self._publishing_failures(lambda: pipeline.merge(plan, storage), base_url, context)
         self._publish_report(summary, base_url, context)
         return self._report(summary, context)
 
