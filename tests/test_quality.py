@@ -177,11 +177,11 @@ def test_jpg_cutout_is_judged_by_its_binary_mask() -> None:
     assert report.foreground_fraction == pytest.approx(float(np.mean(mask >= 128)), abs=0.01)
 
 
-def test_cutout_alpha_wins_over_the_mask() -> None:
+def test_the_mask_wins_over_the_cutout_alpha_because_it_decodes_at_reduced_size() -> None:
     report = assess(_png(_product(_alpha())), mask=_jpeg(np.zeros((H, W), np.uint8)))
 
-    assert report.source == "alpha"
-    assert report.flags == ()
+    assert report.source == "mask"
+    assert report.flags == (EMPTY,)
 
 
 def test_webp_cutout_with_alpha_is_assessed() -> None:
