@@ -13,11 +13,11 @@ from removebg_provider.engines.classic import ClassicEngine
 from removebg_provider.samples import BACKGROUNDS, make_product_photo
 
 # Median IoU over six photos per backdrop kind: regression bars a little below today's level, not the
-# product goals (those are in docs/BENCHMARKS.md). Pale products on white backdrops are the known weak
-# spot, hence the lower bar.
+# product goals (those are in docs/BENCHMARKS.md). Pale products on pale backdrops are the known weak
+# spot, hence the lower bars there.
 MIN_MEDIAN_IOU: dict[str, dict[str, float]] = {
-    "fast": {"white": 0.87, "grey": 0.92, "coloured": 0.94, "gradient": 0.9},
-    "precise": {"white": 0.9, "grey": 0.95, "coloured": 0.97, "gradient": 0.95},
+    "fast": {"white": 0.9, "grey": 0.92, "coloured": 0.95, "gradient": 0.92},
+    "precise": {"white": 0.94, "grey": 0.95, "coloured": 0.98, "gradient": 0.96},
 }
 # Share of cast-shadow pixels that must come out as background; fast mode's coarser matte keeps
 # a little more of the penumbra next to the product.

@@ -22,6 +22,9 @@ _HOLE_FRAMED = 0.7
 # Share of a hole's own outline that must be sharp: a chrome band that mirrors the backdrop is also
 # enclosed by product, but fades into the darker bands beside it.
 _HOLE_SHARP = 0.6
+# Share of a hole that must match the backdrop model itself, not only a darker or lighter copy of it:
+# a see-through hole shows the backdrop, a pale label on the product is shaded by the product's light.
+_HOLE_EXACT = 0.05
 # Largest step (per channel, 0-255) between neighbouring pixels that the smooth flood still follows.
 _FLOOD_STEP = 2.0
 # Share of a region's outline that must touch known backdrop before the smooth flood may claim it.
@@ -31,13 +34,24 @@ _SHADOW_REACH = 0.02
 # Window (working pixels) and fraction of its contrast a pixel step must reach to count as sharp.
 _SHARPNESS_WINDOW = 7
 _MIN_SHARPNESS = 0.25
+# Faint outlines are traced at two scales (Gaussian sigmas, working pixels): a step edge's gradient
+# shrinks with the scale, a shadow's wide penumbra keeps it, so their ratio tells them apart.
+_FINE_SIGMA = 1.0
+_COARSE_SIGMA = 2.5
+_MIN_STEP_RATIO = 1.5
+# Hysteresis thresholds of the faint-outline tracer, in multiples of the backdrop's gradient noise,
+# which is floored so that a noise-free (JPEG-smoothed) backdrop does not make banding an outline.
+_TRACE_HIGH = 8.0
+_TRACE_LOW = 4.0
+_MIN_GRADIENT_NOISE = 0.3
 
 
 @dataclass(frozen=True)
 class ModeParams:
     """Everything that differs between the modes; the code path is the same."""
 
-    work_pixels: int  # pixel budget of the reduced resolution the segmentation runs at
+    segment_pixels: int  # pixel budget of the reduced resolution the backdrop model runs at
+    work_pixels: int  # pixel budget of the resolution the graph cut and the matte's guide run at
     grabcut_iterations: int  # 0 skips the graph cut
     guide_radius: int  # guided-filter window radius, in working-resolution pixels
     guide_eps: float  # guided-filter regulariser: lower follows weaker image edges
@@ -46,10 +60,22 @@ class ModeParams:
 
 MODE_PARAMS: dict[Mode, ModeParams] = {
     "fast": ModeParams(
-        work_pixels=120_000, grabcut_iterations=0, guide_radius=2, guide_eps=2e-3, colour_guide=False
+        segment_pixels=120_000,
+        work_pixels=120_000,
+        grabcut_iterations=0,
+        guide_radius=2,
+        guide_eps=2e-3,
+        colour_guide=False,
     ),
     "precise": ModeParams(
-        work_pixels=360_000, grabcut_iterations=2, guide_radius=2, guide_eps=5e-4, colour_guide=True
+        # The backdrop model is no better at a finer scale (faint outlines drown in noise there); the
+        # graph cut and the matte use the extra pixels.
+        segment_pixels=120_000,
+        work_pixels=360_000,
+        grabcut_iterations=2,
+        guide_radius=2,
+        guide_eps=5e-4,
+        colour_guide=True,
     ),
 }
 
@@ -58,8 +84,8 @@ class ClassicEngine:
     """Studio-photo background removal without model weights.
 
     Takes RGB only (H x W x 3 uint8); callers convert grayscale or RGBA inputs first.
-    Memory stays bounded for very large images: segmentation runs at `work_pixels`, and the
-    full-resolution refinement streams over row strips.
+    Memory stays bounded for very large images: the backdrop model runs at `segment_pixels`, the
+    graph cut and matte fitting at `work_pixels`, and the full-resolution matte streams over row strips.
     """
 
     name = "classic"
@@ -70,11 +96,13 @@ class ClassicEngine:
         if mode not in MODE_PARAMS:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         params = MODE_PARAMS[mode]
-        h, w = rgb.shape[:2]
-        scale = min(1.0, math.sqrt(params.work_pixels / (h * w)))
-        size = (max(8, round(w * scale)), max(8, round(h * scale)))
-        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if scale < 1.0 else rgb
-        foreground = segment(small)
+        small = _reduce(rgb, params.work_pixels)
+        coarse = _reduce(rgb, params.segment_pixels)
+        foreground = segment(coarse)
+        if coarse.shape != small.shape:
+            size = (small.shape[1], small.shape[0])
+            upsampled = cv2.resize(foreground.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+            foreground = upsampled >= 0.5
         if params.grabcut_iterations and foreground.any() and not foreground.all():
             foreground = _graph_cut(small, foreground, params.grabcut_iterations)
         coefficients = guided_coefficients(
@@ -120,6 +148,16 @@ def _check_rgb(rgb: np.ndarray) -> None:
         )
     if rgb.shape[0] < 8 or rgb.shape[1] < 8:
         raise ValueError(f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels is too small; need at least 8x8")
+
+
+def _reduce(rgb: np.ndarray, pixels: int) -> np.ndarray:
+    """The image shrunk (never enlarged) to about `pixels` pixels."""
+    h, w = rgb.shape[:2]
+    scale = min(1.0, math.sqrt(pixels / (h * w)))
+    if scale >= 1.0:
+        return rgb
+    size = (max(8, round(w * scale)), max(8, round(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
 def _border_mask(h: int, w: int) -> np.ndarray:
@@ -174,9 +212,43 @@ def _edges(img: np.ndarray, noise: float) -> np.ndarray:
     # penumbra spreads the same contrast over many pixels.
     window = np.ones((_SHARPNESS_WINDOW, _SHARPNESS_WINDOW), np.uint8)
     contrast = _channel_max(cv2.dilate(img, window) - cv2.erode(img, window))
-    edges = ((magnitude > max(4.0, 2.5 * noise)) & (magnitude >= _MIN_SHARPNESS * contrast)).astype(np.uint8)
+    edges = (magnitude > max(4.0, 2.5 * noise)) & (magnitude >= _MIN_SHARPNESS * contrast)
+    edges |= _faint_outlines(img)
     # Thickening closes one-pixel gaps in faint outlines, which would otherwise let the flood leak in.
-    return cv2.dilate(edges, np.ones((3, 3), np.uint8)).astype(bool)
+    return cv2.dilate(edges.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
+def _faint_outlines(img: np.ndarray) -> np.ndarray:
+    """Thin, linked step edges too faint for the contrast test: a white product on a white backdrop.
+
+    Canny's hysteresis follows an outline through its faintest stretches as long as they join a
+    clearer part, and ignores isolated noise; it runs on smoothed gradients with every step that is
+    not much sharper at the fine scale than at the coarse one (a shadow's penumbra) zeroed out.
+    """
+    h, w = img.shape[:2]
+    fine_x, fine_y = _gradients(img, _FINE_SIGMA)
+    fine = fine_x * fine_x + fine_y * fine_y
+    # Per pixel, the channel that changes most, with its direction, as in colour Canny.
+    channel = np.argmax(fine, axis=2)[..., None]
+    gx = np.take_along_axis(fine_x, channel, axis=2)[..., 0]
+    gy = np.take_along_axis(fine_y, channel, axis=2)[..., 0]
+    magnitude = np.sqrt(np.take_along_axis(fine, channel, axis=2)[..., 0])
+    coarse_x, coarse_y = _gradients(img, _COARSE_SIGMA)
+    coarse = np.sqrt(_channel_max(coarse_x * coarse_x + coarse_y * coarse_y))
+    step = magnitude >= _MIN_STEP_RATIO * coarse
+    noise = max(float(np.median(magnitude[_border_mask(h, w)])), _MIN_GRADIENT_NOISE)
+    # Canny takes 16-bit gradients: a fixed gain keeps the fractional part of faint ones.
+    gain = 16.0
+    dx = np.round(np.where(step, gx, 0) * gain).astype(np.int16)
+    dy = np.round(np.where(step, gy, 0) * gain).astype(np.int16)
+    low, high = _TRACE_LOW * noise * gain, _TRACE_HIGH * noise * gain
+    return cv2.Canny(dx, dy, low, high, L2gradient=True) > 0
+
+
+def _gradients(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel x and y derivatives (levels per pixel) of the image smoothed at `sigma`."""
+    smooth = cv2.GaussianBlur(img, (0, 0), sigma)
+    return cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3) / 8, cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3) / 8
 
 
 def _flood_backdrop(
@@ -221,6 +293,7 @@ def _flood_backdrop(
         if (
             index
             and not (border & (labels == index)).any()
+            and np.mean(exact[labels == index]) >= _HOLE_EXACT
             and _is_hole(labels, stats[index], int(index), lit | soft, barrier)
         ):
             hole |= labels == index
