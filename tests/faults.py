@@ -92,7 +92,8 @@ class FaultProxy:
         self.rates = rates
         self.counters = ProxyCounters()
         self.base_url = ""
-        self._rng = random.Random(seed)
+        self._seed = seed
+        self._rngs: dict[tuple[str, ...], random.Random] = {}
         self._lock = threading.Lock()
         self._active = 0
         self._pool = urllib3.PoolManager(maxsize=128, retries=False, timeout=urllib3.Timeout(total=120))
@@ -115,9 +116,14 @@ class FaultProxy:
             self.counters = ProxyCounters()
 
     def draw(self, kinds: tuple[str, ...]) -> str | None:
-        """The fault this request gets (one of `kinds`), or None; one seeded draw per request."""
+        """The fault this request gets (one of `kinds`), or None; one seeded draw per request.
+
+        Each set of kinds draws from its own seeded stream, so removal requests see the same
+        faults in the same order however the pipeline interleaves them with downloads.
+        """
         with self._lock:
-            roll = self._rng.random()
+            rng = self._rngs.setdefault(kinds, random.Random(f"{self._seed}:{','.join(kinds)}"))
+            roll = rng.random()
             rates = self.rates
         edge = 0.0
         for kind in kinds:

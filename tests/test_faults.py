@@ -7,6 +7,7 @@ only injected fault that is not real I/O is the failing store (see `_FlakyStorag
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -23,6 +24,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from faults import FaultRates, start_fault_proxy
 from removebg_provider import pipeline
@@ -48,11 +50,13 @@ def _manifest(folder: Path, rows: int) -> tuple[str, list[str]]:
     """`rows` distinct 32x32 photos (tiny, so the classic engine is quick) and a manifest naming them."""
     images = folder / "photos"
     images.mkdir(parents=True)
-    photo = sample_photo(32, 32)
+    photo = Image.open(io.BytesIO(sample_photo(32, 32))).convert("RGB")
     paths = []
     for index in range(rows):
+        # Distinct bytes: rows with identical bytes would be sent once and share a result.
+        photo.putpixel((0, 0), (index % 256, index // 256, 0))
         path = images / f"p{index:05d}.png"
-        path.write_bytes(photo)
+        photo.save(path, "PNG")
         paths.append(str(path))
     ids = [f"sku-{index:05d}" for index in range(rows)]
     manifest = folder / "manifest.parquet"
@@ -213,13 +217,18 @@ def test_a_rerun_after_faults_completes_every_row(faulted: _FaultedRun) -> None:
 
 
 def _checkpointed_ok_ids(config: pipeline.PipelineConfig) -> set[str]:
-    """Ids the durable checkpoints record as succeeded: what a rerun must never send again."""
+    """Ids the durable checkpoints record as succeeded or answered: what a rerun must never send again.
+
+    Final checkpoints (`ckpt-*`) hold finished rows; answer checkpoints (`answer-*`) hold the API's
+    answer for a batch, written before its request slot is released and before any output is copied.
+    """
     done: set[str] = set()
-    for path in Path(config.staging, "checkpoints").glob("shard-*/ckpt-*.jsonl"):
-        for line in path.read_text().splitlines()[1:]:
-            result = json.loads(line)
-            if 200 <= result["status_code"] < 300:
-                done.add(result["id"])
+    for pattern in ("shard-*/ckpt-*.jsonl", "shard-*/answer-*.jsonl"):
+        for path in Path(config.staging, "checkpoints").glob(pattern):
+            for line in path.read_text().splitlines()[1:]:
+                result = json.loads(line)
+                if 200 <= result["status_code"] < 300:
+                    done.add(result["id"])
     return done
 
 
@@ -271,9 +280,11 @@ def test_a_run_killed_with_sigkill_resumes_without_billing_any_checkpointed_reco
 ) -> None:
     """Billed over both runs <= rows + concurrency x batch size.
 
-    Each of the `concurrency` worker threads holds at most one batch between sending it and
-    checkpointing its result; only those records (billed, but not yet durable) can be billed again.
-    A record whose success was checkpointed before the kill is never sent again.
+    A batch's API answer is checkpointed before its request slot is released, and there are
+    `concurrency` slots (shared by the shards processed side by side), so only the records of the
+    requests in flight at the kill (at most concurrency x batch) can be billed without being durable;
+    only those can be billed again. A record whose answer or success was checkpointed before the kill
+    is never sent again: the rerun copies an answered record's outputs from the stored URLs.
     """
     rows = 400
     manifest, ids = _manifest(tmp_path, rows)
@@ -377,8 +388,10 @@ def test_rows_reported_507_succeed_on_a_rerun_with_a_healthy_store(
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_a_rerun_finishes_it(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
-    """A batch whose checkpoint write fails (after its retries) is billed but not durable: it stops the
-    run with a StorageError naming the object, and the rerun bills that batch's records again."""
+    """A checkpoint write that fails (after its retries) stops the run with a StorageError naming the
+    object. Only a failed answer checkpoint leaves a batch billed but not durable, so the rerun bills
+    that batch's records again; after a failed final checkpoint the rerun copies the outputs from the
+    stored answer and bills nothing."""
     manifest, ids = _manifest(tmp_path, 100)
     config = _config(tmp_path, manifest, concurrency=1)
     flaky = _FlakyStorage(
@@ -390,5 +403,6 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_a_rerun_finishes_
         _run(server.base_url, server.token, config, flaky)
     summary = _run(server.base_url, server.token, config)
 
+    failed_answers = [uri for uri in flaky.failures if "/answer-" in uri]
     assert summary.succeeded == len(ids)
-    assert server.stats()["records_billed"] <= len(ids) + len(flaky.failures) * _BATCH
+    assert server.stats()["records_billed"] <= len(ids) + len(failed_answers) * _BATCH

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fake_time import FakeClock
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.errors import BudgetExceededError, FailurePolicyError, ManifestError
 from removebg_provider.manifest import RESULT_SCHEMA
-from removebg_provider.storage import Storage
+from removebg_provider.storage import OutputCopier, Storage
 from servers import LocalApiServer, sample_photo, start_api_server
 
 
@@ -185,6 +188,136 @@ def test_an_interrupted_run_resumes_without_billing_finished_batches_again(
     assert summary.succeeded == 12
 
 
+class _CopierKilled(OutputCopier):
+    """A real copier whose worker dies (like a killed process) on its first copy: after the API answered."""
+
+    def copy(self, source_url: str, destination_uri: str, ext: str) -> bytes:
+        raise KeyboardInterrupt("worker killed before copying")
+
+
+def _answer_then_die(server: LocalApiServer, config: pipeline.PipelineConfig) -> None:
+    """Send every row of a one-shard manifest, then die before any output is copied."""
+    storage = Storage()
+    planned = pipeline.plan(config, storage)
+    assert len(planned.shards) == 1
+    with (
+        pytest.raises(KeyboardInterrupt),
+        RemoveBgClient(server.base_url, server.token) as client,
+    ):
+        pipeline.process_shard(planned.shards[0], planned, client, storage, copier=_CopierKilled(storage))
+
+
+def _answer_files(config: pipeline.PipelineConfig) -> list[Path]:
+    return sorted(Path(config.staging, "checkpoints").glob("shard-*/answer-*.jsonl"))
+
+
+def test_rows_answered_before_an_interruption_are_finished_by_copying_without_billing_again(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 3)})
+    config = _config(tmp_path, manifest, shard_size=3)
+    server.reset_stats()
+    _answer_then_die(server, config)
+    billed_before = server.stats()["records_billed"]
+
+    summary = _run(server, config)
+
+    rows = _enriched(config).to_pylist()
+    assert billed_before == 3
+    assert server.stats()["records_billed"] == 3
+    assert (summary.succeeded, summary.billed_records) == (3, 0)
+    assert all("copied from an earlier answer" in row["removebg_status_text"] for row in rows)
+    assert all(Image.open(row["removebg_output_url"]).mode == "RGBA" for row in rows)
+
+
+def test_dry_run_counts_answered_but_not_copied_rows_as_copy_only_not_billable(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 5)})
+    config = _config(tmp_path, manifest, shard_size=5, max_records_per_request=5, concurrency=1)
+    _answer_then_die(server, config)
+
+    estimate = pipeline.estimate_billing(pipeline.plan(config, Storage()), Storage())
+
+    assert (estimate.copy_only, estimate.billable) == (5, 0)
+
+
+def test_answered_rows_whose_temporary_outputs_expired_get_410_then_are_sent_again_on_the_next_run(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(start=1_000_000.0)
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 3)})
+    config = _config(tmp_path, manifest, shard_size=3, max_failed_fraction=1.0)
+    with start_api_server(tmp_path / "server", clock=clock.now) as server:
+        _answer_then_die(server, config)
+        clock.sleep(25 * 3600)
+        server.reset_stats()
+
+        copied = _run(server, config)
+        billed_on_copy = server.stats()["records_billed"]
+        codes_after_copy = _enriched(config).column("removebg_status_code").to_pylist()
+        resent = _run(server, config)
+
+        assert billed_on_copy == 0
+        assert codes_after_copy == [410, 410, 410]
+        assert (copied.succeeded, resent.succeeded) == (0, 3)
+        assert server.stats()["records_billed"] == 3
+
+
+def test_an_answer_older_than_23_hours_is_sent_again_not_copied(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 3)})
+    config = _config(tmp_path, manifest, shard_size=3)
+    _answer_then_die(server, config)
+    (answer,) = _answer_files(config)
+    header, *lines = answer.read_text().splitlines()
+    stamp = pipeline._now() - pipeline.timedelta(hours=23, minutes=1)
+    answer.write_text(
+        "\n".join([json.dumps({**json.loads(header), "answered_at": stamp.isoformat()}), *lines])
+    )
+    server.reset_stats()
+
+    summary = _run(server, config)
+
+    assert (summary.succeeded, summary.billed_records) == (3, 3)
+    assert server.stats()["records_billed"] == 3
+
+
+class _CountingClient(RemoveBgClient):
+    """A real client that records the most requests it ever had in flight at once."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._lock = threading.Lock()
+
+    def remove_batch(self, records, options=None):  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return super().remove_batch(records, options or pipeline.RemovalOptions())
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+@pytest.mark.usefixtures("billed")
+def test_requests_in_flight_never_exceed_concurrency_while_other_workers_copy(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 12)})
+    config = _config(tmp_path, manifest, shard_size=12, max_records_per_request=1, concurrency=2)
+
+    with _CountingClient(server.base_url, server.token) as client:
+        summary = pipeline.run(config, client, Storage())
+
+    assert summary.succeeded == 12
+    assert client.most_in_flight == 2
+
+
 @pytest.mark.usefixtures("billed")
 def test_rows_with_the_same_image_are_sent_once_and_share_the_result(
     server: LocalApiServer, tmp_path: Path
@@ -206,6 +339,53 @@ def test_rows_with_the_same_image_are_sent_once_and_share_the_result(
     assert summary.succeeded == 5
     assert rows[2]["removebg_output_url"] == rows[0]["removebg_output_url"]
     assert rows[4]["removebg_output_url"] == rows[0]["removebg_output_url"]
+
+
+def _same_bytes_manifest(tmp_path: Path) -> str:
+    """Five rows, one shard: two photos, each also saved under other names (identical bytes)."""
+    first, second = _photos(tmp_path / "photos", 2)
+    copies = [tmp_path / "photos" / "copy-a.jpg", tmp_path / "photos" / "copy-b.jpg"]
+    copies[0].write_bytes(Path(first).read_bytes())
+    copies[1].write_bytes(Path(first).read_bytes())
+    references = [first, second, str(copies[0]), str(copies[1]), second]
+    return _write_manifest(tmp_path / "m.parquet", {"sku": list("abcde"), "image_url": references})
+
+
+@pytest.mark.usefixtures("billed")
+def test_rows_of_a_shard_with_identical_image_bytes_are_sent_once_and_share_the_result(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    # One batch: its rows are read in order, so the first row with the bytes ("a") owns them.
+    config = _config(
+        tmp_path, _same_bytes_manifest(tmp_path), id_column="sku", shard_size=5, max_records_per_request=5
+    )
+
+    summary = _run(server, config)
+
+    rows = {row["sku"]: row for row in _enriched(config).to_pylist()}
+    assert server.stats()["records_billed"] == 2
+    assert (summary.succeeded, summary.billed_records) == (5, 2)
+    assert (
+        rows["c"]["removebg_output_url"]
+        == rows["d"]["removebg_output_url"]
+        == rows["a"]["removebg_output_url"]
+    )
+    assert "same image bytes as a" in rows["c"]["removebg_status_text"]
+    assert (rows["c"]["removebg_attempts"], rows["d"]["removebg_attempts"]) == (0, 0)
+    assert "same image as b" in rows["e"]["removebg_status_text"]
+
+
+def test_a_rerun_bills_nothing_for_rows_that_shared_identical_bytes(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, _same_bytes_manifest(tmp_path), id_column="sku", shard_size=5)
+    _run(server, config)
+    server.reset_stats()
+
+    summary = _run(server, config)
+
+    assert (summary.succeeded, summary.billed_records) == (5, 0)
+    assert server.stats()["records_billed"] == 0
 
 
 def test_dry_run_counts_billable_records_after_resume_and_duplicates(
@@ -230,6 +410,7 @@ def test_dry_run_counts_billable_records_after_resume_and_duplicates(
         "rows": 8,
         "duplicates": 1,
         "resumed": 2,
+        "copy_only": 0,
         "existing": 0,
         "without_reference": 1,
         "billable": 4,
@@ -239,7 +420,8 @@ def test_dry_run_counts_billable_records_after_resume_and_duplicates(
 
 def test_dry_run_after_a_partial_run_counts_only_what_is_left(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 8)})
-    config = _config(tmp_path, manifest, concurrency=1)
+    # One shard (batches of 3, 3, 2): the one request that gets through is a full batch of 3.
+    config = _config(tmp_path, manifest, concurrency=1, shard_size=8)
     with pytest.raises(KeyboardInterrupt), _CrashAfter(server.base_url, server.token, batches=1) as crashing:
         pipeline.run(config, crashing, Storage())
 

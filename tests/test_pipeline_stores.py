@@ -98,7 +98,7 @@ def test_an_interrupted_run_resumes_from_checkpoints_in_the_store_without_billin
 
     summary = _run(server, config, object_store.storage)
 
-    assert len(checkpoints) == 2
+    assert len([uri for uri in checkpoints if "/ckpt-" in uri]) == 2
     assert all(uri.startswith(object_store.uri("cutouts/_removebg_staging/")) for uri in checkpoints)
     assert server.stats()["records_billed"] == 12
     assert summary.succeeded == 12

@@ -108,6 +108,32 @@ class RecordResult:
         """True when the API processed the record (a 2xx record status)."""
         return 200 <= self.status_code < 300
 
+    @classmethod
+    def failure(
+        cls,
+        record_id: str,
+        status_code: int,
+        status_text: str,
+        error: str,
+        *,
+        request_id: str | None = None,
+        attempts: int = 1,
+    ) -> RecordResult:
+        """A record the API did not process: no outputs and no size."""
+        return cls(
+            id=record_id,
+            status_code=status_code,
+            status_text=status_text,
+            error=error,
+            output_url=None,
+            output_url_mask=None,
+            output_url_whitebg=None,
+            width=None,
+            height=None,
+            request_id=request_id,
+            attempts=attempts,
+        )
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -631,7 +657,14 @@ def _match_results(
     return [
         _record_result(record.id, item, request_id, attempts)
         if item is not None
-        else _failed(record.id, "missing", "missing from the API response", request_id, attempts)
+        else RecordResult.failure(
+            record.id,
+            BAD_RECORD_STATUS,
+            "missing",
+            "missing from the API response",
+            request_id=request_id,
+            attempts=attempts,
+        )
         for record, item in zip(records, matched, strict=True)
     ]
 
@@ -647,12 +680,22 @@ def _record_result(
     if code is None and output_url is not None:
         code = 200
     if code is None:
-        return _failed(
-            record_id, "no result", "the API returned neither _status nor _output_url", request_id, attempts
+        return RecordResult.failure(
+            record_id,
+            BAD_RECORD_STATUS,
+            "no result",
+            "the API returned neither _status nor _output_url",
+            request_id=request_id,
+            attempts=attempts,
         )
     if 200 <= code < 300 and output_url is None:
-        return _failed(
-            record_id, "no result", "the API reported OK but returned no _output_url", request_id, attempts
+        return RecordResult.failure(
+            record_id,
+            BAD_RECORD_STATUS,
+            "no result",
+            "the API reported OK but returned no _output_url",
+            request_id=request_id,
+            attempts=attempts,
         )
     text = _str_or_none(status.get("text")) or ("OK" if 200 <= code < 300 else f"HTTP {code}")
     error = None
@@ -668,22 +711,6 @@ def _record_result(
         output_url_whitebg=_str_or_none(item.get("_output_url_whitebg")),
         width=_int_or_none(item.get("_width")),
         height=_int_or_none(item.get("_height")),
-        request_id=request_id,
-        attempts=attempts,
-    )
-
-
-def _failed(record_id: str, text: str, error: str, request_id: str | None, attempts: int) -> RecordResult:
-    return RecordResult(
-        id=record_id,
-        status_code=BAD_RECORD_STATUS,
-        status_text=text,
-        error=error,
-        output_url=None,
-        output_url_mask=None,
-        output_url_whitebg=None,
-        width=None,
-        height=None,
         request_id=request_id,
         attempts=attempts,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -13,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import Any
 
@@ -67,9 +66,16 @@ _ID = "__removebg_id"
 _REF = "__removebg_ref"
 _CANONICAL = "__removebg_canonical"
 _INTERNAL_COLUMNS = (_ROW, _ID, _REF, _CANONICAL)
+_ANSWER = "answer"
 _IMAGE_EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
 _FIRST_ERRORS = 5
 _SHARDS_SIDE_BY_SIDE = 2
+# A worker releases its request slot before copying outputs; twice as many workers as slots keep
+# every slot busy while the other half copies.
+_WORKERS_PER_SLOT = 2
+# The API keeps outputs 24 hours; an answer older than this is sent again rather than copied late.
+_ANSWER_LIFETIME = timedelta(hours=23)
+_FAR_FUTURE = datetime.max.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -265,11 +271,18 @@ _ROW_RESULT_FIELDS = dataclasses.fields(RowResult)
 
 @dataclass(frozen=True)
 class BillingEstimate:
-    """What a run would send to the API, after resume, skip-existing and de-duplication."""
+    """What a run would send to the API, after resume, skip-existing and de-duplication.
+
+    `copy_only` rows were answered by the API in an earlier, interrupted attempt: their outputs are
+    copied from the stored temporary URLs without a request, so they are not billable. Rows whose
+    image bytes repeat another row's in the same shard are only found when the bytes are read, so
+    `billable` counts them: it is an upper bound.
+    """
 
     rows: int
     duplicates: int
     resumed: int
+    copy_only: int
     existing: int
     without_reference: int
     billable: int
@@ -400,6 +413,7 @@ def estimate_billing(plan_: Plan, storage: Storage) -> BillingEstimate:
         rows=plan_.total_rows,
         duplicates=plan_.duplicate_rows,
         resumed=counts["resumed"],
+        copy_only=counts["copy_only"],
         existing=counts["existing"],
         without_reference=counts["without_reference"],
         billable=counts["todo"],
@@ -434,16 +448,19 @@ def process_shard(
 ) -> RunSummary:
     """Remove the backgrounds of one shard's rows, copy the outputs and store the shard's results.
 
-    Each finished batch is checkpointed first, so a retried task sends no request for a row that
-    already succeeded. Authentication and out-of-credits errors stop the shard at once; every
-    other problem becomes the row's status. Raises FailurePolicyError, after storing the results,
-    when more than `max_failed_fraction` of the shard's rows failed. `request_slots`, shared by
-    shards processed side by side, caps their requests in flight together.
+    A batch is checkpointed twice: its API answer (temporary output URLs) as soon as the request
+    returns, while the batch still holds its request slot, then its final results once the outputs
+    are copied. A retried task sends no request for a row that already succeeded, and copies the
+    outputs of a row that was answered but not finished from the stored URLs, without a request.
+    Authentication and out-of-credits errors stop the shard at once; every other problem becomes
+    the row's status. Raises FailurePolicyError, after storing the results, when more than
+    `max_failed_fraction` of the shard's rows failed. `request_slots`, shared by shards processed
+    side by side, caps their requests in flight together (`concurrency` when not given).
     """
     config = plan_.config
     work = _ShardWork.load(shard, plan_, storage)
     owned_copier = copier is None
-    copier = copier or OutputCopier(storage, pool_size=config.concurrency)
+    copier = copier or OutputCopier(storage, pool_size=_WORKERS_PER_SLOT * config.concurrency)
     budget = budget or Budget(config.max_billable_records)
     try:
         results = work.run(client, copier, budget, on_progress, request_slots)
@@ -544,7 +561,7 @@ def run(
         on_plan(plan_)
     budget = Budget(config.max_billable_records)
     slots = threading.Semaphore(config.concurrency)
-    copier = OutputCopier(storage, pool_size=config.concurrency)
+    copier = OutputCopier(storage, pool_size=_WORKERS_PER_SLOT * config.concurrency)
     relaxed = dataclasses.replace(plan_, config=dataclasses.replace(config, max_failed_fraction=1.0))
     try:
         with ThreadPoolExecutor(_SHARDS_SIDE_BY_SIDE, thread_name_prefix="removebg-shard") as shards:
@@ -588,28 +605,31 @@ class _ShardWork:
         plan_: Plan,
         storage: Storage,
         rows: list[dict[str, Any]],
-        prior: dict[tuple[str, str], RowResult],
-        billed_earlier: int,
+        checkpoints: _Checkpoints,
     ) -> None:
         self.shard = shard
         self.config = plan_.config
         self.run_id = plan_.run_id
         self.storage = storage
         self.rows = rows
-        self.prior = prior
-        self.billed_earlier = billed_earlier
+        self.prior = checkpoints.done if self.config.resume else {}
+        self.answers = checkpoints.usable_answers(_now()) if self.config.resume else {}
+        self.billed_earlier = checkpoints.billed_in_run
         self.billed = 0
         self._billed_lock = threading.Lock()
+        # Image bytes read by this shard's workers: digest -> (id, row) of the first row to read them,
+        # and each later row with the same bytes -> that owner. Later rows are not sent.
+        self._byte_owners: dict[bytes, tuple[str, int]] = {}
+        self._byte_duplicates: dict[int, tuple[str, int]] = {}
+        self._owners_lock = threading.Lock()
 
     @classmethod
     def load(cls, shard: ShardDescriptor, plan_: Plan, storage: Storage) -> _ShardWork:
         table = _read_parquet(shard.uri, storage, columns=list(_INTERNAL_COLUMNS))
-        prior, billed_earlier = _load_checkpoints(shard, plan_, storage)
-        resumable = prior if plan_.config.resume else {}
-        return cls(shard, plan_, storage, table.to_pylist(), resumable, billed_earlier)
+        return cls(shard, plan_, storage, table.to_pylist(), _load_checkpoints(shard, plan_, storage))
 
     def classify(self) -> Iterator[tuple[str, dict[str, Any], RowResult | None]]:
-        """Each row with its class: duplicate, without_reference, resumed, existing or todo."""
+        """Each row with its class: duplicate, without_reference, resumed, existing, copy_only or todo."""
         for row in self.rows:
             reference = row[_REF]
             if row[_CANONICAL] is not None:
@@ -626,6 +646,8 @@ class _ShardWork:
                 yield "resumed", row, resumed
             elif self.config.skip_existing and self._outputs_exist(row[_ID]):
                 yield "existing", row, self._existing(row)
+            elif (row[_ID], self.config.fingerprint(reference)) in self.answers:
+                yield "copy_only", row, None
             else:
                 yield "todo", row, None
 
@@ -642,30 +664,40 @@ class _ShardWork:
     ) -> dict[int, RowResult]:
         results: dict[int, RowResult] = {}
         todo: list[dict[str, Any]] = []
+        copy_only: list[dict[str, Any]] = []
         for kind, row, row_result in self.classify():
             if kind == "todo":
                 todo.append(row)
+            elif kind == "copy_only":
+                copy_only.append(row)
             elif row_result is not None:
                 results[row[_ROW]] = row_result
-        progress = Progress(len(todo), f"shard {self.shard.index}", on_progress)
+        progress = Progress(len(todo) + len(copy_only), f"shard {self.shard.index}", on_progress)
         if on_progress is not None and results:
-            on_progress(len(results), 0, len(todo))
+            on_progress(len(results), 0, len(todo) + len(copy_only))
         log.info(
-            "shard %d: %d rows, %d to send, %d already done or not sendable",
+            "shard %d: %d rows, %d to send, %d to copy from an earlier answer without a request, "
+            "%d already done or not sendable",
             self.shard.index,
             len(self.rows),
             len(todo),
+            len(copy_only),
             len(results),
         )
-        batches = [
-            todo[i : i + self.config.max_records_per_request]
-            for i in range(0, len(todo), self.config.max_records_per_request)
-        ]
-        with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="removebg") as pool:
-            futures: list[Future[list[RowResult]]] = [
-                pool.submit(self._process_batch, batch, client, copier, budget, progress, request_slots)
-                for batch in batches
+        size = self.config.max_records_per_request
+        to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
+        to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
+        slots = request_slots or threading.Semaphore(self.config.concurrency)
+        workers = _WORKERS_PER_SLOT * self.config.concurrency
+        with ThreadPoolExecutor(workers, thread_name_prefix="removebg") as pool:
+            # Answered rows first: their temporary URLs are the ones closest to expiring.
+            futures: list[Future[list[RowResult | None]]] = [
+                pool.submit(self._copy_answered, batch, copier, progress) for batch in to_copy
+            ] + [
+                pool.submit(self._process_batch, batch, client, copier, budget, progress, slots)
+                for batch in to_send
             ]
+            batches = to_copy + to_send
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()
@@ -673,8 +705,32 @@ class _ShardWork:
                 if future.cancelled():
                     continue
                 for row, row_result in zip(batch, future.result(), strict=True):
-                    results[row[_ROW]] = row_result
+                    if row_result is not None:
+                        results[row[_ROW]] = row_result
+        self._share_owner_results(results)
         return results
+
+    def _share_owner_results(self, results: dict[int, RowResult]) -> None:
+        """Give each row whose bytes repeat an earlier row's that row's result, and checkpoint it."""
+        if not self._byte_duplicates:
+            return
+        rows = {row[_ROW]: row for row in self.rows}
+        shared: list[RowResult] = []
+        for row_number, (owner_id, owner_row) in self._byte_duplicates.items():
+            owner = results[owner_row]
+            row = rows[row_number]
+            results[row_number] = dataclasses.replace(
+                owner,
+                id=row[_ID],
+                status_text=f"{owner.status_text} (same image bytes as {owner_id})",
+                attempts=0,
+                fingerprint=self.config.fingerprint(row[_REF]),
+            )
+            shared.append(results[row_number])
+        self._checkpoint(shared)
+        log.info(
+            "shard %d: %d rows shared the result of a row with identical bytes", self.shard.index, len(shared)
+        )
 
     def _process_batch(
         self,
@@ -683,15 +739,16 @@ class _ShardWork:
         copier: OutputCopier,
         budget: Budget,
         progress: Progress,
-        request_slots: threading.Semaphore | None,
-    ) -> list[RowResult]:
+        request_slots: threading.Semaphore,
+    ) -> list[RowResult | None]:
+        """Send a batch and copy its outputs; None for rows whose bytes an earlier row owns."""
         outcomes: dict[str, RowResult] = {}
         records: list[ImageRecord] = []
         for row in batch:
             record = self._record(row)
             if isinstance(record, RowResult):
                 outcomes[row[_ID]] = record
-            else:
+            elif not self._repeats_earlier_bytes(row, record):
                 records.append(record)
         if records and not budget.reserve(len(records)):
             for record in records:
@@ -701,37 +758,78 @@ class _ShardWork:
                     f"not processed: max_billable_records={budget.limit} reached",
                 )
             records = []
+        api_results: list[RecordResult] = []
         if records:
-            with request_slots or contextlib.nullcontext():
-                for api_result in self._call_api(records, client):
-                    outcomes[api_result.id] = self._copy_outputs(api_result, copier)
-        stamped = [
-            dataclasses.replace(outcomes[row[_ID]], fingerprint=self.config.fingerprint(row[_REF]))
-            for row in batch
-        ]
-        self._checkpoint(stamped, billed=len(records))
-        progress.advance(len(stamped), sum(1 for r in stamped if not r.ok))
-        return stamped
+            with request_slots:
+                api_results, billed = self._call_api(records, client)
+                if billed:
+                    # Durable before the slot is released: only requests holding a slot can be
+                    # billed without a checkpoint, so a kill re-bills at most concurrency x batch.
+                    self._checkpoint_answer(batch, api_results, billed)
+                    with self._billed_lock:
+                        self.billed += billed
+        for api_result in api_results:
+            outcomes[api_result.id] = self._copy_outputs(api_result, copier)
+        return self._finish(batch, outcomes, progress)
 
-    def _call_api(self, records: list[ImageRecord], client: RemoveBgClient) -> list[RecordResult]:
+    def _repeats_earlier_bytes(self, row: dict[str, Any], record: ImageRecord) -> bool:
+        if record.data is None:
+            return False
+        digest = hashlib.blake2b(record.data, digest_size=16).digest()
+        with self._owners_lock:
+            owner = self._byte_owners.setdefault(digest, (row[_ID], row[_ROW]))
+            if owner[1] == row[_ROW]:
+                return False
+            self._byte_duplicates[row[_ROW]] = owner
+            return True
+
+    def _copy_answered(
+        self, batch: list[dict[str, Any]], copier: OutputCopier, progress: Progress
+    ) -> list[RowResult | None]:
+        """Finish rows the API answered in an interrupted attempt, from the stored temporary URLs."""
+        outcomes: dict[str, RowResult] = {}
+        for row in batch:
+            copied = self._copy_outputs(self.answers[(row[_ID], self.config.fingerprint(row[_REF]))], copier)
+            if copied.ok:
+                text = f"{copied.status_text} (outputs copied from an earlier answer, not sent again)"
+                copied = dataclasses.replace(copied, status_text=text)
+            outcomes[row[_ID]] = copied
+        return self._finish(batch, outcomes, progress)
+
+    def _finish(
+        self, batch: list[dict[str, Any]], outcomes: dict[str, RowResult], progress: Progress
+    ) -> list[RowResult | None]:
+        stamped = {
+            row[_ID]: dataclasses.replace(outcomes[row[_ID]], fingerprint=self.config.fingerprint(row[_REF]))
+            for row in batch
+            if row[_ID] in outcomes
+        }
+        self._checkpoint(list(stamped.values()))
+        progress.advance(len(batch), sum(1 for r in stamped.values() if not r.ok))
+        return [stamped.get(row[_ID]) for row in batch]
+
+    def _call_api(self, records: list[ImageRecord], client: RemoveBgClient) -> tuple[list[RecordResult], int]:
+        """The API's answer for each record, and how many records the API billed for it."""
         try:
-            results = client.remove_batch(records, self.config.options)
+            return client.remove_batch(records, self.config.options), len(records)
         except TransientApiError as exc:
-            return [
-                _api_failure(record.id, STATUS_API_UNAVAILABLE, "API unavailable", str(exc))
+            failures = [
+                RecordResult.failure(record.id, STATUS_API_UNAVAILABLE, "API unavailable", str(exc))
                 for record in records
             ]
+            return failures, 0
         except ApiRequestError as exc:
             if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE and len(records) > 1:
                 # One oversized image must not sink its batch mates on every rerun: send each alone.
-                return [result for record in records for result in self._call_api([record], client)]
+                alone = [self._call_api([record], client) for record in records]
+                answers = [answer for answered, _ in alone for answer in answered]
+                return answers, sum(billed for _, billed in alone)
             code = exc.status_code
-            return [
-                _api_failure(record.id, code, "request rejected by the API", str(exc)) for record in records
+            failures = [
+                RecordResult.failure(record.id, code, "request rejected by the API", str(exc))
+                for record in records
             ]
-        with self._billed_lock:
-            self.billed += len(records)
-        return results
+            return failures, 0
 
     def _record(self, row: dict[str, Any]) -> ImageRecord | RowResult:
         reference: str = row[_REF]
@@ -793,24 +891,41 @@ class _ShardWork:
             quality_flags=verdict.flags,
         )
 
-    def _checkpoint(self, results: list[RowResult], billed: int) -> None:
+    def _checkpoint(self, results: list[RowResult]) -> None:
+        if not results:
+            return
         uri = join_uri(_checkpoint_prefix(self.shard, self.config), unique_name("ckpt") + ".jsonl")
-        header = {"billed": billed, "run_id": self.run_id}
+        header = {"billed": 0, "run_id": self.run_id}
         lines = [json.dumps(header)] + [json.dumps(r.to_json()) for r in results]
+        self.storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
+
+    def _checkpoint_answer(
+        self, batch: list[dict[str, Any]], answers: list[RecordResult], billed: int
+    ) -> None:
+        """Store the API's answer for a batch, temporary output URLs included, with what it billed."""
+        fingerprints = {row[_ID]: self.config.fingerprint(row[_REF]) for row in batch}
+        uri = join_uri(_checkpoint_prefix(self.shard, self.config), unique_name("answer") + ".jsonl")
+        header = {"kind": _ANSWER, "billed": billed, "run_id": self.run_id, "answered_at": _now().isoformat()}
+        lines = [json.dumps(header)] + [
+            json.dumps({"fingerprint": fingerprints[a.id], **dataclasses.asdict(a)}) for a in answers
+        ]
         self.storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
 
     def _resumable(self, row: dict[str, Any]) -> RowResult | None:
         previous = self.prior.get((row[_ID], self.config.fingerprint(row[_REF])))
         if previous is None:
             return None
-        wanted = self.config.outputs_for(row[_ID])
         recorded = {
             "cutout": previous.output_url,
             "mask": previous.output_url_mask,
             "whitebg": previous.output_url_whitebg,
         }
-        if any(recorded[kind] != uri or not self.storage.exists(uri) for kind, uri in wanted.items()):
-            return None
+        # The fingerprint fixes the output kinds and keys; a row that shared the result of a row
+        # with identical bytes records that row's outputs, so only their existence is checked.
+        for kind in self.config.outputs_for(row[_ID]):
+            uri = recorded[kind]
+            if uri is None or not self.storage.exists(uri):
+                return None
         return previous
 
     def _outputs_exist(self, record_id: str) -> bool:
@@ -844,21 +959,6 @@ class _ShardWork:
             attempts=0,
             processed_at=_now(),
         )
-
-
-def _api_failure(record_id: str, code: int, text: str, error: str) -> RecordResult:
-    return RecordResult(
-        id=record_id,
-        status_code=code,
-        status_text=text,
-        error=error,
-        output_url=None,
-        output_url_mask=None,
-        output_url_whitebg=None,
-        width=None,
-        height=None,
-        request_id=None,
-    )
 
 
 def _merged_row(
@@ -1027,26 +1127,62 @@ def _results_uri(shard: ShardDescriptor, config: PipelineConfig) -> str:
     return join_uri(config.staging, f"results/shard-{shard.index:05d}.jsonl")
 
 
-def _load_checkpoints(
-    shard: ShardDescriptor, plan_: Plan, storage: Storage
-) -> tuple[dict[tuple[str, str], RowResult], int]:
-    """Earlier successes for this shard's rows by (id, fingerprint), and what this run billed so far.
+@dataclass
+class _Checkpoints:
+    """What earlier attempts left for one shard, by (id, fingerprint), and what this run billed so far.
 
     Keying by fingerprint means a checkpoint of other work for the same id (another reference or
     other options, from an earlier run) never stands in for this run's work.
     """
-    found: dict[tuple[str, str], RowResult] = {}
-    billed_in_run = 0
+
+    done: dict[tuple[str, str], RowResult] = field(default_factory=dict)
+    answers: dict[tuple[str, str], tuple[datetime, RecordResult]] = field(default_factory=dict)
+    failed_at: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    billed_in_run: int = 0
+
+    def usable_answers(self, now: datetime) -> dict[tuple[str, str], RecordResult]:
+        """Successful API answers whose outputs can still be copied instead of sending the row again.
+
+        An answer is spent once a later final checkpoint records a failure for its row (its copy
+        failed, or a resend failed): that row is sent again, so it is never stuck on a dead URL.
+        """
+        usable: dict[tuple[str, str], RecordResult] = {}
+        for key, (answered_at, answer) in self.answers.items():
+            failed_at = self.failed_at.get(key)
+            if now - answered_at < _ANSWER_LIFETIME and (failed_at is None or failed_at < answered_at):
+                usable[key] = answer
+        return usable
+
+
+def _load_checkpoints(shard: ShardDescriptor, plan_: Plan, storage: Storage) -> _Checkpoints:
+    found = _Checkpoints()
     for uri in storage.list_prefix(_checkpoint_prefix(shard, plan_.config)):
         header_line, *lines = storage.read_bytes(uri).decode().splitlines()
         header = json.loads(header_line)
         if header.get("run_id") == plan_.run_id:
-            billed_in_run += header["billed"]
+            found.billed_in_run += header["billed"]
+        if header.get("kind") == _ANSWER:
+            answered_at = datetime.fromisoformat(header["answered_at"])
+            for line in lines:
+                data = json.loads(line)
+                key = (data["id"], data.pop("fingerprint"))
+                answer = RecordResult(**data)
+                newest = found.answers.get(key)
+                if answer.ok and (newest is None or newest[0] < answered_at):
+                    found.answers[key] = (answered_at, answer)
+            continue
         for line in lines:
             row_result = RowResult.from_json(json.loads(line))
-            if row_result.ok and row_result.fingerprint is not None:
-                found[(row_result.id, row_result.fingerprint)] = row_result
-    return found, billed_in_run
+            if row_result.fingerprint is None:
+                continue
+            key = (row_result.id, row_result.fingerprint)
+            if row_result.ok:
+                found.done[key] = row_result
+            else:
+                # A failure without a time cannot be ordered against an answer: it spends them all.
+                stamp = row_result.processed_at or _FAR_FUTURE
+                found.failed_at[key] = max(stamp, found.failed_at.get(key, stamp))
+    return found
 
 
 def _write_shard_results(
@@ -1155,12 +1291,3 @@ def _enforce_failure_policy(summary: RunSummary, config: PipelineConfig, what: s
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
