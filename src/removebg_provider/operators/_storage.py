@@ -30,10 +30,8 @@ def storage_from_connections(
         wasb_hook = _hook_class(
             "airflow.providers.microsoft.azure.hooks.wasb", "WasbHook", "wasb_conn_id", "microsoft-azure"
         )
-        client = {"client": wasb_hook(wasb_conn_id=wasb_conn_id).get_conn()}
-        # smart_open opens azure:// URIs; the listing of checkpoints also accepts az://.
-        params["azure"] = client
-        params["az"] = client
+        # Storage serves az:// and azure:// alike from either key.
+        params["azure"] = {"client": wasb_hook(wasb_conn_id=wasb_conn_id).get_conn()}
     return Storage(transport_params=params)
 
 
@@ -41,7 +39,8 @@ def _hook_class(module: str, name: str, argument: str, extra: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as exc:
+        # An installed provider can fail to import too (a dependency clash): show why.
         raise ConfigurationError(
-            f"{argument} is set but the provider package for {name} is not installed; "
-            f"install it with: pip install 'airflow-provider-removebg[{extra}]'"
+            f"{argument} is set but {name} cannot be imported ({exc}); install its provider package "
+            f"with: pip install 'airflow-provider-removebg[{extra}]'"
         ) from exc
