@@ -65,7 +65,9 @@ class _Clock:
         )
 
 
-def run_once(api: FakeApi, folder: Path, rows: int, concurrency: int, batch: int) -> list[Phase]:
+def run_once(
+    api: FakeApi, folder: Path, rows: int, concurrency: int, batch: int, quality_check: bool = True
+) -> list[Phase]:
     """Plan, process every shard and merge, timing each phase's wall and CPU."""
     config = pipeline.PipelineConfig(
         manifest_uri=url_manifest(folder / "manifest.parquet", rows),
@@ -75,6 +77,7 @@ def run_once(api: FakeApi, folder: Path, rows: int, concurrency: int, batch: int
         shard_size=rows,
         max_records_per_request=batch,
         concurrency=concurrency,
+        quality_check=quality_check,
         # The QA report (contact sheet of sample rows) is its own cost, not the pipeline's.
         report=False,
     )
@@ -122,10 +125,15 @@ def main() -> int:
         folder = Path(temporary)
         (folder / "warmup").mkdir()
         run_once(api, folder / "warmup", 200, args.concurrency, args.batch)
-        (folder / "measured").mkdir()
         load = load_average()
         api_cpu = api.cpu_seconds()
-        phases = run_once(api, folder / "measured", args.rows, args.concurrency, args.batch)
+        runs: dict[bool, list[Phase]] = {}
+        for quality_check in (True, False):
+            measured = folder / f"measured-{quality_check}"
+            measured.mkdir()
+            runs[quality_check] = run_once(
+                api, measured, args.rows, args.concurrency, args.batch, quality_check
+            )
         api_cpu = api.cpu_seconds() - api_cpu
         if args.profile:
             (folder / "profiled").mkdir()
@@ -134,52 +142,61 @@ def main() -> int:
             )
             print(profile_text)
     quality_ms = _quality_ms(cutout_png(cutout[0], cutout[1], args.output_bytes))
-    total_cpu = sum(p.cpu for p in phases)
-    total_wall = sum(p.wall for p in phases)
-    per_record = 1000 * total_cpu / args.rows
-    for phase in phases:
+    rows_text = []
+    per_record: dict[bool, float] = {}
+    for quality_check, phases in runs.items():
+        label = "on" if quality_check else "off"
+        per_record[quality_check] = 1000 * sum(p.cpu for p in phases) / args.rows
+        for phase in phases:
+            print(
+                f"quality check {label:>3}, {phase.name:>7}: wall {phase.wall:6.2f} s, "
+                f"CPU {phase.cpu:6.2f} s "
+                f"(user {phase.user:.2f}, system {phase.system:.2f}), "
+                f"{1000 * phase.cpu / args.rows:.3f} CPU ms/record"
+            )
+            rows_text.append(
+                f"| {label} | {phase.name} | {phase.wall:.2f} | {phase.user:.2f} | {phase.system:.2f} "
+                f"| {1000 * phase.cpu / args.rows:.3f} |"
+            )
+        process = next(p for p in phases if p.name == "process")
         print(
-            f"{phase.name:>8}: wall {phase.wall:6.2f} s, CPU {phase.cpu:6.2f} s "
-            f"(user {phase.user:.2f}, system {phase.system:.2f}), "
-            f"{1000 * phase.cpu / args.rows:.3f} CPU ms/record"
+            f"quality check {label}: {per_record[quality_check]:.3f} CPU ms/record "
+            f"({1000 / per_record[quality_check]:.0f} records/s per core); "
+            f"process phase {args.rows / process.wall:.0f} records/s wall"
         )
-    process = next(p for p in phases if p.name == "process")
     print(
-        f"total: {args.rows / total_wall:.0f} records/s wall, {per_record:.3f} CPU ms/record "
-        f"({1000 / per_record:.0f} records/s per core); "
-        f"process phase {args.rows / process.wall:.0f} records/s"
-    )
-    print(
-        f"load average before: {load}; fake API CPU {api_cpu:.2f} s; "
+        f"load average before: {load}; fake API CPU {api_cpu:.2f} s (both runs); "
         f"quality check alone {quality_ms:.3f} CPU ms per {args.cutout} cutout (one thread)"
     )
-    goal_met = per_record <= GOAL_CPU_MS_PER_RECORD
-    print(f"goal <= {GOAL_CPU_MS_PER_RECORD} CPU ms/record: {'met' if goal_met else 'MISSED'}")
-    print(f"without the quality check: {per_record - quality_ms:.3f} CPU ms/record")
+    goal_met = per_record[False] <= GOAL_CPU_MS_PER_RECORD
+    print(
+        f"goal <= {GOAL_CPU_MS_PER_RECORD} CPU ms/record for the pipeline's own work (check off): "
+        f"{'met' if goal_met else 'MISSED'}"
+    )
     if args.write_doc:
-        table = "\n".join(
-            f"| {p.name} | {p.wall:.2f} | {p.user:.2f} | {p.system:.2f} | {1000 * p.cpu / args.rows:.3f} |"
-            for p in phases
-        )
+        table = "\n".join(rows_text)
         write_subsection(
             "Our overhead per record",
             f"""
-`{command}` on {machine()}; load average before the measured run {load}.
+`{command}` on {machine()}; load average before the measured runs {load}.
 
 An instant fake API in its own process, {args.output_bytes // 1000} kB outputs over loopback (real
-{args.cutout} RGBA cutout PNGs, which the quality check decodes), {args.rows} rows, concurrency
-{args.concurrency}, batch {args.batch}, one shard, QA report off. CPU is `getrusage` user + system time
-of the pipeline process (all its threads); the API's ({api_cpu:.2f} s) is not in it.
+{args.cutout} RGBA cutout PNGs), {args.rows} rows, concurrency {args.concurrency}, batch
+{args.batch}, one shard, QA report off; measured twice in one run, with the quality check (which
+decodes every cutout) and without it (`quality_check=False`, `--no-quality-check`). CPU is
+`getrusage` user + system time of the pipeline process (all its threads); the API's
+({api_cpu:.2f} s for both runs) is not in it.
 
-| phase | wall s | user CPU s | system CPU s | CPU ms/record |
-|---|---:|---:|---:|---:|
+| quality check | phase | wall s | user CPU s | system CPU s | CPU ms/record |
+|---|---|---:|---:|---:|---:|
 {table}
 
-Total: **{per_record:.3f} CPU ms per record** ({1000 / per_record:.0f} records/s per core); the
-process phase ran at {args.rows / process.wall:.0f} records/s wall on this 2-core machine, which it
-shares with the fake API. Goal <= {GOAL_CPU_MS_PER_RECORD} ms: **{"met" if goal_met else "MISSED"}**.
-The quality check alone (`quality.assess` on the same cutout, one thread, CPU time) is
-{quality_ms:.3f} ms of that: {per_record - quality_ms:.3f} CPU ms per record without it.
+The pipeline's own work (manifest, requests, copies, checkpoints, enriched manifest):
+**{per_record[False]:.3f} CPU ms per record** ({1000 / per_record[False]:.0f} records/s per core).
+Goal <= {GOAL_CPU_MS_PER_RECORD} ms: **{"met" if goal_met else "MISSED"}**. With the quality check on
+(the default) **{per_record[True]:.3f} ms**: decoding a {args.cutout} PNG cutout is
+{quality_ms:.3f} ms by itself (`quality.assess`, one thread), and it scales with pixels, not bytes.
+Requesting `binary_mask` makes the check read the small JPEG mask instead, at reduced scale.
 """,
         )
     return 0 if goal_met else 1

@@ -124,9 +124,7 @@ def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dag_run(
-    tmp_path_factory: pytest.TempPathFactory, airflow_home: Path, manifest: Path
-) -> Iterator[DagRun]:
+def dag_run(tmp_path_factory: pytest.TempPathFactory, airflow_home: Path, manifest: Path) -> Iterator[DagRun]:
     work = tmp_path_factory.mktemp("dag-run")
     with start_api_server(work) as server:
         conf = {

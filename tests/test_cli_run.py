@@ -74,6 +74,24 @@ def test_run_exits_zero_and_prints_the_summary(server: LocalApiServer, tmp_path:
     assert pq.read_table(out).num_rows == 3
 
 
+def test_no_quality_check_leaves_the_quality_columns_empty(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, _photos(tmp_path, 2))
+    out = tmp_path / "enriched.parquet"
+
+    done = _removebg(
+        server,
+        manifest,
+        "--output-prefix",
+        str(tmp_path / "cutouts"),
+        "--output-manifest",
+        str(out),
+        "--no-quality-check",
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(out).column("removebg_foreground_fraction").to_pylist() == [None, None]
+
+
 def test_run_exits_one_when_more_rows_fail_than_allowed(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, [*_photos(tmp_path, 1), None])
 
@@ -194,6 +212,7 @@ def test_help_documents_every_option() -> None:
         "--dry-run",
         "--max-billable-records",
         "--max-failed-fraction",
+        "--no-quality-check",
         "REMOVEBG_API_TOKEN",
     ):
         assert option in done.stdout

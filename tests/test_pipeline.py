@@ -671,6 +671,22 @@ def test_every_cutout_gets_a_foreground_fraction_and_quality_flags(
 
 
 @pytest.mark.usefixtures("billed")
+def test_without_the_quality_check_cutouts_are_stored_with_empty_quality_columns(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 2)})
+    config = _config(tmp_path, manifest, quality_check=False, report=False)
+
+    summary = _run(server, config)
+
+    table = _enriched(config)
+    assert summary.succeeded == 2
+    assert all(Path(uri).is_file() for uri in table.column("removebg_output_url").to_pylist())
+    assert table.column("removebg_foreground_fraction").to_pylist() == [None, None]
+    assert table.column("removebg_quality_flags").to_pylist() == [[], []]
+
+
+@pytest.mark.usefixtures("billed")
 def test_a_contact_sheet_report_is_written_next_to_the_enriched_manifest(
     server: LocalApiServer, tmp_path: Path
 ) -> None:

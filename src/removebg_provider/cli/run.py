@@ -131,6 +131,11 @@ def add_parser(subcommands: Any) -> None:
         "--no-progress", action="store_true", help="no progress bar (logs still report progress)"
     )
     parser.add_argument(
+        "--no-quality-check",
+        action="store_true",
+        help="do not decode outputs for the foreground fraction and quality flags (faster)",
+    )
+    parser.add_argument(
         "--no-report", action="store_true", help="skip the contact-sheet report next to the enriched manifest"
     )
     parser.add_argument(
@@ -166,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             skip_existing=args.skip_existing,
             max_billable_records=args.max_billable_records,
             max_failed_fraction=args.max_failed_fraction,
+            quality_check=not args.no_quality_check,
             report=not args.no_report,
             report_sample=args.report_sample,
         )
