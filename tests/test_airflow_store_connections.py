@@ -8,7 +8,8 @@ through an independent client. The last test runs RemoveBackgroundOperator with 
 under a real `airflow dags test`.
 
 The Google provider is not installed by the dev extra (it pulls in ray, litellm and about a hundred
-other packages, 1.3 GB), so `gcp_conn_id` has no test here against fake-gcs-server.
+other packages, 1.3 GB), so the `gcp_conn_id` test stands a small GCSHook in for the provider's
+(the one mock here, named as such in that test) whose client is a real one for fake-gcs-server.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from stores import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,
     AzuriteBlob,
+    FakeGcs,
     MotoS3,
     ObjectStore,
 )
@@ -89,6 +92,13 @@ def s3_bucket(moto_s3: MotoS3) -> Iterator[ObjectStore]:
 
 
 @pytest.fixture
+def gcs_bucket(fake_gcs: FakeGcs) -> Iterator[ObjectStore]:
+    store = fake_gcs.new_store()
+    yield store
+    store.delete_bucket()
+
+
+@pytest.fixture
 def azure_container(azurite: AzuriteBlob) -> Iterator[ObjectStore]:
     store = azurite.new_store()
     yield store
@@ -106,6 +116,34 @@ def test_aws_connection_gives_the_pipeline_its_s3_client(
 
     assert summary.succeeded == PHOTOS
     _assert_outputs_written(s3_bucket)
+
+
+def test_gcp_connection_gives_the_pipeline_the_hooks_gcs_client(
+    fake_gcs: FakeGcs, gcs_bucket: ObjectStore, server: LocalApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mock: the Google provider is not installed (1.3 GB), so this GCSHook stands in for it. It has
+    # the provider's interface (GCSHook(gcp_conn_id=...).get_conn() -> google.cloud.storage.Client)
+    # and hands out a real client for fake-gcs-server; what is tested is our wiring of that client.
+    opened: list[str] = []
+
+    class GCSHook:
+        def __init__(self, gcp_conn_id: str) -> None:
+            opened.append(gcp_conn_id)
+
+        def get_conn(self) -> Any:
+            return fake_gcs.client()
+
+    hooks = types.ModuleType("airflow.providers.google.cloud.hooks.gcs")
+    hooks.GCSHook = GCSHook  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, hooks.__name__, hooks)
+    manifest = _put_catalog(gcs_bucket)
+
+    storage = storage_from_connections(gcp_conn_id="catalog_gcs")
+    summary = _run(server, _config(gcs_bucket, manifest), storage)
+
+    assert opened == ["catalog_gcs"]
+    assert summary.succeeded == PHOTOS
+    _assert_outputs_written(gcs_bucket)
 
 
 @pytest.mark.parametrize("form", ["connection_string", "account_key_and_host"])
