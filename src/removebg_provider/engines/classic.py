@@ -25,6 +25,16 @@ _HOLE_SHARP = 0.6
 # Share of a hole that must match the backdrop model itself, not only a darker or lighter copy of it:
 # a see-through hole shows the backdrop, a pale label on the product is shaded by the product's light.
 _HOLE_EXACT = 0.05
+# Share of a leftover shadow's edges (against its walls) that must open onto the backdrop outside the
+# product: GrabCut's outline usually follows a shadow's dark core, so less than the segment flood needs.
+_SHADOW_OPEN = 0.2
+# Pixels darker than this factor of the backdrop around them, in its colour, may be shadow; paler ones
+# are left to the product, since a white product is a slightly darker copy of a white backdrop too.
+_SHADE_FACTOR = 0.8
+# Largest share of sharp edges where a dropped region meets the backdrop for it to count as shadow.
+_SHADOW_SOFT = 0.75
+# Largest share of the first cut that the second may drop as shadow.
+_SHADOW_SHARE = 0.4
 # Largest step (per channel, 0-255) between neighbouring pixels that the smooth flood still follows.
 _FLOOD_STEP = 2.0
 # Share of a region's outline that must touch known backdrop before the smooth flood may claim it.
@@ -43,7 +53,23 @@ _MIN_STEP_RATIO = 1.5
 # which is floored so that a noise-free (JPEG-smoothed) backdrop does not make banding an outline.
 _TRACE_HIGH = 8.0
 _TRACE_LOW = 4.0
-_MIN_GRADIENT_NOISE = 0.3
+# A product covering less of the frame than this was probably missed: precise mode looks again with
+# the sensitive settings below, which find a white product on a white backdrop but would take noise
+# and banding for outlines on most photos.
+_MIN_PRODUCT_SHARE = 0.02
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """How small a difference from the backdrop counts: floors under the noise-scaled thresholds."""
+
+    min_tolerance: float  # colour distance (levels) within which a pixel matches the backdrop model
+    min_edge: float  # gradient (levels per pixel) an edge needs before the sharpness test
+    min_gradient_noise: float  # floor of the faint-outline tracer's gradient noise
+
+
+NORMAL = Sensitivity(min_tolerance=9.0, min_edge=4.0, min_gradient_noise=0.3)
+FAINT = Sensitivity(min_tolerance=4.0, min_edge=4.0, min_gradient_noise=0.15)
 
 
 @dataclass(frozen=True)
@@ -56,6 +82,7 @@ class ModeParams:
     guide_radius: int  # guided-filter window radius, in working-resolution pixels
     guide_eps: float  # guided-filter regulariser: lower follows weaker image edges
     colour_guide: bool  # a colour guide separates edges that are invisible in grey
+    recheck: bool  # search again for a missed faint product, and for backdrop left inside the outline
 
 
 # Both modes cut at the backdrop model's resolution: a finer one measured worse (360k pixels lost
@@ -69,14 +96,16 @@ MODE_PARAMS: dict[Mode, ModeParams] = {
         guide_radius=2,
         guide_eps=2e-3,
         colour_guide=False,
+        recheck=False,
     ),
     "precise": ModeParams(
         work_pixels=120_000,
-        grabcut_iterations=5,
+        grabcut_iterations=10,
         cut_band=0.1,
         guide_radius=2,
         guide_eps=5e-4,
         colour_guide=True,
+        recheck=True,
     ),
 }
 
@@ -98,16 +127,85 @@ class ClassicEngine:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         params = MODE_PARAMS[mode]
         small = _reduce(rgb, params.work_pixels)
-        foreground = segment(small)
-        if foreground.any() and not foreground.all():
-            foreground = _graph_cut(small, foreground, params.grabcut_iterations, params.cut_band)
+        mask = segment(small)
+        foreground = _cut(small, mask, params)
+        if params.recheck:
+            foreground = _recheck(small, mask, foreground, params)
         coefficients = guided_coefficients(
             small, foreground.astype(np.float32), params.guide_radius, params.guide_eps, params.colour_guide
         )
         return apply_coefficients(rgb, coefficients, params.colour_guide)
 
 
-def segment(rgb: np.ndarray) -> np.ndarray:
+def _cut(
+    small: np.ndarray, mask: np.ndarray, params: ModeParams, unsure: np.ndarray | None = None
+) -> np.ndarray:
+    """GrabCut's refinement of a backdrop-model mask that has both product and backdrop in it."""
+    if mask.any() and not mask.all():
+        return _graph_cut(small, mask, params.grabcut_iterations, params.cut_band, unsure)
+    return mask
+
+
+def _recheck(small: np.ndarray, mask: np.ndarray, foreground: np.ndarray, params: ModeParams) -> np.ndarray:
+    """Precise mode's second opinions on a cut: a faint product missed, a shadow kept, backdrop inside."""
+    if foreground.mean() < _MIN_PRODUCT_SHARE:
+        faint = segment(small, FAINT)
+        second = _cut(small, faint, params)
+        if _MIN_PRODUCT_SHARE <= second.mean() <= 1 - _MIN_PRODUCT_SHARE:
+            mask, foreground = faint, second
+    if not foreground.any() or foreground.all():
+        return foreground
+    h, w = foreground.shape
+    img = cv2.GaussianBlur(small, (3, 3), 0).astype(np.float32)
+    border = _border_mask(h, w)
+    noise = _noise(img, _fill_in(img, border), border)
+    tolerance = max(NORMAL.min_tolerance, 3.5 * noise)
+    barrier = _edges(img, noise, NORMAL)
+    foreground = _without_shadow(small, img, mask, foreground, barrier, tolerance, params)
+    return foreground & ~_backdrop_left_in(img, foreground, barrier, tolerance)
+
+
+def _without_shadow(
+    small: np.ndarray,
+    img: np.ndarray,
+    mask: np.ndarray,
+    foreground: np.ndarray,
+    barrier: np.ndarray,
+    tolerance: float,
+    params: ModeParams,
+) -> np.ndarray:
+    """The cut again with the shadow-coloured part of the mask left to GrabCut as probable backdrop.
+
+    GrabCut keeps a shadow that the backdrop model joined to the product: seeded as product, the
+    shadow's colours enter the product's colour model. Seeding every clearly darker copy of the
+    backdrop as backdrop instead removes such a shadow, but also a grey product on a paler backdrop.
+    The two are told apart by what the second cut drops: a shadow fades into the backdrop, so few of
+    its edges towards the backdrop are sharp; a product's outline is sharp nearly all round.
+    """
+    expected = _backdrop_around(img, mask)
+    factor = _dot(img, expected) / np.maximum(_dot(expected, expected), 1.0)
+    off = img - factor[..., None] * expected
+    shade = mask & (factor > 0.35) & (factor < _SHADE_FACTOR) & (_dot(off, off) < tolerance * tolerance)
+    if not shade.any():
+        return foreground
+    unshaded = _cut(small, mask, params, unsure=shade)
+    dropped = foreground & ~unshaded
+    rim = cv2.dilate(dropped.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~foreground
+    if not rim.any() or np.mean(barrier[rim]) >= _SHADOW_SOFT:
+        return foreground
+    # A defocused grey product has a soft outline too; it is the bulk of the mask, not a fringe of it.
+    if np.count_nonzero(dropped) > _SHADOW_SHARE * np.count_nonzero(foreground):
+        return foreground
+    return unshaded
+
+
+def _backdrop_around(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The backdrop interpolated into the mask from all around it (which follows gradients and shadows)."""
+    known = cv2.erode((~mask).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    return _push_pull(img * known[..., None], known.astype(np.float32))
+
+
+def segment(rgb: np.ndarray, sensitivity: Sensitivity = NORMAL) -> np.ndarray:
     """Boolean foreground mask of a (small) studio photo: everything the backdrop cannot explain.
 
     The backdrop is modelled locally, by smoothly filling in the colours of pixels already known to be
@@ -123,10 +221,12 @@ def segment(rgb: np.ndarray) -> np.ndarray:
     border = _border_mask(h, w)
     surface = _fill_in(img, border)
     noise = _noise(img, surface, border)
-    barrier = _edges(img, noise)
+    barrier = _edges(img, noise, sensitivity)
     background = border
     for final in [False] * (_ROUNDS - 1) + [True]:
-        background, lit = _flood_backdrop(img, surface, noise, barrier, border, holes=final)
+        background, lit = _flood_backdrop(
+            img, surface, max(sensitivity.min_tolerance, 3.5 * noise), barrier, border, holes=final
+        )
         if final or not lit.any():
             break
         surface = _fill_in(img, lit)
@@ -176,12 +276,36 @@ def _fill_in(img: np.ndarray, known: np.ndarray) -> np.ndarray:
     sigma = 0.04 * math.hypot(*small_size)
     weight_b = cv2.GaussianBlur(weight, (0, 0), sigma)
     colour_b = cv2.GaussianBlur(colour, (0, 0), sigma)
-    # Far from every known pixel the local estimate is undefined: fall back to the mean backdrop.
-    mean = colour.reshape(-1, 3).sum(axis=0) / max(float(weight.sum()), 1e-6)
+    # Far from every known pixel the local estimate is undefined: continue the backdrop from the
+    # nearest known pixels, so a gradient carries on into the middle of a large product or its hole.
     trust = np.clip(weight_b / 0.02, 0, 1)[..., None]
     local = colour_b / np.maximum(weight_b, 1e-6)[..., None]
-    filled = local * trust + mean[None, None, :] * (1 - trust)
+    filled = local * trust + _push_pull(colour_b, weight_b) * (1 - trust)
     return cv2.resize(filled, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _push_pull(colour: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Colour everywhere from weighted samples: coarser levels fill gaps, finer ones keep detail."""
+    levels = [(colour, weight)]
+    while min(levels[-1][1].shape) > 2 and levels[-1][1].min() <= 1e-4:
+        c, wt = levels[-1]
+        size = (max(1, wt.shape[1] // 2), max(1, wt.shape[0] // 2))
+        levels.append(
+            (
+                cv2.resize(c, size, interpolation=cv2.INTER_AREA),
+                cv2.resize(wt, size, interpolation=cv2.INTER_AREA),
+            )
+        )
+    c, wt = levels[-1]
+    total = max(float(wt.sum()), 1e-6)
+    filled = np.where(
+        wt[..., None] > 1e-4, c / np.maximum(wt, 1e-6)[..., None], c.reshape(-1, 3).sum(axis=0) / total
+    ).astype(np.float32)
+    for c, wt in reversed(levels[:-1]):
+        coarse = cv2.resize(filled, (wt.shape[1], wt.shape[0]), interpolation=cv2.INTER_LINEAR)
+        share = np.clip(wt / 0.02, 0, 1)[..., None]
+        filled = c / np.maximum(wt, 1e-6)[..., None] * share + coarse * (1 - share)
+    return filled
 
 
 def _noise(img: np.ndarray, surface: np.ndarray, sample: np.ndarray) -> float:
@@ -190,7 +314,7 @@ def _noise(img: np.ndarray, surface: np.ndarray, sample: np.ndarray) -> float:
     return float(1.4826 * np.median(residual))
 
 
-def _edges(img: np.ndarray, noise: float) -> np.ndarray:
+def _edges(img: np.ndarray, noise: float, sensitivity: Sensitivity) -> np.ndarray:
     """Sharp-edge pixels: product outlines stop the backdrop flood, soft shadow borders do not."""
     grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3) / 8
@@ -208,13 +332,13 @@ def _edges(img: np.ndarray, noise: float) -> np.ndarray:
     # penumbra spreads the same contrast over many pixels.
     window = np.ones((_SHARPNESS_WINDOW, _SHARPNESS_WINDOW), np.uint8)
     contrast = _channel_max(cv2.dilate(img, window) - cv2.erode(img, window))
-    edges = (magnitude > max(4.0, 2.5 * noise)) & (magnitude >= _MIN_SHARPNESS * contrast)
-    edges |= _faint_outlines(img)
+    edges = (magnitude > max(sensitivity.min_edge, 2.5 * noise)) & (magnitude >= _MIN_SHARPNESS * contrast)
+    edges |= _faint_outlines(img, sensitivity.min_gradient_noise)
     # Thickening closes one-pixel gaps in faint outlines, which would otherwise let the flood leak in.
     return cv2.dilate(edges.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
 
 
-def _faint_outlines(img: np.ndarray) -> np.ndarray:
+def _faint_outlines(img: np.ndarray, min_noise: float) -> np.ndarray:
     """Thin, linked step edges too faint for the contrast test: a white product on a white backdrop.
 
     Canny's hysteresis follows an outline through its faintest stretches as long as they join a
@@ -232,7 +356,7 @@ def _faint_outlines(img: np.ndarray) -> np.ndarray:
     coarse_x, coarse_y = _gradients(img, _COARSE_SIGMA)
     coarse = np.sqrt(_channel_max(coarse_x * coarse_x + coarse_y * coarse_y))
     step = magnitude >= _MIN_STEP_RATIO * coarse
-    noise = max(float(np.median(magnitude[_border_mask(h, w)])), _MIN_GRADIENT_NOISE)
+    noise = max(float(np.median(magnitude[_border_mask(h, w)])), min_noise)
     # Canny takes 16-bit gradients: a fixed gain keeps the fractional part of faint ones.
     gain = 16.0
     dx = np.round(np.where(step, gx, 0) * gain).astype(np.int16)
@@ -248,11 +372,15 @@ def _gradients(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _flood_backdrop(
-    img: np.ndarray, surface: np.ndarray, noise: float, barrier: np.ndarray, border: np.ndarray, holes: bool
+    img: np.ndarray,
+    surface: np.ndarray,
+    tolerance: float,
+    barrier: np.ndarray,
+    border: np.ndarray,
+    holes: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Backdrop pixels, and the unshadowed part of them that the backdrop model may learn from."""
     h, w = barrier.shape
-    tolerance = max(9.0, 3.5 * noise)
     diff = img - surface
     exact = _dot(diff, diff) < tolerance * tolerance
     # A shadow darkens the backdrop by a factor: the pixel is a scaled copy of the surface colour.
@@ -367,6 +495,78 @@ def _is_hole(
     return bool(np.mean(~backdrop[y0:y1, x0:x1][frame]) >= _HOLE_FRAMED)
 
 
+def _backdrop_left_in(
+    img: np.ndarray, foreground: np.ndarray, barrier: np.ndarray, tolerance: float
+) -> np.ndarray:
+    """Backdrop still inside a finished mask: see-through holes and the rest of attached cast shadows.
+
+    `segment` models the backdrop from the image border, so across a gradient it mispredicts the middle
+    of a ring. Here the backdrop is interpolated from all around the finished outline instead, which
+    follows a gradient, and also a shadow, right up to the product.
+    """
+    expected = _backdrop_around(img, foreground)
+    diff = img - expected
+    matches = _dot(diff, diff) < tolerance * tolerance
+    left = _see_through(foreground, barrier, matches) | _shadow_rest(
+        img, expected, foreground, barrier, tolerance
+    )
+    # Outline pixels of backdrop colour next to what was found go with it.
+    grow = barrier & foreground & matches
+    ring = np.ones((3, 3), np.uint8)
+    for _ in range(2):
+        left |= grow & cv2.dilate(left.astype(np.uint8), ring).astype(bool)
+    return left
+
+
+def _see_through(foreground: np.ndarray, barrier: np.ndarray, matches: np.ndarray) -> np.ndarray:
+    """Faces enclosed by the product, walled by sharp edges, whose typical pixel matches the backdrop.
+
+    Most of the face must match, not a few pixels: a pale label can match the backdrop in a stripe of
+    its shading, but a see-through hole matches nearly all over.
+    """
+    h, w = foreground.shape
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        (foreground & ~barrier).astype(np.uint8), connectivity=4
+    )
+    outside = cv2.dilate((~foreground).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    enclosed = stats[:, cv2.CC_STAT_AREA] >= max(12, int(0.002 * h * w))
+    enclosed[np.unique(labels[outside])] = False
+    enclosed[0] = False
+    matching = np.bincount(labels.ravel(), weights=matches.ravel(), minlength=count) / np.maximum(
+        stats[:, cv2.CC_STAT_AREA], 1
+    )
+    return (enclosed & (matching > 0.5))[labels]
+
+
+def _shadow_rest(
+    img: np.ndarray, expected: np.ndarray, foreground: np.ndarray, barrier: np.ndarray, tolerance: float
+) -> np.ndarray:
+    """Regions of the mask that are a darker copy of the backdrop and open onto it: a shadow's rest.
+
+    GrabCut's outline tends to follow a shadow's dark core, which leaves part of the shadow inside. Such
+    a region joins the backdrop outside the mask (or runs out of the picture) along a good part of its
+    edges; a product face is walled off by its outline nearly all round.
+    """
+    h, w = foreground.shape
+    factor = _dot(img, expected) / np.maximum(_dot(expected, expected), 1.0)
+    off = img - factor[..., None] * expected
+    shade = (factor > 0.35) & (factor < 1.05) & (_dot(off, off) < tolerance * tolerance)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        (foreground & ~barrier & shade).astype(np.uint8), connectivity=4
+    )
+    ring = np.ones((3, 3), np.uint8)
+    frame = np.zeros((h, w), bool)
+    frame[0] = frame[-1] = True
+    frame[:, 0] = frame[:, -1] = True
+    opening = (cv2.dilate((~foreground).astype(np.uint8), ring).astype(bool) & ~foreground) | frame
+    near_open = np.bincount(labels[opening], minlength=count)
+    near_wall = np.bincount(labels[cv2.dilate(barrier.astype(np.uint8), ring).astype(bool)], minlength=count)
+    rest = (near_open > 0) & (near_open >= _SHADOW_OPEN * near_wall)
+    rest &= stats[:, cv2.CC_STAT_AREA] >= max(12, int(0.002 * h * w))
+    rest[0] = False
+    return rest[labels]
+
+
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-pixel dot product of two H x W x 3 images (much faster than a reduction over the last axis)."""
     return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
@@ -395,8 +595,17 @@ def _clean(foreground: np.ndarray) -> np.ndarray:
     return mask | (small[labels] & holes)
 
 
-def _graph_cut(rgb: np.ndarray, foreground: np.ndarray, iterations: int, band_share: float) -> np.ndarray:
-    """Re-decide a band around the outline with GrabCut, seeded by the backdrop model's mask."""
+def _graph_cut(
+    rgb: np.ndarray,
+    foreground: np.ndarray,
+    iterations: int,
+    band_share: float,
+    unsure: np.ndarray | None = None,
+) -> np.ndarray:
+    """Re-decide a band around the outline with GrabCut, seeded by the backdrop model's mask.
+
+    `unsure` pixels of the mask are seeded as probable backdrop instead of (probable) product.
+    """
     h, w = foreground.shape
     band = max(2, round(band_share * math.sqrt(h * w)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))
@@ -407,6 +616,8 @@ def _graph_cut(rgb: np.ndarray, foreground: np.ndarray, iterations: int, band_sh
     mask[outer] = cv2.GC_PR_BGD
     mask[foreground] = cv2.GC_PR_FGD
     mask[inner] = cv2.GC_FGD
+    if unsure is not None:
+        mask[unsure] = cv2.GC_PR_BGD
     ys, xs = np.nonzero(outer)
     margin = 2 * band
     y0, y1 = max(0, ys.min() - margin), min(h, ys.max() + margin + 1)
