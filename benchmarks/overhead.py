@@ -17,6 +17,7 @@ import contextlib
 import cProfile
 import io
 import logging
+import os
 import pstats
 import resource
 import shlex
@@ -114,7 +115,10 @@ def main() -> int:
     parser.add_argument("--write-doc", action="store_true", help="update docs/BENCHMARKS.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    command = "PYTHONPATH=src .venv/bin/python benchmarks/overhead.py " + shlex.join(sys.argv[1:])
+    folder_setting = f"TMPDIR={shlex.quote(os.environ['TMPDIR'])} " if os.environ.get("TMPDIR") else ""
+    command = f"{folder_setting}PYTHONPATH=src .venv/bin/python benchmarks/overhead.py " + shlex.join(
+        sys.argv[1:]
+    )
     cutout = tuple(int(side) for side in args.cutout.split("x"))
     assert len(cutout) == 2
     profile_text = ""
@@ -178,7 +182,8 @@ def main() -> int:
         write_subsection(
             "Our overhead per record",
             f"""
-`{command}` on {machine()}; load average before the measured runs {load}.
+`{command}` on {machine()}; load average before the measured runs {load}; outputs, checkpoints and
+manifests written under `{tempfile.gettempdir()}` (set `TMPDIR` to choose the file system).
 
 An instant fake API in its own process, {args.output_bytes // 1000} kB outputs over loopback (real
 {args.cutout} RGBA cutout PNGs), {args.rows} rows, concurrency {args.concurrency}, batch
