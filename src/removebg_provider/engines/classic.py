@@ -53,10 +53,12 @@ _MIN_STEP_RATIO = 1.5
 # which is floored so that a noise-free (JPEG-smoothed) backdrop does not make banding an outline.
 _TRACE_HIGH = 8.0
 _TRACE_LOW = 4.0
-# A product covering less of the frame than this was probably missed: precise mode looks again with
-# the sensitive settings below, which find a white product on a white backdrop but would take noise
-# and banding for outlines on most photos.
+# Precise mode also cuts with the sensitive settings below, which find a white product on a white
+# backdrop but take noise and banding for outlines on many photos; a cut keeping less of the frame
+# than this (or all but this) is no product.
 _MIN_PRODUCT_SHARE = 0.02
+# How much more of its outline the sensitive cut must have on image edges to replace the normal one.
+_SUPPORT_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -148,21 +150,38 @@ def _cut(
 
 def _recheck(small: np.ndarray, mask: np.ndarray, foreground: np.ndarray, params: ModeParams) -> np.ndarray:
     """Precise mode's second opinions on a cut: a faint product missed, a shadow kept, backdrop inside."""
-    if foreground.mean() < _MIN_PRODUCT_SHARE:
-        faint = segment(small, FAINT)
-        second = _cut(small, faint, params)
-        if _MIN_PRODUCT_SHARE <= second.mean() <= 1 - _MIN_PRODUCT_SHARE:
-            mask, foreground = faint, second
-    if not foreground.any() or foreground.all():
-        return foreground
     h, w = foreground.shape
     img = cv2.GaussianBlur(small, (3, 3), 0).astype(np.float32)
     border = _border_mask(h, w)
     noise = _noise(img, _fill_in(img, border), border)
+    faint = segment(small, FAINT)
+    second = _cut(small, faint, params)
+    if _MIN_PRODUCT_SHARE <= second.mean() <= 1 - _MIN_PRODUCT_SHARE:
+        # The cut whose outline runs along image edges wins: a faint product's outline missed in part
+        # leaves the first cut's border crossing smooth surface, while the faint settings' noise and
+        # banding blobs run off the edges they came from.
+        edges = _edges(img, noise, FAINT)
+        if (
+            not _MIN_PRODUCT_SHARE <= foreground.mean() <= 1 - _MIN_PRODUCT_SHARE
+            or _outline_support(second, edges) > _outline_support(foreground, edges) + _SUPPORT_MARGIN
+        ):
+            mask, foreground = faint, second
+    if not foreground.any() or foreground.all():
+        return foreground
     tolerance = max(NORMAL.min_tolerance, 3.5 * noise)
     barrier = _edges(img, noise, NORMAL)
     foreground = _without_shadow(small, img, mask, foreground, barrier, tolerance, params)
     return foreground & ~_backdrop_left_in(img, foreground, barrier, tolerance)
+
+
+def _outline_support(mask: np.ndarray, edges: np.ndarray) -> float:
+    """Share of the mask's outline that lies on (within two pixels of) an image edge."""
+    ring = np.ones((3, 3), np.uint8)
+    outline = mask & ~cv2.erode(mask.astype(np.uint8), ring).astype(bool)
+    if not outline.any():
+        return 0.0
+    near = cv2.dilate(edges.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    return float(np.mean(near[outline]))
 
 
 def _without_shadow(
@@ -507,9 +526,12 @@ def _backdrop_left_in(
     expected = _backdrop_around(img, foreground)
     diff = img - expected
     matches = _dot(diff, diff) < tolerance * tolerance
-    left = _see_through(foreground, barrier, matches) | _shadow_rest(
-        img, expected, foreground, barrier, tolerance
-    )
+    rest = _shadow_rest(img, expected, foreground, barrier, tolerance)
+    # A shadow's rest is a fringe of the mask; a chrome product mirroring the backdrop is a darker copy
+    # of it too, and opens onto it wherever its outline is soft, but it is the bulk of the mask.
+    if np.count_nonzero(rest) > _SHADOW_SHARE * np.count_nonzero(foreground):
+        rest[:] = False
+    left = _see_through(foreground, barrier, matches) | rest
     # Outline pixels of backdrop colour next to what was found go with it.
     grow = barrier & foreground & matches
     ring = np.ones((3, 3), np.uint8)
