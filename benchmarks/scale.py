@@ -53,7 +53,7 @@ def phase_fill(folder: Path) -> dict[str, float]:
     planned = pipeline.load_plan(f"{config.staging}/plan.json", storage)
     stamp = datetime.now(timezone.utc)
     for shard in planned.shards:
-        work = pipeline._ShardWork.load(shard, config, storage)
+        work = pipeline._ShardWork.load(shard, planned, storage)
         results = {
             row["__removebg_row"]: pipeline.RowResult(
                 id=row["__removebg_id"],
@@ -70,7 +70,7 @@ def phase_fill(folder: Path) -> dict[str, float]:
             )
             for row in work.rows
         }
-        pipeline._write_shard_results(shard, config, storage, work.rows, results)
+        pipeline._write_shard_results(shard, planned, storage, work.rows, results, billed=len(results))
     return {}
 
 
