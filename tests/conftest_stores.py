@@ -12,6 +12,7 @@ from stores import (
     MotoS3,
     ObjectStore,
     StoreServer,
+    fresh_store,
     start_azurite,
     start_fake_gcs,
     start_moto_s3,
@@ -54,6 +55,4 @@ def store_server(request: pytest.FixtureRequest) -> StoreServer:
 @pytest.fixture
 def object_store(store_server: StoreServer) -> Iterator[ObjectStore]:
     """A fresh, empty bucket (container) on each store in turn, deleted after the test."""
-    store = store_server.new_store()
-    yield store
-    store.delete_bucket()
+    yield from fresh_store(store_server)

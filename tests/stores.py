@@ -67,6 +67,13 @@ class StoreServer(Protocol):
     def new_store(self) -> ObjectStore: ...
 
 
+def fresh_store(server: StoreServer) -> Iterator[ObjectStore]:
+    """A new, empty bucket (container) on `server`, deleted afterwards: the body of a bucket fixture."""
+    store = server.new_store()
+    yield store
+    store.delete_bucket()
+
+
 @dataclass(frozen=True)
 class MotoS3:
     """moto's S3 server, reached through a boto3 client with `endpoint_url`."""

@@ -43,6 +43,7 @@ from stores import (
     FakeGcs,
     MotoS3,
     ObjectStore,
+    fresh_store,
 )
 
 BIN = Path(sys.executable).parent
@@ -86,23 +87,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApiServer]
 
 @pytest.fixture
 def s3_bucket(moto_s3: MotoS3) -> Iterator[ObjectStore]:
-    store = moto_s3.new_store()
-    yield store
-    store.delete_bucket()
+    yield from fresh_store(moto_s3)
 
 
 @pytest.fixture
 def gcs_bucket(fake_gcs: FakeGcs) -> Iterator[ObjectStore]:
-    store = fake_gcs.new_store()
-    yield store
-    store.delete_bucket()
+    yield from fresh_store(fake_gcs)
 
 
 @pytest.fixture
 def azure_container(azurite: AzuriteBlob) -> Iterator[ObjectStore]:
-    store = azurite.new_store()
-    yield store
-    store.delete_bucket()
+    yield from fresh_store(azurite)
 
 
 def test_aws_connection_gives_the_pipeline_its_s3_client(
