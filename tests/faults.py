@@ -5,7 +5,10 @@ fate from a seeded RNG: answered normally, or one of the faults below. Faults *b
 (5xx, 429, a reset) never reach the API server, so nothing is billed; faults *after* forwarding
 (a truncated body, a reset, an answer held past the client's timeout) happen once the server has
 processed and billed the records, so the client's retry bills them again. The proxy counts both, and
-every record id it forwarded, so a test can bound the bill exactly.
+every record id it forwarded. Every record forwarded more than once is a re-bill, and the proxy keeps
+its reason: the fault that ended the earlier forwarding (`slow`, `truncated`, `reset_after`: forced),
+or `answered` when the earlier forwarding was answered normally and the client sent it again anyway
+(its read timeout fired first, as on a loaded machine or against a slow API: an unforced re-bill).
 
 Output URLs in responses are rewritten to point through the proxy, so downloads can fail too
 (`expired_download`: a 404 as for an output past its 24 h lifetime).
@@ -33,6 +36,8 @@ import urllib3
 
 REQUEST_FAULTS_BEFORE = ("server_error", "rate_limited", "reset_before")
 REQUEST_FAULTS_AFTER = ("slow", "truncated", "reset_after")
+# The fate of a forwarded request that no fault touched: its answer went back to the client intact.
+ANSWERED = "answered"
 
 _SERVER_ERRORS = (500, 502, 503)
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host"})
@@ -82,6 +87,14 @@ class ProxyCounters:
     downloads: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     forwarded_ids: Counter[str] = field(default_factory=Counter)
+    rebills: Counter[str] = field(default_factory=Counter)
+    slowest_answer_seconds: float = 0.0
+    last_fate: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def unforced_rebills(self) -> int:
+        """Records billed again although the API's earlier answer for them was delivered intact."""
+        return self.rebills[ANSWERED]
 
 
 class FaultProxy:
@@ -145,11 +158,19 @@ class FaultProxy:
         with self._lock:
             self.counters.faults[kind] += 1
 
-    def record_forwarded(self, ids: list[str]) -> None:
+    def record_forwarded(self, ids: list[str], fate: str, upstream_seconds: float) -> None:
+        """Count a request the API server billed; a record seen before is a re-bill, with its reason."""
         with self._lock:
-            self.counters.forwarded_requests += 1
-            self.counters.forwarded_records += len(ids)
-            self.counters.forwarded_ids.update(ids)
+            counters = self.counters
+            counters.forwarded_requests += 1
+            counters.forwarded_records += len(ids)
+            counters.forwarded_ids.update(ids)
+            counters.slowest_answer_seconds = max(counters.slowest_answer_seconds, upstream_seconds)
+            for record_id in ids:
+                earlier = counters.last_fate.get(record_id)
+                if earlier is not None:
+                    counters.rebills[earlier] += 1
+                counters.last_fate[record_id] = fate
 
     def forward(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> Any:
         return self._pool.request(
@@ -229,8 +250,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.proxy.rates.latency:
             time.sleep(self.proxy.rates.latency)
         ids = _record_ids(body)
+        started = time.monotonic()
         upstream = self.proxy.forward("POST", self.path, self._forward_headers(), body)
-        self.proxy.record_forwarded(ids)
+        fate = fault if fault in REQUEST_FAULTS_AFTER else ANSWERED
+        self.proxy.record_forwarded(ids, fate, time.monotonic() - started)
         answer = self._rewrite_output_urls(upstream.data)
         if fault in REQUEST_FAULTS_AFTER:
             self.proxy.record(rebilled_records=len(ids))

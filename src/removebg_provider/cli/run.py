@@ -12,7 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from removebg_provider import pipeline
-from removebg_provider.client import DEFAULT_BASE_URL, RemoveBgClient
+from removebg_provider.client import DEFAULT_BASE_URL, DEFAULT_TIMEOUT, RemoveBgClient
 from removebg_provider.errors import (
     AuthenticationError,
     BudgetExceededError,
@@ -124,7 +124,13 @@ def add_parser(subcommands: Any) -> None:
         default=defaults.max_failed_fraction,
         help="fail (exit 1) when more than this share of rows failed (default %(default)s)",
     )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one API response")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT[1],
+        help="seconds to wait for one API response (default %(default)s); a timed-out request is "
+        "retried and billed again if the API had processed it, so keep a wide margin",
+    )
     parser.add_argument("--max-retries", type=int, default=5, help="retries of one API request")
     parser.add_argument("--requests-per-minute", type=float, help="client-side rate limit for the account")
     parser.add_argument(
