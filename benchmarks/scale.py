@@ -24,6 +24,7 @@ from pathlib import Path
 
 from _common import machine, url_manifest, write_subsection
 from removebg_provider import pipeline
+from removebg_provider.pipeline.shard import ShardWork
 from removebg_provider.storage import Storage
 
 GOAL_PEAK_BYTES = 1 << 30
@@ -53,13 +54,13 @@ def phase_fill(folder: Path) -> dict[str, float]:
     planned = pipeline.load_plan(f"{config.staging}/plan.json", storage)
     stamp = datetime.now(timezone.utc)
     for shard in planned.shards:
-        work = pipeline._ShardWork.load(shard, planned, storage)
+        work = ShardWork.load(shard, planned, storage)
         results = {
             row["__removebg_row"]: pipeline.RowResult(
                 id=row["__removebg_id"],
                 status_code=200,
                 status_text="OK",
-                output_url=config.outputs_for(row["__removebg_id"])["cutout"],
+                outputs={"cutout": config.outputs_for(row["__removebg_id"])["cutout"]},
                 width=800,
                 height=600,
                 request_id="4f7c1e2a-9b1d-4d8e-8f00-123456789abc",
@@ -70,7 +71,7 @@ def phase_fill(folder: Path) -> dict[str, float]:
             )
             for row in work.rows
         }
-        pipeline._write_shard_results(shard, planned, storage, work.rows, results, billed=len(results))
+        work.staging.write_results(results, results, billed=len(results))
     return {}
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from airflow.sdk import DAG, Asset, Param
 
 from removebg_provider.operators import remove_background_task_group
+from removebg_provider.vocabulary import MODES
 
 DEMO_DIR = os.path.abspath(
     os.environ.get("REMOVEBG_DEMO_DIR", Path(__file__).resolve().parents[1] / ".work" / "demo")
@@ -75,7 +76,12 @@ with DAG(
             type="string",
             description="Where the enriched manifest is written",
         ),
-        "mode": Param("fast", enum=["fast", "precise"], description="API endpoint"),
+        "mode": Param(
+            None,
+            type=["string", "null"],
+            enum=[*MODES, None],
+            description="API endpoint (null: the removebg connection's mode, else fast)",
+        ),
         "image_column": Param("image_url", type="string", description="Column with image URLs or paths"),
         "id_column": Param(
             "sku", type=["string", "null"], description="Column of unique row ids (null: derived from images)"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from servers import LocalApiServer, start_api_server
+from support.servers import LocalApiServer, start_api_server
 
-pytest_plugins = ["conftest_stores"]
+pytest_plugins = ["support.store_fixtures"]
 
 # Importing Airflow creates folders under AIRFLOW_HOME (default ~/airflow); tests keep theirs private.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="removebg-tests-airflow-"))

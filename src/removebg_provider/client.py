@@ -29,14 +29,25 @@ from removebg_provider.errors import (
     OutOfCreditsError,
     TransientApiError,
 )
+from removebg_provider.progress import Progress
+from removebg_provider.vocabulary import (
+    CUTOUT,
+    DEFAULT_MODE,
+    IMAGE_FORMATS,
+    MASK,
+    MODES,
+    OUTPUT_KINDS,
+    WHITE_BACKGROUND,
+    RowStatus,
+)
 
 DEFAULT_BASE_URL = "https://api.ximilar.com"
-MODES = ("fast", "precise")
-IMAGE_FORMATS = ("png", "jpg", "webp")
+DEFAULT_MAX_RECORDS_PER_REQUEST = 10
+DEFAULT_CONCURRENCY = 8
 RETRYABLE_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
 # A record the API answered for without a usable result is reported like a bad gateway: the request
 # itself went through, so nothing else in the batch is lost, and a later rerun may fix it.
-BAD_RECORD_STATUS = 502
+BAD_RECORD_STATUS = RowStatus.BAD_OUTPUT
 # The public API documents no side-effect-free endpoint for the removal service; the account
 # details endpoint (the one ximilar-client's `get_user_details` calls) checks the token for free.
 ACCOUNT_CHECK_PATH = "/account/v2/user/"
@@ -94,15 +105,17 @@ class RemovalOptions:
 
 @dataclass(frozen=True)
 class RecordResult:
-    """The API's answer for one record, matched to the input record's id."""
+    """The API's answer for one record, matched to the input record's id.
+
+    `outputs` maps each output kind the API returned (`cutout`, `mask`, `whitebg`: see
+    `vocabulary.OUTPUT_KINDS`) to its temporary URL.
+    """
 
     id: str
     status_code: int
     status_text: str
     error: str | None
-    output_url: str | None
-    output_url_mask: str | None
-    output_url_whitebg: str | None
+    outputs: Mapping[str, str]
     width: int | None
     height: int | None
     request_id: str | None
@@ -112,6 +125,21 @@ class RecordResult:
     def ok(self) -> bool:
         """True when the API processed the record (a 2xx record status)."""
         return 200 <= self.status_code < 300
+
+    @property
+    def output_url(self) -> str | None:
+        """The cutout's temporary URL (`_output_url`)."""
+        return self.outputs.get(CUTOUT.name)
+
+    @property
+    def output_url_mask(self) -> str | None:
+        """The binary mask's temporary URL (`_output_url_mask`); same as `outputs["mask"]`."""
+        return self.outputs.get(MASK.name)
+
+    @property
+    def output_url_whitebg(self) -> str | None:
+        """The white-background image's temporary URL (`_output_url_whitebg`), as `outputs["whitebg"]`."""
+        return self.outputs.get(WHITE_BACKGROUND.name)
 
     @classmethod
     def failure(
@@ -130,9 +158,7 @@ class RecordResult:
             status_code=status_code,
             status_text=status_text,
             error=error,
-            output_url=None,
-            output_url_mask=None,
-            output_url_whitebg=None,
+            outputs={},
             width=None,
             height=None,
             request_id=request_id,
@@ -172,12 +198,12 @@ class RemoveBgClient:
         self,
         base_url: str = DEFAULT_BASE_URL,
         token: str | None = None,
-        mode: str = "fast",
+        mode: str = DEFAULT_MODE,
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
-        max_records_per_request: int = 10,
+        max_records_per_request: int = DEFAULT_MAX_RECORDS_PER_REQUEST,
         max_retries: int = 5,
         retry_policy: RetryPolicy | None = None,
-        concurrency: int = 4,
+        concurrency: int = DEFAULT_CONCURRENCY,
         requests_per_minute: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -249,14 +275,15 @@ class RemoveBgClient:
         chunks = [records[start : start + size] for start in range(0, len(records), size)]
         if not chunks:
             return []
-        progress = _Progress(len(records), self._clock)
+        progress = Progress(len(records), "removebg", clock=self._clock, unit="records")
         with ThreadPoolExecutor(
             max_workers=min(self.concurrency, len(chunks)), thread_name_prefix="removebg"
         ) as pool:
             futures = [pool.submit(self.remove_batch, chunk, options) for chunk in chunks]
             try:
                 for future in as_completed(futures):
-                    progress.advance(len(future.result()))
+                    answered = future.result()
+                    progress.advance(len(answered), sum(1 for result in answered if not result.ok))
             except BaseException:
                 _cancel(futures)
                 raise
@@ -503,25 +530,6 @@ class _RequestSpacer:
             self._sleep(slot - now)
 
 
-class _Progress:
-    """Logs done/total, rate and ETA as batches finish."""
-
-    def __init__(self, total: int, clock: Callable[[], float]) -> None:
-        self._total = total
-        self._clock = clock
-        self._started = clock()
-        self._done = 0
-
-    def advance(self, n: int) -> None:
-        self._done += n
-        elapsed = self._clock() - self._started
-        rate = self._done / elapsed if elapsed > 0 else 0.0
-        eta = (self._total - self._done) / rate if rate > 0 else 0.0
-        log.info(
-            "removebg progress %d/%d records, %.1f records/s, ETA %.0fs", self._done, self._total, rate, eta
-        )
-
-
 def _log_wait(retry_state: RetryCallState) -> None:
     failure = retry_state.outcome.exception() if retry_state.outcome else None
     log.info(
@@ -576,8 +584,9 @@ def _request_body(records: Sequence[ImageRecord], options: RemovalOptions) -> di
             item["_url"] = record.url
         else:
             item["_base64"] = base64.b64encode(record.data or b"").decode("ascii")
-        item["binary_mask"] = options.binary_mask
-        item["white_background"] = options.white_background
+        for kind in OUTPUT_KINDS:
+            if kind.request_flag is not None:
+                item[kind.request_flag] = getattr(options, kind.request_flag)
         items.append(item)
     body: dict[str, Any] = {"records": items}
     if options.image_format is not None:
@@ -680,25 +689,29 @@ def _record_result(
     status = item.get("_status")
     status = status if isinstance(status, dict) else {}
     request_id = _request_id(status) or request_id
-    output_url = _str_or_none(item.get("_output_url"))
+    outputs = {
+        kind.name: url for kind in OUTPUT_KINDS if (url := _str_or_none(item.get(kind.api_field))) is not None
+    }
     code = _int_or_none(status.get("code"))
-    if code is None and output_url is not None:
+    if code is None and outputs:
         code = 200
     if code is None:
         return RecordResult.failure(
             record_id,
             BAD_RECORD_STATUS,
             "no result",
-            "the API returned neither _status nor _output_url",
+            "the API returned neither _status nor an output URL",
             request_id=request_id,
             attempts=attempts,
         )
-    if 200 <= code < 300 and output_url is None:
+    # The seed contract adds `_output_url_mask` beside `_output_url`; Ximilar's current documentation
+    # says a binary-mask request gets the mask instead of the cutout. Either answer is a success.
+    if 200 <= code < 300 and not outputs:
         return RecordResult.failure(
             record_id,
             BAD_RECORD_STATUS,
             "no result",
-            "the API reported OK but returned no _output_url",
+            "the API reported OK but returned no output URL",
             request_id=request_id,
             attempts=attempts,
         )
@@ -711,9 +724,7 @@ def _record_result(
         status_code=code,
         status_text=text,
         error=error,
-        output_url=output_url,
-        output_url_mask=_str_or_none(item.get("_output_url_mask")),
-        output_url_whitebg=_str_or_none(item.get("_output_url_whitebg")),
+        outputs=outputs,
         width=_int_or_none(item.get("_width")),
         height=_int_or_none(item.get("_height")),
         request_id=request_id,

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    # For the annotation only: this module imports nothing of ours at run time.
+    from removebg_provider.pipeline import RunSummary
+
 
 class RemoveBgError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -40,11 +46,20 @@ class BudgetExceededError(RemoveBgError):
 
 
 class FailurePolicyError(RemoveBgError):
-    """More rows failed than `max_failed_fraction` allows; `summary` is the run's (a RunSummary)."""
+    """More rows failed than `max_failed_fraction` allows; `summary` holds the counts of the run or shard."""
 
-    def __init__(self, message: str, summary: object = None) -> None:
+    def __init__(self, message: str, summary: RunSummary) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class CopyError(StorageError):
+    """An API output could not be copied into storage; its row shows `status_code` and `status_text`."""
+
+    def __init__(self, status_code: int, message: str, status_text: str = "output copy failed") -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.status_text = status_text
 
 
 class ConfigurationError(RemoveBgError, ValueError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from removebg_provider import __version__
+from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PER_REQUEST
+from removebg_provider.vocabulary import DEFAULT_MODE, MODES
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -41,8 +43,8 @@ def get_provider_info() -> dict[str, Any]:
                         "label": "Mode",
                         "schema": {
                             "type": ["string", "null"],
-                            "default": "fast",
-                            "enum": ["fast", "precise"],
+                            "default": DEFAULT_MODE,
+                            "enum": list(MODES),
                         },
                         "description": "fast or precise removal endpoint",
                     },
@@ -61,7 +63,11 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "max_records_per_request": {
                         "label": "Max records per request",
-                        "schema": {"type": ["integer", "null"], "default": 10, "minimum": 1},
+                        "schema": {
+                            "type": ["integer", "null"],
+                            "default": DEFAULT_MAX_RECORDS_PER_REQUEST,
+                            "minimum": 1,
+                        },
                     },
                     "requests_per_minute": {
                         "label": "Requests per minute",
@@ -70,7 +76,7 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "concurrency": {
                         "label": "Concurrency",
-                        "schema": {"type": ["integer", "null"], "default": 4, "minimum": 1},
+                        "schema": {"type": ["integer", "null"], "default": DEFAULT_CONCURRENCY, "minimum": 1},
                         "description": "Requests in flight at once",
                     },
                 },

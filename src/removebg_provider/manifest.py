@@ -17,30 +17,21 @@ import pyarrow.parquet as pq
 
 from removebg_provider.errors import ManifestError
 from removebg_provider.storage import Storage
+from removebg_provider.vocabulary import FLAG_SEPARATOR, RESULT_COLUMNS, ColumnType
 
 ManifestFormat = Literal["parquet", "csv", "jsonl"]
 FORMATS: tuple[ManifestFormat, ...] = ("parquet", "csv", "jsonl")
 DEFAULT_BATCH_ROWS = 65_536
 
-RESULT_SCHEMA = pa.schema(
-    [
-        ("removebg_status_code", pa.int32()),
-        ("removebg_status_text", pa.string()),
-        ("removebg_error", pa.string()),
-        ("removebg_output_url", pa.string()),
-        ("removebg_output_url_mask", pa.string()),
-        ("removebg_output_url_whitebg", pa.string()),
-        ("removebg_width", pa.int32()),
-        ("removebg_height", pa.int32()),
-        ("removebg_request_id", pa.string()),
-        ("removebg_mode", pa.string()),
-        ("removebg_attempts", pa.int32()),
-        ("removebg_processed_at", pa.timestamp("us", tz="UTC")),
-        ("removebg_foreground_fraction", pa.float32()),
-        ("removebg_quality_flags", pa.list_(pa.string())),
-    ]
-)
-FLAG_SEPARATOR = ";"
+_ARROW_TYPES: dict[ColumnType, pa.DataType] = {
+    "int32": pa.int32(),
+    "float32": pa.float32(),
+    "string": pa.string(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+    "string_list": pa.list_(pa.string()),
+}
+# The enriched manifest's result columns (vocabulary.RESULT_COLUMNS) as Arrow fields.
+RESULT_SCHEMA = pa.schema([(name, _ARROW_TYPES[kind]) for name, kind, _ in RESULT_COLUMNS])
 
 _EXTENSIONS: dict[str, ManifestFormat] = {
     ".parquet": "parquet",

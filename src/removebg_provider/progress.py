@@ -23,9 +23,11 @@ class Progress:
         label: str,
         on_update: ProgressCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
+        unit: str = "rows",
     ) -> None:
         self.total = total
         self.label = label
+        self.unit = unit
         self.done = 0
         self.failed = 0
         self._on_update = on_update
@@ -52,7 +54,7 @@ class Progress:
         eta = format_seconds(remaining) if remaining != float("inf") else "unknown"
         percent = 100.0 * self.done / self.total if self.total else 100.0
         return (
-            f"{self.label}: {self.done}/{self.total} rows ({percent:.0f}%), {rate:.1f} rows/s, "
+            f"{self.label}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), {rate:.1f} {self.unit}/s, "
             f"ETA {eta}, {self.failed} failed"
         )
 

@@ -100,7 +100,7 @@ DEFAULT_THRESHOLDS = QualityThresholds()
 
 
 def assess(
-    cutout: bytes, mask: bytes | None = None, *, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
+    cutout: bytes | None, mask: bytes | None = None, *, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
 ) -> QualityReport:
     """The quality signals of a cutout, from its mask when there is one, else from its alpha.
 
@@ -114,6 +114,8 @@ def assess(
         alpha: _Alpha | None
         if mask is not None:
             alpha, source = _mask_alpha(mask, thresholds.analysis_size), "mask"
+        elif cutout is None:
+            return QualityReport(None)
         else:
             alpha, source = _cutout_alpha(cutout, thresholds.analysis_size), "alpha"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):

@@ -18,24 +18,28 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import requests
 from PIL import Image, ImageDraw, ImageFont
 
-from removebg_provider.errors import ManifestError, StorageError
+from removebg_provider.downloads import Downloader
+from removebg_provider.errors import CopyError, ManifestError, StorageError
 from removebg_provider.manifest import derive_id, iter_batches, read_schema, require_columns
 from removebg_provider.progress import Progress
 from removebg_provider.storage import Storage, scheme_of
+from removebg_provider.vocabulary import (
+    CUTOUT,
+    ERROR_COLUMN,
+    FLAG_SEPARATOR,
+    FLAGS_COLUMN,
+    FRACTION_COLUMN,
+    MASK,
+    STATUS_COLUMN,
+    STATUS_TEXT_COLUMN,
+)
 
 log = logging.getLogger(__name__)
 
-STATUS_COLUMN = "removebg_status_code"
-STATUS_TEXT_COLUMN = "removebg_status_text"
-ERROR_COLUMN = "removebg_error"
-CUTOUT_COLUMN = "removebg_output_url"
-MASK_COLUMN = "removebg_output_url_mask"
-FRACTION_COLUMN = "removebg_foreground_fraction"
-FLAGS_COLUMN = "removebg_quality_flags"
-FLAGS_SEPARATOR = ";"
+CUTOUT_COLUMN = CUTOUT.column
+MASK_COLUMN = MASK.column
 
 THUMB = 160
 PAD = 8
@@ -277,7 +281,7 @@ def _flag_lists(column: pa.Array) -> pa.Array:
         return pa.array([[]] * len(column), pa.list_(pa.string()))
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         text = pc.if_else(pc.equal(pc.utf8_trim_whitespace(column), ""), None, column)
-        column = pc.split_pattern(text, FLAGS_SEPARATOR)
+        column = pc.split_pattern(text, FLAG_SEPARATOR)
     return pc.cast(column, pa.list_(pa.string()))
 
 
@@ -297,7 +301,7 @@ def _rows(
         record_id = _text(values.get(id_column)) if id_column else None
         flags = values.get(FLAGS_COLUMN)
         if isinstance(flags, str):
-            flags = flags.split(FLAGS_SEPARATOR)
+            flags = flags.split(FLAG_SEPARATOR)
         fraction = values.get(FRACTION_COLUMN)
         status = values.get(STATUS_COLUMN)
         rows.append(
@@ -345,10 +349,12 @@ def _render_tiles(rows: list[_Row], storage: Storage) -> list[_Tile]:
     if not rows:
         return []
     progress = Progress(len(rows), "report tiles")
-    session = requests.Session()
+    downloader = Downloader(
+        pool_size=FETCH_WORKERS, timeout=FETCH_TIMEOUT_SECONDS, max_attempts=1, max_bytes=MAX_IMAGE_BYTES
+    )
 
     def render(row: _Row) -> _Tile:
-        tile = _tile(row, storage, session)
+        tile = _tile(row, storage, downloader)
         progress.advance(1, 1 if tile.problems else 0)
         return tile
 
@@ -356,17 +362,17 @@ def _render_tiles(rows: list[_Row], storage: Storage) -> list[_Tile]:
         with ThreadPoolExecutor(min(FETCH_WORKERS, len(rows)), thread_name_prefix="report") as pool:
             return list(pool.map(render, rows))
     finally:
-        session.close()
+        downloader.close()
 
 
-def _tile(row: _Row, storage: Storage, session: requests.Session) -> _Tile:
+def _tile(row: _Row, storage: Storage, downloader: Downloader) -> _Tile:
     problems: list[str] = []
 
     def load(uri: str | None, what: str, missing: str) -> Image.Image | str:
         if not uri:
             return missing
         try:
-            return _decode(_fetch(uri, storage, session))
+            return _decode(_fetch(uri, storage, downloader))
         except _Unavailable as exc:
             problems.append(f"{what} unavailable: {exc}")
             return f"{what} unavailable: {exc}"
@@ -390,18 +396,12 @@ class _Unavailable(Exception):
     pass
 
 
-def _fetch(uri: str, storage: Storage, session: requests.Session) -> bytes:
+def _fetch(uri: str, storage: Storage, downloader: Downloader) -> bytes:
     if scheme_of(uri) in ("http", "https"):
         try:
-            with session.get(uri, timeout=FETCH_TIMEOUT_SECONDS, stream=True) as response:
-                if response.status_code >= 400:
-                    raise _Unavailable(f"HTTP {response.status_code}")
-                data = response.raw.read(MAX_IMAGE_BYTES + 1, decode_content=True)
-        except requests.RequestException as exc:
-            raise _Unavailable(type(exc).__name__) from exc
-        if len(data) > MAX_IMAGE_BYTES:
-            raise _Unavailable(f"larger than {MAX_IMAGE_BYTES} bytes")
-        return bytes(data)
+            return downloader.download(uri)
+        except CopyError as exc:
+            raise _Unavailable(str(exc)[:120]) from exc
     try:
         return storage.read_bytes(uri, limit=MAX_IMAGE_BYTES)
     except StorageError as exc:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
-from removebg_provider.client import DEFAULT_BASE_URL, MODES, RemoveBgClient
+from removebg_provider.client import DEFAULT_BASE_URL, RemoveBgClient
 from removebg_provider.errors import ConfigurationError, RemoveBgError
+from removebg_provider.vocabulary import MODES
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class RemoveBgHook(BaseHook):
@@ -23,7 +26,8 @@ class RemoveBgHook(BaseHook):
     scheme; schema and port are used when the host does not carry them), password = API token.
     Extras: `mode` (fast|precise), `timeout` (seconds or [connect, read]), `max_retries`,
     `max_records_per_request`, `requests_per_minute`, `concurrency`. Keyword arguments given to the
-    hook are passed to RemoveBgClient and win over the connection.
+    hook (or to `get_conn`) are passed to RemoveBgClient and win over the connection: a pipeline
+    task resolves its settings against `connection_settings()` and passes the result.
     """
 
     conn_name_attr = "removebg_conn_id"
@@ -36,20 +40,37 @@ class RemoveBgHook(BaseHook):
         self.removebg_conn_id = removebg_conn_id
         self.client_overrides = client_overrides
 
-    def get_conn(self) -> RemoveBgClient:
-        """Return a new client for the connection; close it (or use it as a context manager) when done."""
+    def connection_settings(self) -> dict[str, Any]:
+        """The client settings the connection's extras give, validated (unset extras are left out)."""
+        return self._invalid_connection_is_configuration_error(
+            lambda: _client_settings(self.get_connection(self.removebg_conn_id).extra_dejson)
+        )
+
+    def get_conn(self, **overrides: Any) -> RemoveBgClient:
+        """Return a new client for the connection; close it (or use it as a context manager) when done.
+
+        `overrides` (and the hook's own keyword arguments) win over the connection's extras.
+        """
         conn = self.get_connection(self.removebg_conn_id)
         token = conn.password or None
         if token is not None:
             mask_secret(token)
-        try:
+
+        def build() -> RemoveBgClient:
             settings: dict[str, Any] = {
                 "base_url": _base_url(conn.host, conn.schema, conn.port),
                 "token": token,
                 **_client_settings(conn.extra_dejson),
+                **self.client_overrides,
+                **overrides,
             }
-            settings.update(self.client_overrides)
             return RemoveBgClient(**settings)
+
+        return self._invalid_connection_is_configuration_error(build)
+
+    def _invalid_connection_is_configuration_error(self, make: Callable[[], _T]) -> _T:
+        try:
+            return make()
         except ValueError as exc:
             raise ConfigurationError(
                 f"Connection {self.removebg_conn_id!r} is invalid: {exc}. Fix it in Airflow's connections."

@@ -21,6 +21,7 @@ from removebg_provider.operators.links import (
     check_report_base_url,
     report_url,
 )
+from removebg_provider.pipeline.config import CONNECTION_SETTINGS, FIELDS, REQUIRED_FIELDS, options_doc
 from removebg_provider.storage import Storage, scheme_of
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ACTIVE_SHARDS = 4
 
 _DEFAULTS = pipeline.PipelineConfig("-", "-", "-")
-_CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(pipeline.PipelineConfig))
-_REQUIRED_FIELDS = ("manifest_uri", "output_prefix", "output_manifest_uri")
-_OPTION_FIELDS = tuple(name for name in _CONFIG_FIELDS if name not in _REQUIRED_FIELDS)
-_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(pipeline.PipelineConfig)}
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+_CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS)
+_OPTION_FIELDS = tuple(name for name in _CONFIG_FIELDS if name not in REQUIRED_FIELDS)
 
 
 class _StorageOperator(BaseOperator):
@@ -59,7 +56,7 @@ class _StorageOperator(BaseOperator):
     def _report(self, summary: pipeline.RunSummary, context: Context) -> dict[str, Any]:
         """Log the counts and first errors, describe them on the outlet Assets, return the XCom value."""
         data = summary.to_dict()
-        log.info("%s", describe_summary(summary))
+        log.info("%s", summary.describe())
         outlet_events = context.get("outlet_events")
         if outlet_events is not None:
             extra = {key: data[key] for key in ("rows", "succeeded", "failed", "output_manifest_uri")}
@@ -95,9 +92,8 @@ class _RunOutputsMixin:
         try:
             return produce()
         except FailurePolicyError as exc:
-            if isinstance(exc.summary, pipeline.RunSummary):
-                self._publish_report(exc.summary, base_url, context)
-                log.error("%s", describe_summary(exc.summary))
+            self._publish_report(exc.summary, base_url, context)
+            log.error("%s", exc.summary.describe())
             raise
 
     def _publish_report(self, summary: pipeline.RunSummary, base_url: str | None, context: Context) -> None:
@@ -112,24 +108,32 @@ class _RunOutputsMixin:
 class _ManifestConfigOperator(_StorageOperator):
     """Base of the operators that take a whole pipeline configuration; every option is a template field.
 
-    Options are the keyword arguments named after PipelineConfig fields (mode, image_column,
-    id_column, binary_mask, white_background, image_format, shard_size, concurrency,
-    max_billable_records, max_failed_fraction, ...), with the same meanings and defaults. Values
-    without a Jinja expression are validated when the DAG is parsed; templated values once
-    rendered, in `execute`.
-    Rendered booleans and numbers may be strings ("true", "8"): they are converted.
+    Options are the keyword arguments named after PipelineConfig fields, with the same meanings and
+    defaults (listed below). Values without a Jinja expression are validated when the DAG is parsed;
+    templated values once rendered, in `execute`. Rendered booleans and numbers may be strings
+    ("true", "8"): they are converted. `mode`, `max_records_per_request` and `concurrency` left unset
+    take the `removebg` connection's extras, else their defaults (task option > connection > default).
+
+    :param removebg_conn_id: the `removebg` connection (API base URL, token, default settings).
     """
 
     template_fields: Sequence[str] = _CONFIG_FIELDS
 
     def __init__(
-        self, *, manifest_uri: str, output_prefix: str, output_manifest_uri: str, **kwargs: Any
+        self,
+        *,
+        manifest_uri: str,
+        output_prefix: str,
+        output_manifest_uri: str,
+        removebg_conn_id: str = RemoveBgHook.default_conn_name,
+        **kwargs: Any,
     ) -> None:
         options = {name: kwargs.pop(name) for name in _OPTION_FIELDS if name in kwargs}
         super().__init__(**kwargs)
         self.manifest_uri = manifest_uri
         self.output_prefix = output_prefix
         self.output_manifest_uri = output_manifest_uri
+        self.removebg_conn_id = removebg_conn_id
         for name in _OPTION_FIELDS:
             setattr(self, name, options.get(name, getattr(_DEFAULTS, name)))
         self._check_static_options()
@@ -137,6 +141,10 @@ class _ManifestConfigOperator(_StorageOperator):
     def pipeline_config(self) -> pipeline.PipelineConfig:
         """The PipelineConfig of the rendered options; ConfigurationError names the task and the option."""
         return self._build_config({name: getattr(self, name) for name in _CONFIG_FIELDS})
+
+    def resolved_config(self, hook: RemoveBgHook) -> pipeline.PipelineConfig:
+        """The rendered options with unset connection-level settings from the connection, else defaults."""
+        return self.pipeline_config().resolved(hook.connection_settings())
 
     def _check_static_options(self) -> None:
         # Templated values are replaced by valid stand-ins so that only literal values are judged now.
@@ -148,8 +156,8 @@ class _ManifestConfigOperator(_StorageOperator):
 
     def _build_config(self, values: Mapping[str, Any]) -> pipeline.PipelineConfig:
         try:
-            return pipeline.PipelineConfig(**{name: _coerce(name, value) for name, value in values.items()})
-        except ValueError as exc:
+            return pipeline.PipelineConfig.from_options(values)
+        except ConfigurationError as exc:
             raise ConfigurationError(f"{type(self).__name__} task {self.task_id!r}: {exc}") from exc
 
 
@@ -165,7 +173,6 @@ class RemoveBackgroundOperator(_RunOutputsMixin, _ManifestConfigOperator):
     so no Asset is guessed: pass `outlets=[Asset(...)]` (e.g. the folder of the daily manifests);
     every outlet Asset's event carries the rendered `output_manifest_uri` and the counts in its extra.
 
-    :param removebg_conn_id: the `removebg` connection (API base URL and token).
     :param report_base_url: optional http(s) URL at which the enriched manifest's folder is served;
         the run report then gets a "Remove-background report" link (XCom key `report_url`).
     :param aws_conn_id: optional Amazon connection for s3:// URIs (extra `amazon`).
@@ -175,30 +182,22 @@ class RemoveBackgroundOperator(_RunOutputsMixin, _ManifestConfigOperator):
 
     template_fields: Sequence[str] = (*_CONFIG_FIELDS, "report_base_url")
 
-    def __init__(
-        self,
-        *,
-        removebg_conn_id: str = RemoveBgHook.default_conn_name,
-        report_base_url: str | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, report_base_url: str | None = None, **kwargs: Any) -> None:
         uri = kwargs.get("output_manifest_uri")
         if kwargs.get("outlets") is None and isinstance(uri, str) and uri and not is_templated(uri):
             kwargs["outlets"] = [manifest_asset(uri)]
         super().__init__(**kwargs)
-        self.removebg_conn_id = removebg_conn_id
         self.report_base_url = report_base_url
         if not is_templated(report_base_url):
             self._checked_report_base_url()
 
     def execute(self, context: Context) -> dict[str, Any]:
-        config = self.pipeline_config()
+        hook = RemoveBgHook(self.removebg_conn_id)
+        config = self.resolved_config(hook)
         base_url = self._checked_report_base_url()
         storage = self.storage()
         self._lineage = run_lineage(config, storage)
-        # The client's connection pool must hold every request the pipeline keeps in flight.
-        hook = RemoveBgHook(self.removebg_conn_id, mode=config.mode, concurrency=config.concurrency)
-        with hook.get_conn() as client:
+        with hook.get_conn(**config.client_settings()) as client:
             summary = self._publishing_failures(
                 lambda: pipeline.run(config, client, storage), base_url, context
             )
@@ -217,7 +216,7 @@ class PlanManifestShardsOperator(_ManifestConfigOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         storage = self.storage()
-        plan = pipeline.plan(self.pipeline_config(), storage)
+        plan = pipeline.plan(self.resolved_config(RemoveBgHook(self.removebg_conn_id)), storage)
         estimate = pipeline.check_budget(plan, storage)
         if estimate is not None:
             log.info("billing estimate: %s", estimate.to_dict())
@@ -264,8 +263,8 @@ class ProcessManifestShardOperator(_StorageOperator):
         # cannot fix an unreadable image, and the API client already retried transient failures.
         relaxed = dataclasses.replace(plan.config, max_failed_fraction=1.0)
         plan = dataclasses.replace(plan, config=relaxed)
-        hook = RemoveBgHook(self.removebg_conn_id, mode=plan.config.mode, concurrency=plan.config.concurrency)
-        with hook.get_conn() as client:
+        # The plan holds the settings the plan task resolved; the client is built to match them.
+        with RemoveBgHook(self.removebg_conn_id).get_conn(**plan.config.client_settings()) as client:
             summary = pipeline.process_shard(descriptor, plan, client, storage)
         return self._report(summary, context)
 
@@ -334,7 +333,7 @@ def remove_background_task_group(
     folder) the merge task links to the run report.
     """
     storage = {"aws_conn_id": aws_conn_id, "gcp_conn_id": gcp_conn_id, "wasb_conn_id": wasb_conn_id}
-    concurrency = options.get("concurrency", _DEFAULTS.concurrency)
+    concurrency = options.get("concurrency") or CONNECTION_SETTINGS["concurrency"]
     if pool_slots is None:
         pool_slots = concurrency if isinstance(concurrency, int) else 1
     if outlets is None and not is_templated(output_manifest_uri):
@@ -345,6 +344,7 @@ def remove_background_task_group(
             manifest_uri=manifest_uri,
             output_prefix=output_prefix,
             output_manifest_uri=output_manifest_uri,
+            removebg_conn_id=removebg_conn_id,
             **options,
             **storage,
         )
@@ -370,22 +370,6 @@ def remove_background_task_group(
     return group
 
 
-def describe_summary(summary: pipeline.RunSummary) -> str:
-    """One log line: rows, successes, failures by status and the first errors."""
-    where = f"shard {summary.shard_index}" if summary.shard_index is not None else "run"
-    by_status = ", ".join(f"{code}: {count}" for code, count in sorted(summary.by_status.items()))
-    text = (
-        f"{where}: {summary.rows} rows, {summary.succeeded} succeeded, {summary.failed} failed, "
-        f"{summary.billed_records} billed; by status {{{by_status}}}"
-    )
-    if summary.output_manifest_uri:
-        text += f"; enriched manifest {summary.output_manifest_uri}, outputs under {summary.output_prefix}"
-    if summary.first_errors:
-        errors = "; ".join(f"{e['id']}: {e['status_code']} {e['error']}" for e in summary.first_errors)
-        text += f"; first errors: {errors}"
-    return text
-
-
 def is_templated(value: Any) -> bool:
     """Whether a value is only known once rendered: a Jinja expression or an XCom reference."""
     if isinstance(value, XComArg):
@@ -405,26 +389,5 @@ def _stand_in(name: str) -> Any:
     return "-" if default == "-" else default
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Turn a rendered string into the type of PipelineConfig field `name`."""
-    kind = _FIELD_TYPES[name]
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if "None" in kind and text in ("", "None"):
-        # An unset optional option renders as "None" or "".
-        return None
-    if kind.startswith("str"):
-        return value
-    try:
-        if kind.startswith("bool"):
-            if text.lower() in _TRUE | _FALSE:
-                return text.lower() in _TRUE
-            raise ValueError("expected true or false")
-        if kind.startswith("int"):
-            return int(text)
-        if kind.startswith("float"):
-            return float(text)
-    except ValueError as exc:
-        raise ConfigurationError(f"{name}={value!r} is not a valid {kind}: {exc}") from exc
-    return value
+for _operator in (RemoveBackgroundOperator, PlanManifestShardsOperator):
+    _operator.__doc__ = f"{_operator.__doc__}\n{options_doc()}"

@@ -1,0 +1,30 @@
+"""The manifest pipeline, resumable, without Airflow: plan -> shards -> batches -> API -> copy -> merge.
+
+Its rooms: `config` (the settings), `planning` (manifest -> shards), `shard` (a shard's batches,
+requests and copies), `checkpoints` (durable progress), `results` (row results and summaries),
+`merging` (the enriched manifest) and `running` (all of it in one process).
+"""
+
+from removebg_provider.pipeline.config import PipelineConfig
+from removebg_provider.pipeline.merging import merge
+from removebg_provider.pipeline.planning import Plan, ShardDescriptor, load_plan, plan
+from removebg_provider.pipeline.results import BillingEstimate, RowResult, RunSummary
+from removebg_provider.pipeline.running import check_budget, estimate_billing, run
+from removebg_provider.pipeline.shard import Budget, process_shard
+
+__all__ = [
+    "BillingEstimate",
+    "Budget",
+    "PipelineConfig",
+    "Plan",
+    "RowResult",
+    "RunSummary",
+    "ShardDescriptor",
+    "check_budget",
+    "estimate_billing",
+    "load_plan",
+    "merge",
+    "plan",
+    "process_shard",
+    "run",
+]

@@ -1,0 +1,178 @@
+"""Durable progress under the staging prefix: API answers and finished rows per batch, results per shard.
+
+Layout, per shard N: `checkpoints/shard-N/answer-*.jsonl` (an API answer with its temporary URLs,
+written before the request slot is released), `checkpoints/shard-N/ckpt-*.jsonl` (finished rows),
+`results/shard-N.jsonl` (the shard's final results). Each file starts with a header line naming
+the run and what it billed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from removebg_provider.client import RecordResult
+from removebg_provider.pipeline.config import PipelineConfig
+from removebg_provider.pipeline.planning import ShardDescriptor
+from removebg_provider.pipeline.results import RowResult
+from removebg_provider.storage import Storage, join_uri, unique_name
+from removebg_provider.vocabulary import OUTPUT_KINDS
+
+# The API keeps outputs 24 hours; an answer older than this is sent again rather than copied late.
+ANSWER_LIFETIME = timedelta(hours=23)
+_ANSWER = "answer"
+_FAR_FUTURE = datetime.max.replace(tzinfo=timezone.utc)
+
+Key = tuple[str, str]  # (row id, fingerprint of its reference and options)
+
+
+@dataclass
+class Checkpoints:
+    """What earlier attempts left for one shard, by (id, fingerprint), and what this run billed so far.
+
+    Keying by fingerprint means a checkpoint of other work for the same id (another reference or
+    other options, from an earlier run) never stands in for this run's work.
+    """
+
+    done: dict[Key, RowResult] = field(default_factory=dict)
+    answers: dict[Key, tuple[datetime, RecordResult]] = field(default_factory=dict)
+    failed_at: dict[Key, datetime] = field(default_factory=dict)
+    billed_in_run: int = 0
+
+    def usable_answers(self, now: datetime) -> dict[Key, RecordResult]:
+        """Successful API answers whose outputs can still be copied instead of sending the row again.
+
+        An answer is spent once a later final checkpoint records a failure for its row (its copy
+        failed, or a resend failed): that row is sent again, so it is never stuck on a dead URL.
+        """
+        usable: dict[Key, RecordResult] = {}
+        for key, (answered_at, answer) in self.answers.items():
+            failed_at = self.failed_at.get(key)
+            if now - answered_at < ANSWER_LIFETIME and (failed_at is None or failed_at < answered_at):
+                usable[key] = answer
+        return usable
+
+
+class ShardStaging:
+    """Reads and writes one shard's checkpoints and results for one run."""
+
+    def __init__(self, shard: ShardDescriptor, config: PipelineConfig, run_id: str, storage: Storage) -> None:
+        self.shard = shard
+        self.run_id = run_id
+        self.storage = storage
+        self.checkpoint_prefix = join_uri(config.staging, f"checkpoints/shard-{shard.index:05d}")
+        self.results_uri = join_uri(config.staging, f"results/shard-{shard.index:05d}.jsonl")
+
+    def load_checkpoints(self) -> Checkpoints:
+        """Everything earlier attempts checkpointed for this shard."""
+        found = Checkpoints()
+        for uri in self.storage.list_prefix(self.checkpoint_prefix):
+            header_line, *lines = self.storage.read_bytes(uri).decode().splitlines()
+            header = json.loads(header_line)
+            if header.get("run_id") == self.run_id:
+                found.billed_in_run += header["billed"]
+            if header.get("kind") == _ANSWER:
+                _add_answers(found, datetime.fromisoformat(header["answered_at"]), lines)
+            else:
+                _add_finished(found, lines)
+        return found
+
+    def write_finished(self, results: list[RowResult]) -> None:
+        """Checkpoint rows that reached their final result in this attempt."""
+        if results:
+            self._write("ckpt", {"billed": 0, "run_id": self.run_id}, [r.to_json() for r in results])
+
+    def write_answer(self, answers: list[RecordResult], fingerprints: Mapping[str, str], billed: int) -> None:
+        """Store the API's answer for a batch, temporary output URLs included, with what it billed."""
+        header = {"kind": _ANSWER, "billed": billed, "run_id": self.run_id, "answered_at": now().isoformat()}
+        self._write(
+            _ANSWER, header, [{"fingerprint": fingerprints[a.id], **answer_to_json(a)} for a in answers]
+        )
+
+    def write_results(self, rows: Iterable[int], results: Mapping[int, RowResult], billed: int) -> None:
+        """Store the shard's final results (row number -> result) and everything this run billed for it."""
+        lines = [json.dumps({"billed": billed, "run_id": self.run_id})]
+        lines += [json.dumps({"row": row, **results[row].to_json()}) for row in rows if row in results]
+        self.storage.write_bytes(self.results_uri, ("\n".join(lines) + "\n").encode())
+
+    def read_results(self) -> tuple[dict[int, RowResult], int]:
+        """The shard's stored results and billed count, if this run wrote them (not an earlier run's)."""
+        if not self.storage.exists(self.results_uri):
+            return {}, 0
+        lines = self.storage.read_bytes(self.results_uri).decode().splitlines()
+        header = json.loads(lines[0])
+        if header.get("run_id") != self.run_id:
+            return {}, 0
+        results: dict[int, RowResult] = {}
+        for line in lines[1:]:
+            data = json.loads(line)
+            results[data.pop("row")] = RowResult.from_json(data)
+        return results, int(header["billed"])
+
+    def _write(self, kind: str, header: Mapping[str, Any], records: list[dict[str, Any]]) -> None:
+        uri = join_uri(self.checkpoint_prefix, unique_name(kind) + ".jsonl")
+        lines = [json.dumps(header)] + [json.dumps(record) for record in records]
+        self.storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
+
+
+def answer_to_json(answer: RecordResult) -> dict[str, Any]:
+    """An API answer as stored: its outputs under their API field names, as RowResult stores them."""
+    data = {
+        "id": answer.id,
+        "status_code": answer.status_code,
+        "status_text": answer.status_text,
+        "error": answer.error,
+        "width": answer.width,
+        "height": answer.height,
+        "request_id": answer.request_id,
+        "attempts": answer.attempts,
+    }
+    data.update({kind.result_key: answer.outputs.get(kind.name) for kind in OUTPUT_KINDS})
+    return data
+
+
+def answer_from_json(data: Mapping[str, Any]) -> RecordResult:
+    """The RecordResult of `answer_to_json`."""
+    return RecordResult(
+        id=data["id"],
+        status_code=data["status_code"],
+        status_text=data["status_text"],
+        error=data.get("error"),
+        outputs={kind.name: url for kind in OUTPUT_KINDS if (url := data.get(kind.result_key))},
+        width=data.get("width"),
+        height=data.get("height"),
+        request_id=data.get("request_id"),
+        attempts=data.get("attempts", 1),
+    )
+
+
+def now() -> datetime:
+    """The current UTC time, as every checkpoint records it."""
+    return datetime.now(timezone.utc)
+
+
+def _add_answers(found: Checkpoints, answered_at: datetime, lines: list[str]) -> None:
+    for line in lines:
+        data = json.loads(line)
+        key = (data["id"], data["fingerprint"])
+        answer = answer_from_json(data)
+        newest = found.answers.get(key)
+        if answer.ok and (newest is None or newest[0] < answered_at):
+            found.answers[key] = (answered_at, answer)
+
+
+def _add_finished(found: Checkpoints, lines: list[str]) -> None:
+    for line in lines:
+        row_result = RowResult.from_json(json.loads(line))
+        if row_result.fingerprint is None:
+            continue
+        key = (row_result.id, row_result.fingerprint)
+        if row_result.ok:
+            found.done[key] = row_result
+        else:
+            # A failure without a time cannot be ordered against an answer: it spends them all.
+            stamp = row_result.processed_at or _FAR_FUTURE
+            found.failed_at[key] = max(stamp, found.failed_at.get(key, stamp))

@@ -1,0 +1,269 @@
+"""Planning: validate the manifest, cut it into shards under the staging prefix, and read the plan back."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from removebg_provider.errors import ConfigurationError, ManifestError, StorageError
+from removebg_provider.manifest import derive_id, iter_batches, read_schema, require_columns
+from removebg_provider.outputs import safe_key_id
+from removebg_provider.pipeline.config import PipelineConfig
+from removebg_provider.storage import Storage, join_uri
+
+log = logging.getLogger(__name__)
+
+# Internal columns every shard carries beside the input's own: row number, id, reference, and the
+# id of the earlier row with the same reference (None for the first).
+ROW = "__removebg_row"
+ID = "__removebg_id"
+REF = "__removebg_ref"
+CANONICAL = "__removebg_canonical"
+INTERNAL_COLUMNS = (ROW, ID, REF, CANONICAL)
+_FIRST_ERRORS = 5
+
+
+@dataclass(frozen=True)
+class ShardDescriptor:
+    """A small, JSON-able handle on one shard: what goes through XCom."""
+
+    plan_uri: str
+    index: int
+    uri: str
+    rows: int
+    first_row: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShardDescriptor:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The shards of one manifest, with the configuration every task of the run shares."""
+
+    uri: str
+    config: PipelineConfig
+    shards: tuple[ShardDescriptor, ...]
+    total_rows: int
+    duplicate_rows: int
+    canonical_ids: frozenset[str]
+    schema_uri: str
+    run_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "shards": [shard.to_dict() for shard in self.shards],
+            "total_rows": self.total_rows,
+            "duplicate_rows": self.duplicate_rows,
+            "canonical_ids": sorted(self.canonical_ids),
+            "schema_uri": self.schema_uri,
+            "run_id": self.run_id,
+        }
+
+
+def plan(config: PipelineConfig, storage: Storage) -> Plan:
+    """Validate the manifest and split it into shards under the staging prefix.
+
+    Fails fast, naming the manifest, on a missing column, duplicate or colliding ids, or an
+    unreadable file. Rows whose image reference repeats an earlier row's are marked as its
+    duplicates: they are sent once and share the result. A config whose connection-level settings
+    are unset takes their defaults (`PipelineConfig.resolved`).
+    """
+    config = config.resolved()
+    schema = read_schema(config.manifest_uri, storage, config.manifest_format)
+    wanted = [config.image_column] + ([config.id_column] if config.id_column else [])
+    require_columns(config.manifest_uri, schema, wanted)
+    total_rows, canonical_ids, duplicate_rows = _validate_ids(config, storage)
+
+    shard_size = max(config.shard_size, -(-total_rows // config.max_map_length))
+    staging = config.staging
+    schema_uri = join_uri(staging, "schema.parquet")
+    with storage.atomic_writer(schema_uri) as stream:
+        pq.write_table(schema.empty_table(), stream)
+
+    plan_uri = join_uri(staging, "plan.json")
+    shards: list[ShardDescriptor] = []
+    for index, table in enumerate(_shard_tables(config, storage, shard_size)):
+        shard_uri = join_uri(staging, f"shards/shard-{index:05d}.parquet")
+        with storage.atomic_writer(shard_uri) as stream:
+            pq.write_table(table, stream, compression="zstd")
+        first_row = int(table.column(ROW)[0].as_py())
+        shards.append(ShardDescriptor(plan_uri, index, shard_uri, table.num_rows, first_row))
+
+    result = Plan(
+        plan_uri,
+        config,
+        tuple(shards),
+        total_rows,
+        duplicate_rows,
+        frozenset(canonical_ids),
+        schema_uri,
+        run_id=uuid.uuid4().hex,
+    )
+    storage.write_bytes(plan_uri, json.dumps(result.to_json()).encode())
+    log.info(
+        "planned %s: %d rows in %d shards of up to %d rows; %d duplicate image references share a result",
+        config.manifest_uri,
+        total_rows,
+        len(shards),
+        shard_size,
+        duplicate_rows,
+    )
+    return result
+
+
+def load_plan(plan_uri: str, storage: Storage) -> Plan:
+    """Read back the plan written by `plan`, as every mapped task does."""
+    try:
+        data = json.loads(storage.read_bytes(plan_uri))
+    except (StorageError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read the run plan {plan_uri}: {exc}") from exc
+    config = PipelineConfig.from_dict(data["config"])
+    if not config.is_resolved:
+        raise ConfigurationError(
+            f"the run plan {plan_uri} was written by another version; plan the run again"
+        )
+    return Plan(
+        uri=plan_uri,
+        config=config,
+        shards=tuple(ShardDescriptor.from_dict(shard) for shard in data["shards"]),
+        total_rows=data["total_rows"],
+        duplicate_rows=data["duplicate_rows"],
+        canonical_ids=frozenset(data["canonical_ids"]),
+        schema_uri=data["schema_uri"],
+        run_id=data["run_id"],
+    )
+
+
+def read_parquet(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """A whole (small) Parquet object, decoded in the calling thread."""
+    # Shards are small: read whole into an Arrow-owned buffer and decoded synchronously. Arrow's
+    # dataset reader (pq.read_table) finishes futures on its own threads; one releasing a buffer of
+    # Python bytes while the interpreter shuts down aborts the process.
+    sink = pa.BufferOutputStream()
+    sink.write(storage.read_bytes(uri))
+    with pq.ParquetFile(pa.BufferReader(sink.getvalue())) as parquet:
+        return parquet.read(columns=columns, use_threads=False)
+
+
+def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, set[str], int]:
+    """One pass over the id and image columns: count rows, refuse bad ids, find duplicate images."""
+    columns = [config.image_column] + ([config.id_column] if config.id_column else [])
+    seen_ids: set[str] = set()
+    keys: dict[str, str] = {}
+    duplicates: list[str] = []
+    collisions: list[str] = []
+    first_rows = _FirstRows()
+    canonical_ids: set[str] = set()
+    duplicate_rows = 0
+    total = 0
+    for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format, columns=columns):
+        references = _as_text(batch.column(config.image_column))
+        ids = _as_text(batch.column(config.id_column)) if config.id_column else None
+        for offset, reference in enumerate(references):
+            row = total + offset
+            record_id = ids[offset] if ids is not None else derive_id(reference, row)
+            if not record_id:
+                raise ManifestError(
+                    f"manifest {config.manifest_uri} row {row} has an empty id in column {config.id_column!r}"
+                )
+            canonical = first_rows.canonical(reference, record_id, row)
+            if canonical is not None:
+                duplicate_rows += 1
+                canonical_ids.add(canonical)
+            if ids is None and canonical is not None:
+                continue
+            if record_id in seen_ids:
+                if len(duplicates) < _FIRST_ERRORS:
+                    duplicates.append(record_id)
+                continue
+            seen_ids.add(record_id)
+            key = safe_key_id(record_id)
+            other = keys.setdefault(key, record_id)
+            if other != record_id and len(collisions) < _FIRST_ERRORS:
+                collisions.append(f"{other!r} and {record_id!r} -> {key!r}")
+        total += batch.num_rows
+    if duplicates:
+        raise ManifestError(
+            f"manifest {config.manifest_uri} has duplicate ids in column {config.id_column!r}: "
+            f"{', '.join(repr(d) for d in duplicates)}; ids must be unique"
+        )
+    if collisions:
+        raise ManifestError(
+            f"manifest {config.manifest_uri} has ids that become the same output key once made safe: "
+            f"{'; '.join(collisions)}"
+        )
+    return total, canonical_ids, duplicate_rows
+
+
+def _shard_tables(config: PipelineConfig, storage: Storage, shard_size: int) -> Iterator[pa.Table]:
+    """The manifest with the internal columns added, cut into tables of `shard_size` rows."""
+    first_rows = _FirstRows()
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    row = 0
+    for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format):
+        references = _as_text(batch.column(config.image_column))
+        ids = _as_text(batch.column(config.id_column)) if config.id_column else None
+        record_ids: list[str] = []
+        canonical: list[str | None] = []
+        for offset, reference in enumerate(references):
+            record_id = ids[offset] if ids is not None else derive_id(reference, row + offset)
+            assert record_id is not None
+            record_ids.append(record_id)
+            canonical.append(first_rows.canonical(reference, record_id, row + offset))
+        extra = [
+            pa.array(range(row, row + batch.num_rows), type=pa.int64()),
+            pa.array(record_ids, type=pa.string()),
+            pa.array(references, type=pa.string()),
+            pa.array(canonical, type=pa.string()),
+        ]
+        batch = pa.RecordBatch.from_arrays(
+            list(batch.columns) + extra, names=list(batch.schema.names) + list(INTERNAL_COLUMNS)
+        )
+        row += batch.num_rows
+        while batch.num_rows:
+            take = min(shard_size - pending_rows, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            pending_rows += take
+            batch = batch.slice(take)
+            if pending_rows == shard_size:
+                yield pa.Table.from_batches(pending)
+                pending, pending_rows = [], 0
+    if pending_rows:
+        yield pa.Table.from_batches(pending)
+
+
+class _FirstRows:
+    """Remembers the first row of every image reference, in 16-byte digests to stay small."""
+
+    def __init__(self) -> None:
+        self._first: dict[bytes, tuple[str, int]] = {}
+
+    def canonical(self, reference: str | None, record_id: str, row: int) -> str | None:
+        """The id of the earlier row with the same reference, or None when this row is the first."""
+        if not reference:
+            return None
+        digest = hashlib.blake2b(reference.encode(), digest_size=16).digest()
+        first_id, first_row = self._first.setdefault(digest, (record_id, row))
+        return first_id if first_row != row else None
+
+
+def _as_text(column: pa.Array | pa.ChunkedArray) -> list[str | None]:
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = column.cast(pa.string())
+    return [value.strip() if isinstance(value, str) else value for value in column.to_pylist()]

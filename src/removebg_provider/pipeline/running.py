@@ -1,0 +1,117 @@
+"""A whole run in one process, and what it would bill: plan, every shard side by side, merge."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+from removebg_provider.client import RemoveBgClient
+from removebg_provider.errors import BudgetExceededError
+from removebg_provider.outputs import OutputCopier
+from removebg_provider.pipeline.config import PipelineConfig
+from removebg_provider.pipeline.merging import merge
+from removebg_provider.pipeline.planning import Plan, plan
+from removebg_provider.pipeline.results import BillingEstimate, RunSummary
+from removebg_provider.pipeline.shard import (
+    WORKERS_PER_SLOT,
+    Budget,
+    ShardWork,
+    check_client_agrees,
+    process_shard,
+)
+from removebg_provider.progress import ProgressCallback
+from removebg_provider.storage import Storage
+
+_SHARDS_SIDE_BY_SIDE = 2
+
+
+def estimate_billing(plan_: Plan, storage: Storage) -> BillingEstimate:
+    """Count the records a run of `plan_` would bill, without calling the API."""
+    counts: Counter[str] = Counter()
+    for shard in plan_.shards:
+        counts.update(ShardWork.load(shard, plan_, storage).classify_counts())
+    return BillingEstimate(
+        rows=plan_.total_rows,
+        duplicates=plan_.duplicate_rows,
+        resumed=counts["resumed"],
+        copy_only=counts["copy_only"],
+        existing=counts["existing"],
+        without_reference=counts["without_reference"],
+        billable=counts["todo"],
+    )
+
+
+def check_budget(plan_: Plan, storage: Storage) -> BillingEstimate | None:
+    """Raise BudgetExceededError before any request when the run would pass `max_billable_records`."""
+    limit = plan_.config.max_billable_records
+    if limit is None:
+        return None
+    estimate = estimate_billing(plan_, storage)
+    if estimate.billable > limit:
+        raise BudgetExceededError(
+            f"{plan_.config.manifest_uri} needs {estimate.billable} billable records "
+            f"(after {estimate.resumed} resumed, {estimate.existing} existing and {estimate.duplicates} "
+            f"duplicate rows), over max_billable_records={limit}; nothing was sent"
+        )
+    return estimate
+
+
+def run(
+    config: PipelineConfig,
+    client: RemoveBgClient,
+    storage: Storage,
+    *,
+    on_progress: ProgressCallback | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> RunSummary:
+    """Plan, process every shard and merge: the whole pipeline in one process (the CLI's path).
+
+    Two shards are processed side by side, sharing `concurrency` request slots, so the API stays
+    busy while one shard drains its last batches. The failure policy is applied once, run-wide.
+    Connection-level settings the config leaves unset are taken from the client's.
+    """
+    config = config.resolved(
+        {
+            "mode": client.mode,
+            "max_records_per_request": client.max_records_per_request,
+            "concurrency": client.concurrency,
+        }
+    )
+    check_client_agrees(config, client)
+    plan_ = plan(config, storage)
+    check_budget(plan_, storage)
+    if on_plan is not None:
+        on_plan(plan_)
+    concurrency = plan_.config.concurrency or 1
+    budget = Budget(config.max_billable_records)
+    slots = threading.Semaphore(concurrency)
+    copier = OutputCopier(storage, pool_size=WORKERS_PER_SLOT * concurrency)
+    relaxed = dataclasses.replace(plan_, config=dataclasses.replace(plan_.config, max_failed_fraction=1.0))
+    try:
+        with ThreadPoolExecutor(_SHARDS_SIDE_BY_SIDE, thread_name_prefix="removebg-shard") as shards:
+            futures = [
+                shards.submit(
+                    process_shard,
+                    shard,
+                    relaxed,
+                    client,
+                    storage,
+                    copier=copier,
+                    budget=budget,
+                    on_progress=on_progress,
+                    request_slots=slots,
+                )
+                for shard in plan_.shards
+            ]
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+            for future in futures:
+                if not future.cancelled():
+                    future.result()
+    finally:
+        copier.close()
+    return merge(plan_, storage)

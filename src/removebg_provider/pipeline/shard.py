@@ -1,0 +1,429 @@
+"""Processing one shard: triage its rows, send the rest in batches, copy the outputs, checkpoint each step."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from http import HTTPStatus
+from typing import Any
+
+from removebg_provider import quality
+from removebg_provider.client import ImageRecord, RecordResult, RemoveBgClient
+from removebg_provider.errors import (
+    ApiRequestError,
+    ConfigurationError,
+    CopyError,
+    StorageError,
+    TransientApiError,
+)
+from removebg_provider.outputs import OutputCopier
+from removebg_provider.pipeline.checkpoints import ShardStaging, now
+from removebg_provider.pipeline.config import PipelineConfig
+from removebg_provider.pipeline.planning import (
+    CANONICAL,
+    ID,
+    INTERNAL_COLUMNS,
+    REF,
+    ROW,
+    Plan,
+    ShardDescriptor,
+    read_parquet,
+)
+from removebg_provider.pipeline.results import RowResult, RunSummary, enforce_failure_policy, summarise
+from removebg_provider.progress import Progress, ProgressCallback
+from removebg_provider.storage import Storage, scheme_of
+from removebg_provider.vocabulary import CUTOUT, MASK, RowStatus
+
+log = logging.getLogger(__name__)
+
+# A worker releases its request slot before copying outputs; twice as many workers as slots keep
+# every slot busy while the other half copies.
+WORKERS_PER_SLOT = 2
+
+Row = dict[str, Any]
+
+
+class Budget:
+    """A thread-safe cap on the records one process may send to the API."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, count: int) -> bool:
+        """Take `count` records from the budget; False (and nothing taken) when they do not fit."""
+        with self._lock:
+            if self.limit is not None and self.used + count > self.limit:
+                return False
+            self.used += count
+            return True
+
+
+def process_shard(
+    shard: ShardDescriptor,
+    plan_: Plan,
+    client: RemoveBgClient,
+    storage: Storage,
+    *,
+    copier: OutputCopier | None = None,
+    budget: Budget | None = None,
+    on_progress: ProgressCallback | None = None,
+    request_slots: threading.Semaphore | None = None,
+) -> RunSummary:
+    """Remove the backgrounds of one shard's rows, copy the outputs and store the shard's results.
+
+    A batch is checkpointed twice: its API answer (temporary output URLs) as soon as the request
+    returns, while the batch still holds its request slot, then its final results once the outputs
+    are copied. A retried task sends no request for a row that already succeeded, and copies the
+    outputs of a row that was answered but not finished from the stored URLs, without a request.
+    Authentication and out-of-credits errors stop the shard at once; every other problem becomes
+    the row's status. Raises FailurePolicyError, after storing the results, when more than
+    `max_failed_fraction` of the shard's rows failed. `request_slots`, shared by shards processed
+    side by side, caps their requests in flight together (`concurrency` when not given).
+    """
+    config = plan_.config
+    check_client_agrees(config, client)
+    work = ShardWork.load(shard, plan_, storage)
+    owned_copier = copier is None
+    assert config.concurrency is not None
+    copier = copier or OutputCopier(storage, pool_size=WORKERS_PER_SLOT * config.concurrency)
+    budget = budget or Budget(config.max_billable_records)
+    try:
+        results = work.run(client, copier, budget, on_progress, request_slots)
+    finally:
+        if owned_copier:
+            copier.close()
+    work.staging.write_results((row[ROW] for row in work.rows), results, work.billed_earlier + work.billed)
+    summary = summarise(results.values(), billed=work.billed, shard_index=shard.index)
+    log.info("shard %d done: %s", shard.index, json.dumps(summary.to_dict()))
+    enforce_failure_policy(
+        summary, config.max_failed_fraction, f"shard {shard.index} of {config.manifest_uri}"
+    )
+    return summary
+
+
+def check_client_agrees(config: PipelineConfig, client: RemoveBgClient) -> None:
+    """Refuse, before any request, a client whose own settings contradict the run's."""
+    batch = config.max_records_per_request or 0
+    if client.mode != config.mode or client.max_records_per_request < batch:
+        raise ConfigurationError(
+            f"the API client (mode={client.mode}, max_records_per_request={client.max_records_per_request}) "
+            f"does not match the run (mode={config.mode}, max_records_per_request={batch}); "
+            "build the client with **config.client_settings()"
+        )
+
+
+class ShardWork:
+    """The rows of one shard and what each still needs."""
+
+    def __init__(self, shard: ShardDescriptor, plan_: Plan, storage: Storage, rows: list[Row]) -> None:
+        self.shard = shard
+        self.config = plan_.config
+        self.storage = storage
+        self.rows = rows
+        self.staging = ShardStaging(shard, plan_.config, plan_.run_id, storage)
+        checkpoints = self.staging.load_checkpoints()
+        self.prior = checkpoints.done if self.config.resume else {}
+        self.answers = checkpoints.usable_answers(now()) if self.config.resume else {}
+        self.billed_earlier = checkpoints.billed_in_run
+        self.billed = 0
+        self._billed_lock = threading.Lock()
+        # Image bytes read by this shard's workers: digest -> (id, row) of the first row to read them,
+        # and each later row with the same bytes -> that owner. Later rows are not sent.
+        self._byte_owners: dict[bytes, tuple[str, int]] = {}
+        self._byte_duplicates: dict[int, tuple[str, int]] = {}
+        self._owners_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, shard: ShardDescriptor, plan_: Plan, storage: Storage) -> ShardWork:
+        """The shard's rows (internal columns only) with what earlier attempts checkpointed."""
+        table = read_parquet(shard.uri, storage, columns=list(INTERNAL_COLUMNS))
+        return cls(shard, plan_, storage, table.to_pylist())
+
+    def classify(self) -> Iterator[tuple[str, Row, RowResult | None]]:
+        """Each row with its class: duplicate, without_reference, resumed, existing, copy_only or todo."""
+        for row in self.rows:
+            reference = row[REF]
+            if row[CANONICAL] is not None:
+                yield "duplicate", row, None
+            elif not reference:
+                error = f"no image reference in column {self.config.image_column!r}"
+                yield "without_reference", row, self._failed(row[ID], RowStatus.NO_REFERENCE, error)
+            elif (resumed := self._resumable(row)) is not None:
+                yield "resumed", row, resumed
+            elif self.config.skip_existing and self._outputs_exist(row[ID]):
+                yield "existing", row, self._existing(row)
+            elif self._key(row) in self.answers:
+                yield "copy_only", row, None
+            else:
+                yield "todo", row, None
+
+    def classify_counts(self) -> Counter[str]:
+        """How many rows fall in each class of `classify`."""
+        return Counter(kind for kind, _, _ in self.classify())
+
+    def run(
+        self,
+        client: RemoveBgClient,
+        copier: OutputCopier,
+        budget: Budget,
+        on_progress: ProgressCallback | None,
+        request_slots: threading.Semaphore | None,
+    ) -> dict[int, RowResult]:
+        """Finish every row that still needs work; results by row number."""
+        results: dict[int, RowResult] = {}
+        todo: list[Row] = []
+        copy_only: list[Row] = []
+        for kind, row, row_result in self.classify():
+            if kind == "todo":
+                todo.append(row)
+            elif kind == "copy_only":
+                copy_only.append(row)
+            elif row_result is not None:
+                results[row[ROW]] = row_result
+        progress = Progress(len(todo) + len(copy_only), f"shard {self.shard.index}", on_progress)
+        if on_progress is not None and results:
+            on_progress(len(results), 0, len(todo) + len(copy_only))
+        log.info(
+            "shard %d: %d rows, %d to send, %d to copy from an earlier answer without a request, "
+            "%d already done or not sendable",
+            self.shard.index,
+            len(self.rows),
+            len(todo),
+            len(copy_only),
+            len(results),
+        )
+        size = self.config.max_records_per_request or 1
+        concurrency = self.config.concurrency or 1
+        to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
+        to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
+        slots = request_slots or threading.Semaphore(concurrency)
+        with ThreadPoolExecutor(WORKERS_PER_SLOT * concurrency, thread_name_prefix="removebg") as pool:
+            # Answered rows first: their temporary URLs are the ones closest to expiring.
+            futures: list[Future[list[RowResult | None]]] = [
+                pool.submit(self._copy_answered, batch, copier, progress) for batch in to_copy
+            ] + [
+                pool.submit(self._process_batch, batch, client, copier, budget, progress, slots)
+                for batch in to_send
+            ]
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+            for batch, future in zip(to_copy + to_send, futures, strict=True):
+                if future.cancelled():
+                    continue
+                for row, row_result in zip(batch, future.result(), strict=True):
+                    if row_result is not None:
+                        results[row[ROW]] = row_result
+        self._share_owner_results(results)
+        return results
+
+    def _key(self, row: Row) -> tuple[str, str]:
+        return row[ID], self.config.fingerprint(row[REF])
+
+    def _share_owner_results(self, results: dict[int, RowResult]) -> None:
+        """Give each row whose bytes repeat an earlier row's that row's result, and checkpoint it."""
+        if not self._byte_duplicates:
+            return
+        rows = {row[ROW]: row for row in self.rows}
+        shared: list[RowResult] = []
+        for row_number, (owner_id, owner_row) in self._byte_duplicates.items():
+            owner = results[owner_row]
+            row = rows[row_number]
+            results[row_number] = dataclasses.replace(
+                owner,
+                id=row[ID],
+                status_text=f"{owner.status_text} (same image bytes as {owner_id})",
+                attempts=0,
+                fingerprint=self.config.fingerprint(row[REF]),
+            )
+            shared.append(results[row_number])
+        self.staging.write_finished(shared)
+        log.info(
+            "shard %d: %d rows shared the result of a row with identical bytes", self.shard.index, len(shared)
+        )
+
+    def _process_batch(
+        self,
+        batch: list[Row],
+        client: RemoveBgClient,
+        copier: OutputCopier,
+        budget: Budget,
+        progress: Progress,
+        request_slots: threading.Semaphore,
+    ) -> list[RowResult | None]:
+        """Send a batch and copy its outputs; None for rows whose bytes an earlier row owns."""
+        outcomes: dict[str, RowResult] = {}
+        records: list[ImageRecord] = []
+        for row in batch:
+            record = self._record(row)
+            if isinstance(record, RowResult):
+                outcomes[row[ID]] = record
+            elif not self._repeats_earlier_bytes(row, record):
+                records.append(record)
+        if records and not budget.reserve(len(records)):
+            error = f"not processed: max_billable_records={budget.limit} reached"
+            for record in records:
+                outcomes[record.id] = self._failed(record.id, RowStatus.BUDGET_REACHED, error)
+            records = []
+        api_results: list[RecordResult] = []
+        if records:
+            with request_slots:
+                api_results, billed = self._call_api(records, client)
+                if billed:
+                    # Durable before the slot is released: only requests holding a slot can be
+                    # billed without a checkpoint, so a kill re-bills at most concurrency x batch.
+                    fingerprints = {row[ID]: self.config.fingerprint(row[REF]) for row in batch}
+                    self.staging.write_answer(api_results, fingerprints, billed)
+                    with self._billed_lock:
+                        self.billed += billed
+        for api_result in api_results:
+            outcomes[api_result.id] = self._copy_outputs(api_result, copier)
+        return self._finish(batch, outcomes, progress)
+
+    def _repeats_earlier_bytes(self, row: Row, record: ImageRecord) -> bool:
+        if record.data is None:
+            return False
+        digest = hashlib.blake2b(record.data, digest_size=16).digest()
+        with self._owners_lock:
+            owner = self._byte_owners.setdefault(digest, (row[ID], row[ROW]))
+            if owner[1] == row[ROW]:
+                return False
+            self._byte_duplicates[row[ROW]] = owner
+            return True
+
+    def _copy_answered(
+        self, batch: list[Row], copier: OutputCopier, progress: Progress
+    ) -> list[RowResult | None]:
+        """Finish rows the API answered in an interrupted attempt, from the stored temporary URLs."""
+        outcomes: dict[str, RowResult] = {}
+        for row in batch:
+            copied = self._copy_outputs(self.answers[self._key(row)], copier)
+            if copied.ok:
+                text = f"{copied.status_text} (outputs copied from an earlier answer, not sent again)"
+                copied = dataclasses.replace(copied, status_text=text)
+            outcomes[row[ID]] = copied
+        return self._finish(batch, outcomes, progress)
+
+    def _finish(
+        self, batch: list[Row], outcomes: dict[str, RowResult], progress: Progress
+    ) -> list[RowResult | None]:
+        stamped = {
+            row[ID]: dataclasses.replace(outcomes[row[ID]], fingerprint=self.config.fingerprint(row[REF]))
+            for row in batch
+            if row[ID] in outcomes
+        }
+        self.staging.write_finished(list(stamped.values()))
+        progress.advance(len(batch), sum(1 for r in stamped.values() if not r.ok))
+        return [stamped.get(row[ID]) for row in batch]
+
+    def _call_api(self, records: list[ImageRecord], client: RemoveBgClient) -> tuple[list[RecordResult], int]:
+        """The API's answer for each record, and how many records the API billed for it."""
+        try:
+            return client.remove_batch(records, self.config.options), len(records)
+        except TransientApiError as exc:
+            failures = [
+                RecordResult.failure(record.id, RowStatus.API_UNAVAILABLE, "API unavailable", str(exc))
+                for record in records
+            ]
+            return failures, 0
+        except ApiRequestError as exc:
+            if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE and len(records) > 1:
+                # One oversized image must not sink its batch mates on every rerun: send each alone.
+                alone = [self._call_api([record], client) for record in records]
+                answers = [answer for answered, _ in alone for answer in answered]
+                return answers, sum(billed for _, billed in alone)
+            failures = [
+                RecordResult.failure(record.id, exc.status_code, "request rejected by the API", str(exc))
+                for record in records
+            ]
+            return failures, 0
+
+    def _record(self, row: Row) -> ImageRecord | RowResult:
+        reference: str = row[REF]
+        if scheme_of(reference) in ("http", "https"):
+            return ImageRecord(id=row[ID], url=reference)
+        try:
+            data = self.storage.read_bytes(reference, limit=self.config.max_image_bytes)
+        except StorageError as exc:
+            return self._failed(row[ID], RowStatus.UNREADABLE_IMAGE, str(exc))
+        if not data:
+            return self._failed(row[ID], RowStatus.UNREADABLE_IMAGE, f"{reference} is empty")
+        return ImageRecord(id=row[ID], data=data)
+
+    def _copy_outputs(self, api_result: RecordResult, copier: OutputCopier) -> RowResult:
+        """The row result of an API answer: its outputs copied into storage and checked."""
+        base = RowResult(
+            id=api_result.id,
+            status_code=api_result.status_code,
+            status_text=api_result.status_text,
+            error=api_result.error,
+            width=api_result.width,
+            height=api_result.height,
+            request_id=api_result.request_id,
+            mode=self.config.mode,
+            attempts=api_result.attempts,
+            processed_at=now(),
+        )
+        if not api_result.ok:
+            return base
+        destinations = self.config.outputs_for(api_result.id)
+        if MASK.name in destinations and CUTOUT.name not in api_result.outputs:
+            # Ximilar's current documentation: a binary-mask request returns the mask instead of the cutout.
+            del destinations[CUTOUT.name]
+        try:
+            data = copier.copy_answer(api_result.outputs, destinations)
+        except CopyError as exc:
+            return dataclasses.replace(
+                base, status_code=exc.status_code, status_text=exc.status_text, error=str(exc)
+            )
+        copied = dataclasses.replace(base, outputs=destinations)
+        if not self.config.quality_check:
+            return copied
+        verdict = quality.assess(data.get(CUTOUT.name), data.get(MASK.name))
+        return dataclasses.replace(
+            copied, foreground_fraction=verdict.foreground_fraction, quality_flags=verdict.flags
+        )
+
+    def _resumable(self, row: Row) -> RowResult | None:
+        previous = self.prior.get(self._key(row))
+        if previous is None:
+            return None
+        # The fingerprint fixes the output kinds and keys; a row that shared the result of a row
+        # with identical bytes records that row's outputs, so only their existence is checked.
+        if not previous.outputs or not all(self.storage.exists(uri) for uri in previous.outputs.values()):
+            return None
+        return previous
+
+    def _outputs_exist(self, record_id: str) -> bool:
+        return all(self.storage.exists(uri) for uri in self.config.outputs_for(record_id).values())
+
+    def _existing(self, row: Row) -> RowResult:
+        return RowResult(
+            id=row[ID],
+            status_code=RowStatus.OK,
+            status_text="OK (existing output kept, not sent again)",
+            outputs=self.config.outputs_for(row[ID]),
+            mode=self.config.mode,
+            attempts=0,
+            processed_at=now(),
+            fingerprint=self.config.fingerprint(row[REF]),
+        )
+
+    def _failed(self, record_id: str, code: int, error: str) -> RowResult:
+        return RowResult(
+            id=record_id,
+            status_code=code,
+            status_text="not processed",
+            error=error,
+            mode=self.config.mode,
+            attempts=0,
+            processed_at=now(),
+        )

@@ -1,0 +1,103 @@
+"""The Storage facade: read and write objects at any URI, atomically, through the backend of its scheme."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import tenacity
+
+from removebg_provider.errors import StorageError
+from removebg_provider.storage.backends import (
+    AZURE_CONNECTION_ENV,
+    Backend,
+    backend_class,
+    short_error,
+    storage_errors,
+)
+from removebg_provider.storage.uris import join_uri, local_path, scheme_of, unique_name
+
+__all__ = [
+    "AZURE_CONNECTION_ENV",
+    "Storage",
+    "join_uri",
+    "local_path",
+    "scheme_of",
+    "unique_name",
+]
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Object access for every URI scheme the pipeline meets.
+
+    `transport_params` maps a scheme (`s3`, `gs`, `az`, ...) to smart_open transport parameters,
+    for example `{"s3": {"client": boto3_client}}`; without them each SDK reads its standard
+    environment configuration.
+    """
+
+    transport_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    write_attempts: int = 4
+    _backends: dict[type[Backend], Backend] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def open(self, uri: str, mode: str = "rb") -> IO[Any]:
+        """Open `uri` with its scheme's transport parameters."""
+        return self._backend(uri).open(uri, mode)
+
+    def read_bytes(self, uri: str, limit: int | None = None) -> bytes:
+        """Read the whole object at `uri`; raises StorageError when missing or over `limit` bytes."""
+        try:
+            with self.open(uri, "rb") as stream:
+                data: bytes = stream.read(limit + 1 if limit is not None else -1)
+        except storage_errors() as exc:
+            raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
+        if limit is not None and len(data) > limit:
+            raise StorageError(f"{uri} is larger than the {limit}-byte limit")
+        return data
+
+    def exists(self, uri: str) -> bool:
+        """Whether an object is at `uri` (a missing object is False; other failures raise)."""
+        return self._backend(uri).exists(uri)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write `data` to `uri` atomically, retrying failed writes before raising StorageError."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.write_attempts),
+            wait=tenacity.wait_random_exponential(multiplier=0.2, max=5),
+            retry=tenacity.retry_if_exception_type(storage_errors()),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt, self.atomic_writer(uri) as stream:
+                    stream.write(data)
+        except storage_errors() as exc:
+            raise StorageError(
+                f"cannot write {uri} after {self.write_attempts} attempts: {short_error(exc)}"
+            ) from exc
+
+    @contextmanager
+    def atomic_writer(self, uri: str) -> Iterator[IO[bytes]]:
+        """Yield a binary stream whose content appears at `uri` only if the block succeeds."""
+        with self._backend(uri).atomic_writer(uri) as stream:
+            yield stream
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        """URIs of the objects directly under `prefix`, sorted."""
+        return self._backend(prefix).list_prefix(prefix)
+
+    def _backend(self, uri: str) -> Backend:
+        kind = backend_class(scheme_of(uri))
+        backend = self._backends.get(kind)
+        if backend is None:
+            # A backend serving several spellings (az://, azure://) takes the parameters given for any.
+            params = next(
+                (self.transport_params[s] for s in kind.schemes if s in self.transport_params),
+                self.transport_params.get(scheme_of(uri), {}),
+            )
+            backend = self._backends.setdefault(kind, kind(params))
+        return backend

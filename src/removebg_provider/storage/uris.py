@@ -1,0 +1,29 @@
+"""URIs and plain paths: their scheme, their local path, joining keys, unique object names."""
+
+from __future__ import annotations
+
+import uuid
+from urllib.parse import urlparse
+
+
+def scheme_of(uri: str) -> str:
+    """The URI's scheme, with plain paths and Windows drive letters counted as `file`."""
+    parsed = urlparse(uri)
+    if len(parsed.scheme) <= 1:
+        return "file"
+    return parsed.scheme.lower()
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a `file://` URI or a plain path."""
+    return urlparse(uri).path if uri.startswith("file://") else uri
+
+
+def join_uri(prefix: str, key: str) -> str:
+    """Join a prefix and a relative key with exactly one slash."""
+    return f"{prefix.rstrip('/')}/{key.lstrip('/')}"
+
+
+def unique_name(prefix: str) -> str:
+    """A collision-free object name, for checkpoints written by concurrent workers."""
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,106 @@
+"""Storage against real S3 (moto), GCS (fake-gcs-server) and Azure Blob (Azurite) servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+
+from removebg_provider.errors import StorageError
+from removebg_provider.storage import Storage
+from support.stores import AzuriteBlob, ObjectStore
+
+
+def test_write_bytes_then_read_bytes_round_trips(object_store: ObjectStore) -> None:
+    uri = object_store.uri("folder/photo.png")
+
+    object_store.storage.write_bytes(uri, b"\x89PNG\r\n\x1a\nbytes")
+
+    assert object_store.storage.read_bytes(uri) == b"\x89PNG\r\n\x1a\nbytes"
+
+
+def test_exists_tells_a_stored_object_from_a_missing_one(object_store: ObjectStore) -> None:
+    object_store.storage.write_bytes(object_store.uri("here.txt"), b"x")
+
+    assert object_store.storage.exists(object_store.uri("here.txt")) is True
+    assert object_store.storage.exists(object_store.uri("not-here.txt")) is False
+
+
+def test_reading_a_missing_object_is_a_storage_error_naming_it(object_store: ObjectStore) -> None:
+    missing = object_store.uri("photos/gone.jpg")
+
+    with pytest.raises(StorageError, match=r"photos/gone\.jpg"):
+        object_store.storage.read_bytes(missing)
+
+
+def test_read_bytes_refuses_an_object_over_the_limit(object_store: ObjectStore) -> None:
+    uri = object_store.uri("big.bin")
+    object_store.storage.write_bytes(uri, b"0123456789")
+
+    with pytest.raises(StorageError, match="larger than the 4-byte limit"):
+        object_store.storage.read_bytes(uri, limit=4)
+
+
+def test_list_prefix_lists_only_the_objects_directly_under_the_prefix(object_store: ObjectStore) -> None:
+    for key in ("ckpt/a.jsonl", "ckpt/b.jsonl", "ckpt/nested/c.jsonl", "ckpt-other/d.jsonl"):
+        object_store.storage.write_bytes(object_store.uri(key), b"{}")
+
+    listed = object_store.storage.list_prefix(object_store.uri("ckpt"))
+
+    assert listed == [object_store.uri("ckpt/a.jsonl"), object_store.uri("ckpt/b.jsonl")]
+
+
+def test_list_prefix_of_the_bucket_root_lists_its_top_level_objects(object_store: ObjectStore) -> None:
+    for key in ("top.txt", "folder/inner.txt"):
+        object_store.storage.write_bytes(object_store.uri(key), b"x")
+
+    assert object_store.storage.list_prefix(object_store.uri("")) == [object_store.uri("top.txt")]
+
+
+def test_list_prefix_of_a_prefix_with_no_objects_is_empty(object_store: ObjectStore) -> None:
+    assert object_store.storage.list_prefix(object_store.uri("nothing/here/")) == []
+
+
+def test_atomic_writer_publishes_the_object_only_when_the_block_succeeds(object_store: ObjectStore) -> None:
+    uri = object_store.uri("out/manifest.parquet")
+
+    with object_store.storage.atomic_writer(uri) as stream:
+        stream.write(b"complete")
+
+    assert object_store.storage.read_bytes(uri) == b"complete"
+
+
+def test_atomic_writer_publishes_nothing_when_the_block_fails(object_store: ObjectStore) -> None:
+    uri = object_store.uri("out/manifest.parquet")
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        _write_then_fail(object_store.storage, uri, b"partial")
+
+    assert object_store.storage.exists(uri) is False
+    assert object_store.storage.list_prefix(object_store.uri("out")) == []
+
+
+def test_a_failed_rewrite_keeps_the_previous_object(object_store: ObjectStore) -> None:
+    uri = object_store.uri("out/manifest.parquet")
+    object_store.storage.write_bytes(uri, b"version 1")
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        _write_then_fail(object_store.storage, uri, b"version 2, half written")
+
+    assert object_store.storage.read_bytes(uri) == b"version 1"
+
+
+def test_az_and_azure_uris_name_the_same_blob(azurite: AzuriteBlob) -> None:
+    store = azurite.new_store()
+    try:
+        storage = Storage(transport_params={"az": {"client": azurite.client()}})
+        storage.write_bytes(f"az://{store.bucket}/in/a.txt", b"same blob")
+
+        assert storage.read_bytes(f"azure://{store.bucket}/in/a.txt") == b"same blob"
+        assert storage.list_prefix(f"azure://{store.bucket}/in") == [f"azure://{store.bucket}/in/a.txt"]
+    finally:
+        store.delete_bucket()
+
+
+def _write_then_fail(storage: Storage, uri: str, data: bytes) -> None:
+    with storage.atomic_writer(uri) as stream:
+        stream.write(data)
+        raise RuntimeError("writer died")

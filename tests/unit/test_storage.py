@@ -1,0 +1,107 @@
+"""Object naming, verification and local atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from removebg_provider.errors import StorageError
+from removebg_provider.outputs import looks_like_image, output_uri, safe_key_id
+from removebg_provider.storage import Storage, scheme_of
+
+
+@pytest.mark.parametrize(
+    ("record_id", "expected"),
+    [
+        ("sku-123", "sku-123"),
+        ("../../etc/passwd", "etc_passwd"),
+        ("a/b\\c", "a_b_c"),
+        ("bad\x00id\nwith\tcontrol", "bad_id_with_control"),
+        ("..", "_"),
+        ("shoe..v2", "shoe_v2"),
+    ],
+)
+def test_ids_are_made_safe_for_one_key_segment(record_id: str, expected: str) -> None:
+    assert safe_key_id(record_id) == expected
+
+
+def test_long_ids_are_shortened_with_a_hash_that_keeps_them_distinct() -> None:
+    first, second = safe_key_id("x" * 300 + "1"), safe_key_id("x" * 300 + "2")
+
+    assert len(first) <= 120
+    assert first != second
+
+
+def test_default_keys_follow_the_documented_names() -> None:
+    template = "{id}{suffix}.{ext}"
+
+    assert output_uri("s3://b/out/", "sku1", "cutout", "png", template) == "s3://b/out/sku1.png"
+    assert output_uri("s3://b/out", "sku1", "mask", "jpg", template) == "s3://b/out/sku1.mask.jpg"
+    assert output_uri("s3://b/out", "sku1", "whitebg", "jpg", template) == "s3://b/out/sku1.whitebg.jpg"
+
+
+def test_a_template_can_group_outputs_by_kind() -> None:
+    assert output_uri("/o", "a", "mask", "jpg", "{kind}/{id}.{ext}") == "/o/mask/a.jpg"
+
+
+def test_a_template_that_escapes_the_prefix_is_refused() -> None:
+    with pytest.raises(StorageError, match="unsafe key"):
+        output_uri("/o", "a", "cutout", "png", "../{id}.{ext}")
+
+
+@pytest.mark.parametrize(
+    ("data", "ext", "expected"),
+    [
+        (b"\x89PNG\r\n\x1a\n....", "png", True),
+        (b"\xff\xd8\xff\xe0....", "jpg", True),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "webp", True),
+        (b"<html>expired</html>", "png", False),
+        (b"\x89PNG\r\n\x1a\n....", "jpg", False),
+        (b"", "png", False),
+    ],
+)
+def test_copies_are_verified_by_their_signature(data: bytes, ext: str, expected: bool) -> None:
+    assert looks_like_image(data, ext) is expected
+
+
+@pytest.mark.parametrize(
+    ("uri", "scheme"),
+    [
+        ("/tmp/a", "file"),
+        ("file:///tmp/a", "file"),
+        ("relative/a", "file"),
+        ("S3://b/k", "s3"),
+        ("gs://b/k", "gs"),
+    ],
+)
+def test_scheme_of_treats_paths_as_files(uri: str, scheme: str) -> None:
+    assert scheme_of(uri) == scheme
+
+
+def test_write_bytes_creates_folders_and_exists_sees_the_object(tmp_path: Path) -> None:
+    storage = Storage()
+    target = tmp_path / "deep" / "er" / "a.png"
+
+    storage.write_bytes(str(target), b"data")
+
+    assert storage.exists(str(target))
+    assert not storage.exists(str(tmp_path / "other.png"))
+    assert storage.read_bytes(f"file://{target}") == b"data"
+
+
+def test_reading_past_the_limit_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    path.write_bytes(b"x" * 11)
+
+    with pytest.raises(StorageError, match="larger than the 10-byte limit"):
+        Storage().read_bytes(str(path), limit=10)
+
+
+def test_list_prefix_lists_visible_files_only(tmp_path: Path) -> None:
+    (tmp_path / "b.jsonl").write_text("1")
+    (tmp_path / "a.jsonl").write_text("1")
+    (tmp_path / ".a.jsonl.tmp").write_text("partial")
+    (tmp_path / "sub").mkdir()
+
+    assert Storage().list_prefix(str(tmp_path)) == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
