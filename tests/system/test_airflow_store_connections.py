@@ -30,7 +30,7 @@ import pytest
 
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
-from removebg_provider.operators._storage import storage_from_connections
+from removebg_provider.operators.storage_connections import storage_from_connections
 from removebg_provider.storage import Storage
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import (

@@ -15,7 +15,7 @@ import jsonschema
 from airflow.sdk import BaseOperatorLink
 
 from removebg_provider.get_provider_info import get_provider_info
-from removebg_provider.hooks.removebg import _EXTRA_PARSERS, RemoveBgHook
+from removebg_provider.hooks.removebg import CONNECTION_EXTRAS, RemoveBgHook
 
 AIRFLOW_DIR = Path(airflow.__file__).parent
 
@@ -54,13 +54,13 @@ def test_connection_type_points_at_the_hook() -> None:
 
 
 def test_connection_form_offers_every_extra_the_hook_reads() -> None:
-    assert set(_connection_type()["conn-fields"]) == set(_EXTRA_PARSERS)
+    assert set(_connection_type()["conn-fields"]) == set(CONNECTION_EXTRAS)
 
 
 def test_connection_form_defaults_are_accepted_by_the_hook() -> None:
     for name, field in _connection_type()["conn-fields"].items():
         if "default" in field["schema"]:
-            _EXTRA_PARSERS[name](field["schema"]["default"])
+            CONNECTION_EXTRAS[name](field["schema"]["default"])
 
 
 def test_extra_links_are_operator_link_classes() -> None:

@@ -280,7 +280,7 @@ def test_http_originals_are_fetched_and_dead_links_become_placeholders(
     tiles = {m.group(1): m.group(0) for m in re.finditer(r"<b>#\d+ ([\w-]+)</b>.*?</figcaption>", page)}
     assert "unavailable" not in tiles["served"]
     assert "original unavailable: HTTP 404" in tiles["not-found"]
-    assert "original unavailable: ConnectionError" in tiles["refused"]
+    assert "original unavailable: cannot download" in tiles["refused"]
 
 
 def test_manifest_without_quality_columns_still_reports(
@@ -311,7 +311,7 @@ def test_csv_manifest_with_joined_flags_reports_them(tmp_path: Path, small_run: 
 def test_ids_are_derived_like_the_pipeline_when_there_is_no_id_column(
     tmp_path: Path, small_run: list[dict[str, Any]]
 ) -> None:
-    from removebg_provider.pipeline import derive_id
+    from removebg_provider.manifest import derive_id
 
     manifest = _write_parquet(tmp_path / "out.parquet", small_run)
 

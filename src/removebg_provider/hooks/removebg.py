@@ -98,11 +98,11 @@ def _base_url(host: str | None, schema: str | None, port: int | None) -> str:
 
 
 def _client_settings(extras: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(extras) - set(_EXTRA_PARSERS))
+    unknown = sorted(set(extras) - set(CONNECTION_EXTRAS))
     if unknown:
         log.warning("Ignoring unknown removebg connection extras: %s", ", ".join(unknown))
     settings = {}
-    for name, parse in _EXTRA_PARSERS.items():
+    for name, parse in CONNECTION_EXTRAS.items():
         value = extras.get(name)
         if value is None or value == "":
             continue
@@ -148,7 +148,7 @@ def _integer(minimum: int) -> Callable[[Any], int]:
     return parse
 
 
-_EXTRA_PARSERS: dict[str, Callable[[Any], Any]] = {
+CONNECTION_EXTRAS: dict[str, Callable[[Any], Any]] = {
     "mode": _mode,
     "timeout": _timeout,
     "max_retries": _integer(0),

@@ -13,14 +13,14 @@ from airflow.sdk import Asset, BaseOperator, BaseOperatorLink, Context, TaskGrou
 from removebg_provider import pipeline
 from removebg_provider.errors import ConfigurationError, FailurePolicyError
 from removebg_provider.hooks.removebg import RemoveBgHook
-from removebg_provider.operators._lineage import RunLineage, operator_lineage, run_lineage
-from removebg_provider.operators._storage import storage_from_connections
+from removebg_provider.operators.lineage import RunLineage, operator_lineage, run_lineage
 from removebg_provider.operators.links import (
     REPORT_URL_XCOM_KEY,
     RemoveBackgroundReportLink,
     check_report_base_url,
     report_url,
 )
+from removebg_provider.operators.storage_connections import storage_from_connections
 from removebg_provider.pipeline.config import CONNECTION_SETTINGS, FIELDS, REQUIRED_FIELDS, options_doc
 from removebg_provider.storage import Storage, scheme_of
 

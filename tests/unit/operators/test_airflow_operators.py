@@ -20,9 +20,9 @@ from removebg_provider.operators import (
     RemoveBackgroundOperator,
     remove_background_task_group,
 )
-from removebg_provider.operators._lineage import RunLineage, dataset_name, operator_lineage, run_lineage
-from removebg_provider.operators._storage import storage_from_connections
+from removebg_provider.operators.lineage import RunLineage, dataset_name, operator_lineage, run_lineage
 from removebg_provider.operators.links import RemoveBackgroundReportLink, check_report_base_url, report_url
+from removebg_provider.operators.storage_connections import storage_from_connections
 from removebg_provider.pipeline import PipelineConfig
 from removebg_provider.storage import Storage
 from support import REPO_ROOT
@@ -159,7 +159,7 @@ def test_storage_without_connections_imports_no_provider_hook() -> None:
     # A fresh interpreter: this test process has imported provider hooks elsewhere already.
     probe = (
         "import sys\n"
-        "from removebg_provider.operators._storage import storage_from_connections\n"
+        "from removebg_provider.operators.storage_connections import storage_from_connections\n"
         "assert storage_from_connections().transport_params == {}\n"
         "print(sorted(m for m in sys.modules if m.startswith('airflow.providers.') and '.hooks' in m))\n"
     )
