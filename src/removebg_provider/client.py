@@ -1,15 +1,14 @@
-"""HTTP client for the Ximilar Remove Background API: batching, retries, rate limiting, result matching."""
+"""HTTP client for the Ximilar Remove Background API: batching, retries, rate limiting, typed results."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -30,24 +29,37 @@ from removebg_provider.errors import (
     TransientApiError,
 )
 from removebg_provider.progress import Progress
-from removebg_provider.vocabulary import (
-    CUTOUT,
-    DEFAULT_MODE,
-    IMAGE_FORMATS,
-    MASK,
-    MODES,
-    OUTPUT_KINDS,
-    WHITE_BACKGROUND,
-    RowStatus,
+from removebg_provider.records import (
+    ImageRecord,
+    RecordResult,
+    RemovalOptions,
+    check_unique_ids,
+    match_results,
+    request_body,
+    status_code,
+    status_text,
 )
+from removebg_provider.vocabulary import (
+    DEFAULT_MODE,
+    MODES,
+)
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_MAX_RECORDS_PER_REQUEST",
+    "DEFAULT_TIMEOUT",
+    "ImageRecord",
+    "RecordResult",
+    "RemovalOptions",
+    "RemoveBgClient",
+    "RetryPolicy",
+]
 
 DEFAULT_BASE_URL = "https://api.ximilar.com"
 DEFAULT_MAX_RECORDS_PER_REQUEST = 10
 DEFAULT_CONCURRENCY = 8
 RETRYABLE_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
-# A record the API answered for without a usable result is reported like a bad gateway: the request
-# itself went through, so nothing else in the batch is lost, and a later rerun may fix it.
-BAD_RECORD_STATUS = RowStatus.BAD_OUTPUT
 # The public API documents no side-effect-free endpoint for the removal service; the account
 # details endpoint (the one ximilar-client's `get_user_details` calls) checks the token for free.
 ACCOUNT_CHECK_PATH = "/account/v2/user/"
@@ -61,109 +73,6 @@ DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 120.0)
 _PROBE_TIMEOUT = (5.0, 10.0)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image to process: an id of the caller's choosing and either a URL or the encoded bytes."""
-
-    id: str
-    url: str | None = None
-    data: bytes | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not self.id:
-            raise ConfigurationError(f"an image record needs a non-empty string id, got {self.id!r}")
-        given = [name for name, value in (("url", self.url), ("data", self.data)) if value]
-        if len(given) != 1:
-            found = " and ".join(given) if given else "neither"
-            raise ConfigurationError(
-                f"image record {self.id!r} needs exactly one of a non-empty url or data, got {found}"
-            )
-
-
-@dataclass(frozen=True)
-class RemovalOptions:
-    """What the API should produce for every record of a request."""
-
-    binary_mask: bool = False
-    white_background: bool = False
-    image_format: str | None = None
-    image_quality: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.image_format is not None and self.image_format not in IMAGE_FORMATS:
-            raise ConfigurationError(
-                f"image_format must be one of {', '.join(IMAGE_FORMATS)} or unset, got {self.image_format!r}"
-            )
-        quality = self.image_quality
-        if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int)):
-            raise ConfigurationError(f"image_quality must be an integer from 1 to 100, got {quality!r}")
-        if quality is not None and not 1 <= quality <= 100:
-            raise ConfigurationError(f"image_quality must be from 1 to 100, got {quality}")
-
-
-@dataclass(frozen=True)
-class RecordResult:
-    """The API's answer for one record, matched to the input record's id.
-
-    `outputs` maps each output kind the API returned (`cutout`, `mask`, `whitebg`: see
-    `vocabulary.OUTPUT_KINDS`) to its temporary URL.
-    """
-
-    id: str
-    status_code: int
-    status_text: str
-    error: str | None
-    outputs: Mapping[str, str]
-    width: int | None
-    height: int | None
-    request_id: str | None
-    attempts: int = 1
-
-    @property
-    def ok(self) -> bool:
-        """True when the API processed the record (a 2xx record status)."""
-        return 200 <= self.status_code < 300
-
-    @property
-    def output_url(self) -> str | None:
-        """The cutout's temporary URL (`_output_url`)."""
-        return self.outputs.get(CUTOUT.name)
-
-    @property
-    def output_url_mask(self) -> str | None:
-        """The binary mask's temporary URL (`_output_url_mask`); same as `outputs["mask"]`."""
-        return self.outputs.get(MASK.name)
-
-    @property
-    def output_url_whitebg(self) -> str | None:
-        """The white-background image's temporary URL (`_output_url_whitebg`), as `outputs["whitebg"]`."""
-        return self.outputs.get(WHITE_BACKGROUND.name)
-
-    @classmethod
-    def failure(
-        cls,
-        record_id: str,
-        status_code: int,
-        status_text: str,
-        error: str,
-        *,
-        request_id: str | None = None,
-        attempts: int = 1,
-    ) -> RecordResult:
-        """A record the API did not process: no outputs and no size."""
-        return cls(
-            id=record_id,
-            status_code=status_code,
-            status_text=status_text,
-            error=error,
-            outputs={},
-            width=None,
-            height=None,
-            request_id=request_id,
-            attempts=attempts,
-        )
 
 
 @dataclass(frozen=True)
@@ -228,7 +137,7 @@ class RemoveBgClient:
         self._sleep = sleep
         self._clock = clock
         self._spacer = (
-            _RequestSpacer(requests_per_minute, clock, sleep) if requests_per_minute is not None else None
+            RequestSpacer(requests_per_minute, clock, sleep) if requests_per_minute is not None else None
         )
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=self.concurrency, pool_maxsize=self.concurrency)
@@ -251,9 +160,9 @@ class RemoveBgClient:
                 f"one request takes at most {self.max_records_per_request} records, got {len(records)}; "
                 "use remove_background to split them"
             )
-        _check_unique_ids(records)
-        payload, attempts = self._post_with_retries(_request_body(records, options), len(records))
-        return _match_results(records, payload, attempts)
+        check_unique_ids(records)
+        payload, attempts = self._post_with_retries(request_body(records, options), len(records))
+        return match_results(records, payload, attempts)
 
     def remove_background(
         self,
@@ -270,7 +179,7 @@ class RemoveBgClient:
         started and its error is raised; use `remove_batch` to keep the results of the others.
         """
         options = RemovalOptions(binary_mask, white_background, image_format, image_quality)
-        _check_unique_ids(records)
+        check_unique_ids(records)
         size = self.max_records_per_request
         chunks = [records[start : start + size] for start in range(0, len(records), size)]
         if not chunks:
@@ -427,17 +336,17 @@ class RemoveBgClient:
         context = f"after {latency:.2f}s on attempt {attempt}"
         http_status = response.status_code
         if not 200 <= http_status < 300:
-            text = _status_text(payload) or response.text.strip()[:200] or response.reason or ""
-            retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+            text = status_text(payload) or response.text.strip()[:200] or response.reason or ""
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
             self._raise_for_code(http_status, self._redact(text), context, retry_after)
         if payload is None:
             raise _RetryableFailure(
                 f"HTTP {http_status} with an unreadable body ({len(response.content)} bytes, not a JSON "
                 f"object, possibly truncated) {context}"
             )
-        body_code = _status_code(payload)
+        body_code = status_code(payload)
         if body_code is not None and not 200 <= body_code < 300:
-            self._raise_for_code(body_code, self._redact(_status_text(payload) or ""), context, None)
+            self._raise_for_code(body_code, self._redact(status_text(payload) or ""), context, None)
         if not isinstance(payload.get("records"), list):
             raise _RetryableFailure(f"HTTP {http_status} body has no 'records' list {context}")
         return payload
@@ -508,7 +417,7 @@ class _RetryAfterOrJitter(wait_base):
         return self._jitter(retry_state)
 
 
-class _RequestSpacer:
+class RequestSpacer:
     """Spaces requests at least 60/requests_per_minute seconds apart across all threads of a client."""
 
     def __init__(
@@ -566,36 +475,6 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
-def _check_unique_ids(records: Sequence[ImageRecord]) -> None:
-    seen: set[str] = set()
-    for record in records:
-        if record.id in seen:
-            raise ConfigurationError(
-                f"image record id {record.id!r} appears twice; ids must be unique to match results"
-            )
-        seen.add(record.id)
-
-
-def _request_body(records: Sequence[ImageRecord], options: RemovalOptions) -> dict[str, Any]:
-    items = []
-    for record in records:
-        item: dict[str, Any] = {"_id": record.id}
-        if record.url is not None:
-            item["_url"] = record.url
-        else:
-            item["_base64"] = base64.b64encode(record.data or b"").decode("ascii")
-        for kind in OUTPUT_KINDS:
-            if kind.request_flag is not None:
-                item[kind.request_flag] = getattr(options, kind.request_flag)
-        items.append(item)
-    body: dict[str, Any] = {"records": items}
-    if options.image_format is not None:
-        body["image_format"] = options.image_format
-    if options.image_quality is not None:
-        body["image_quality"] = options.image_quality
-    return body
-
-
 def _json_object(response: requests.Response) -> dict[str, Any] | None:
     try:
         payload = response.json()
@@ -604,20 +483,7 @@ def _json_object(response: requests.Response) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-def _status_code(payload: Mapping[str, Any] | None) -> int | None:
-    status = payload.get("status") if payload is not None else None
-    return _int_or_none(status.get("code")) if isinstance(status, dict) else None
-
-
-def _status_text(payload: Mapping[str, Any] | None) -> str | None:
-    status = payload.get("status") if payload is not None else None
-    if not isinstance(status, dict):
-        return None
-    parts = [str(status[key]) for key in ("text", "error_description") if status.get(key)]
-    return ": ".join(parts)[:500] or None
-
-
-def _parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delay seconds or an HTTP date), None if absent or bad."""
     if value is None or not value.strip():
         return None
@@ -632,121 +498,6 @@ def _parse_retry_after(value: str | None, now: datetime | None = None) -> float 
             when = when.replace(tzinfo=timezone.utc)
         seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
     return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-def _match_results(
-    records: Sequence[ImageRecord], payload: Mapping[str, Any], attempts: int
-) -> list[RecordResult]:
-    """Pair response records with inputs by echoed `_id`, else by position when the counts agree."""
-    answered: list[Any] = payload["records"]
-    index = {record.id: position for position, record in enumerate(records)}
-    matched: list[Mapping[str, Any] | None] = [None] * len(records)
-    leftovers: list[tuple[int, Any]] = []
-    for position, item in enumerate(answered):
-        echoed = item.get("_id") if isinstance(item, dict) else None
-        if isinstance(echoed, str) and echoed in index and matched[index[echoed]] is None:
-            matched[index[echoed]] = item
-        else:
-            leftovers.append((position, item))
-    extras = []
-    for position, item in leftovers:
-        unclaimed_id = not isinstance(item, dict) or item.get("_id") not in index
-        if (
-            len(answered) == len(records)
-            and isinstance(item, dict)
-            and unclaimed_id
-            and matched[position] is None
-        ):
-            matched[position] = item
-        else:
-            extras.append(position)
-    if extras:
-        log.warning(
-            "The API response to %d record(s) held %d record(s) matching no input (positions %s); ignored",
-            len(records),
-            len(extras),
-            extras,
-        )
-    request_id = _request_id(payload.get("status"))
-    return [
-        _record_result(record.id, item, request_id, attempts)
-        if item is not None
-        else RecordResult.failure(
-            record.id,
-            BAD_RECORD_STATUS,
-            "missing",
-            "missing from the API response",
-            request_id=request_id,
-            attempts=attempts,
-        )
-        for record, item in zip(records, matched, strict=True)
-    ]
-
-
-def _record_result(
-    record_id: str, item: Mapping[str, Any], request_id: str | None, attempts: int
-) -> RecordResult:
-    status = item.get("_status")
-    status = status if isinstance(status, dict) else {}
-    request_id = _request_id(status) or request_id
-    outputs = {
-        kind.name: url for kind in OUTPUT_KINDS if (url := _str_or_none(item.get(kind.api_field))) is not None
-    }
-    code = _int_or_none(status.get("code"))
-    if code is None and outputs:
-        code = 200
-    if code is None:
-        return RecordResult.failure(
-            record_id,
-            BAD_RECORD_STATUS,
-            "no result",
-            "the API returned neither _status nor an output URL",
-            request_id=request_id,
-            attempts=attempts,
-        )
-    # The seed contract adds `_output_url_mask` beside `_output_url`; Ximilar's current documentation
-    # says a binary-mask request gets the mask instead of the cutout. Either answer is a success.
-    if 200 <= code < 300 and not outputs:
-        return RecordResult.failure(
-            record_id,
-            BAD_RECORD_STATUS,
-            "no result",
-            "the API reported OK but returned no output URL",
-            request_id=request_id,
-            attempts=attempts,
-        )
-    text = _str_or_none(status.get("text")) or ("OK" if 200 <= code < 300 else f"HTTP {code}")
-    error = None
-    if not 200 <= code < 300:
-        error = _str_or_none(status.get("error_description")) or text
-    return RecordResult(
-        id=record_id,
-        status_code=code,
-        status_text=text,
-        error=error,
-        outputs=outputs,
-        width=_int_or_none(item.get("_width")),
-        height=_int_or_none(item.get("_height")),
-        request_id=request_id,
-        attempts=attempts,
-    )
-
-
-def _request_id(status: Any) -> str | None:
-    return _str_or_none(status.get("request_id")) if isinstance(status, dict) else None
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
 
 
 def _cancel(futures: Sequence[Future[list[RecordResult]]]) -> None:

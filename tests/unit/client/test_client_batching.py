@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from removebg_provider.client import ImageRecord, RemoveBgClient, _RequestSpacer
+from removebg_provider.client import ImageRecord, RemoveBgClient, RequestSpacer
 from removebg_provider.errors import OutOfCreditsError
 from support.fake_time import FakeClock
 from support.replay_server import CapturedRequest, ReplayServer, Reply, echo_ok, serve_replays
@@ -144,7 +144,7 @@ def test_rate_limit_spaces_requests_evenly(server: ReplayServer) -> None:
 
 def test_rate_limit_slots_are_shared_by_all_threads() -> None:
     clock = FakeClock(advance_on_sleep=False)
-    spacer = _RequestSpacer(120, clock.now, clock.sleep)
+    spacer = RequestSpacer(120, clock.now, clock.sleep)
     threads = [threading.Thread(target=spacer.wait) for _ in range(4)]
 
     for thread in threads:

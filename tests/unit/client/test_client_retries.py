@@ -13,7 +13,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from removebg_provider.client import ImageRecord, RemoveBgClient, RetryPolicy, _parse_retry_after
+from removebg_provider.client import ImageRecord, RemoveBgClient, RetryPolicy, parse_retry_after
 from removebg_provider.errors import ApiRequestError, TransientApiError
 from support.fake_time import FakeClock
 from support.replay_server import ReplayServer, Reply, api_body, ok_record, serve_replays
@@ -217,15 +217,15 @@ def test_deadline_stops_before_a_wait_would_pass_it(server: ReplayServer, clock:
 def test_retry_after_date_is_measured_from_now() -> None:
     now = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 
-    assert _parse_retry_after("Sat, 01 Mar 2025 12:00:30 GMT", now) == 30.0
+    assert parse_retry_after("Sat, 01 Mar 2025 12:00:30 GMT", now) == 30.0
 
 
 def test_retry_after_in_the_past_means_no_wait() -> None:
     now = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 
-    assert _parse_retry_after("Sat, 01 Mar 2025 11:00:00 GMT", now) == 0.0
+    assert parse_retry_after("Sat, 01 Mar 2025 11:00:00 GMT", now) == 0.0
 
 
 @pytest.mark.parametrize("header", [None, "", "soon", "nan", "inf"])
 def test_unusable_retry_after_falls_back_to_the_backoff(header: str | None) -> None:
-    assert _parse_retry_after(header) is None
+    assert parse_retry_after(header) is None
