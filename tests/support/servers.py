@@ -34,7 +34,8 @@ from removebg_provider.engines import Engine
 from removebg_provider.server import ServerSettings, create_app
 from removebg_provider.server.files import Clock
 
-_STARTUP_TIMEOUT_SECONDS = 30.0
+# A hang guard: a busy 2-core machine starts uvicorn slowly.
+_STARTUP_TIMEOUT_SECONDS = 180.0
 
 
 @dataclass(frozen=True)

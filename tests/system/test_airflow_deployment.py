@@ -42,8 +42,8 @@ DAG_ID = "catalog_remove_background"
 SHARD_TASK = "remove_background.process_shard"
 ROWS = 32
 SHARD_SIZE = 4
-RUN_TIMEOUT_SECONDS = 240.0
-DAG_PARSE_TIMEOUT_SECONDS = 90.0
+RUN_TIMEOUT_SECONDS = 900.0
+DAG_PARSE_TIMEOUT_SECONDS = 600.0
 # Each shard task takes `concurrency` (8) slots: 32 let the DAG's four active shards run at once.
 POOL_SLOTS = 32
 DAGS_FOLDER = REPO_ROOT / "dags"
