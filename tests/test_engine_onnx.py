@@ -178,6 +178,16 @@ def test_matte_reproduces_the_models_mask_at_image_size(tmp_path: Path, preset: 
     assert alpha[:, 110:].max() <= 25
 
 
+def test_precise_mode_refines_a_photo_larger_than_the_models_output(tmp_path: Path) -> None:
+    engine = OnnxEngine(save_model(tmp_path / "u2net.onnx", [1, 3, 32, 48]))
+    rgb = np.zeros((240, 400, 3), np.uint8)
+    rgb[:, :200] = (230, 40, 40)
+    alpha = engine.matte(rgb, "precise")
+    assert alpha.shape == (240, 400)
+    assert alpha[:, :180].min() >= 230
+    assert alpha[:, 220:].max() <= 25
+
+
 def test_cloth_segmentation_cuts_out_the_clothes_at_image_size(tmp_path: Path) -> None:
     # Class scores: background = blue channel, upper-body clothes = red channel.
     path = save_model(tmp_path / "u2net_cloth_seg.onnx", ["n", 3, "h", "w"], class_weights=CLOTH_CLASSES)

@@ -55,7 +55,8 @@ class OnnxEngine:
 
     name = "onnx"
 
-    def __init__(self, model_path: str | Path, preset: str | None = None) -> None:
+    def __init__(self, model_path: str | Path, preset: str | None = None, threads: int | None = None) -> None:
+        """`threads`: onnxruntime's threads per call (None: its default, one per core)."""
         import onnxruntime as ort
 
         self.model_path = Path(model_path).expanduser()
@@ -63,8 +64,13 @@ class OnnxEngine:
             raise RemoveBgError(
                 f"ONNX model file {self.model_path} does not exist; pass the path of a .onnx file"
             )
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         try:
-            self._session = ort.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(
+                str(self.model_path), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises several unrelated types for unreadable models
             raise RemoveBgError(
                 f"cannot load {self.model_path} as an ONNX model ({exc}); "
@@ -103,7 +109,14 @@ class OnnxEngine:
         prediction = self.postprocess(np.asarray(output))
         h, w = rgb.shape[:2]
         if params.refine_edges:
-            small = cv2.resize(rgb, (prediction.shape[1], prediction.shape[0]), interpolation=cv2.INTER_AREA)
+            if h * w <= prediction.size:
+                # A photo smaller than the model's output: fit the filter at the photo's own size, not
+                # on the photo enlarged to the model's (1024 x 1024 is 4 times a 0.25 MP photo).
+                prediction = cv2.resize(prediction, (w, h), interpolation=cv2.INTER_AREA)
+                small = rgb
+            else:
+                size = (prediction.shape[1], prediction.shape[0])
+                small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
             coefficients = guided_coefficients(small, prediction, params.guide_radius, params.guide_eps, True)
             return apply_coefficients(rgb, coefficients, True)
         # As rembg: the matte goes to 8 bits (truncated), then back to the image's size with the filter.
