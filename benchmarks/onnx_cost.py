@@ -34,7 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from removebg_provider.engines import MODES
-from removebg_provider.engines.onnx import OnnxEngine
+from removebg_provider.engines._guided import apply_coefficients, guided_coefficients
+from removebg_provider.engines.onnx import ONNX_MODE_PARAMS, OnnxEngine
 from removebg_provider.samples import make_product_photo
 
 # (blocks, in, mid, out) per stage, as in U^2-Net's model/u2net.py; 0 blocks = RSU-4F.
@@ -66,15 +67,21 @@ def main() -> int:
     families = {family.preset.split("-")[0]: family for family in FAMILIES}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(families), choices=list(families))
-    parser.add_argument("--sizes", nargs="+", type=float, default=[0.25, 1.0, 4.0, 12.0], help="megapixels")
+    parser.add_argument(
+        "--sizes",
+        nargs="*",
+        type=float,
+        default=[0.25, 1.0, 4.0, 12.0],
+        help="megapixels (none: network only)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case, median kept")
     args = parser.parse_args()
     cv2.setNumThreads(1)  # with one onnxruntime thread: every figure is the cost on one core
     print(f"command: PYTHONPATH=src {sys.executable} {' '.join(sys.argv)}")
     print(f"machine: {os.cpu_count()} cores; load average before: {_load()}\n")
     photos = {mp: _photo(mp) for mp in args.sizes}
-    print("| family | model | outputs fetched | network CPU s | network wall s |")
-    print("|---|---|---|---:|---:|")
+    print("| family | model | outputs fetched | MiB handed to Python | network CPU s | network wall s |")
+    print("|---|---|---|---:|---:|---:|")
     matte_rows: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
         for key in args.families:
@@ -94,10 +101,11 @@ def main() -> int:
                         f"| {family.label} | {mode} | {megapixels:.2f} | {cpu:.3f} | {cpu / megapixels:.3f} "
                         f"| {wall:.3f} |"
                     )
-    print("\n| family | mode | image MP | CPU s per image | CPU s per MP | wall s per image |")
-    print("|---|---|---:|---:|---:|---:|")
-    print("\n".join(matte_rows))
-    _resize_rows(photos, args.repeats)
+    if photos:
+        print("\n| family | mode | image MP | CPU s per image | CPU s per MP | wall s per image |")
+        print("|---|---|---:|---:|---:|---:|")
+        print("\n".join(matte_rows))
+        _before_and_now_rows(photos, args.repeats)
     print(f"\nload average after: {_load()}")
     return 0
 
@@ -111,33 +119,50 @@ def _network_rows(path: Path, engine: OnnxEngine, family: Family, kind: str, rep
     used = [session.get_outputs()[engine.convention.output_index].name]
     count = len(session.get_outputs())
     for fetched, names in ((f"1 of {count}", used), (f"all {count}", None)):
+        mib = sum(np.asarray(output).nbytes for output in session.run(names, feed)) / 2**20
         cpu, wall = _median_cost(lambda names=names: session.run(names, feed), repeats)
-        print(f"| {family.label} | {kind} | {fetched} | {cpu:.3f} | {wall:.3f} |")
+        print(f"| {family.label} | {kind} | {fetched} | {mib:.1f} | {cpu:.3f} | {wall:.3f} |")
 
 
-def _resize_rows(photos: dict[float, np.ndarray], repeats: int) -> None:
-    """The resizes the engine does around a 1024 x 1024 model, before this change (OpenCV) and now."""
-    print("\n| image MP | step | before: OpenCV Lanczos-4, CPU s | now: Pillow Lanczos (as rembg), CPU s |")
+def _before_and_now_rows(photos: dict[float, np.ndarray], repeats: int) -> None:
+    """The steps this version changed around a 1024 x 1024 model, timed the old way and the new way."""
+    print("\n| image MP | step | before, CPU s | now, CPU s |")
     print("|---:|---|---:|---:|")
     matte = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)
     for rgb in photos.values():
         height, width = rgb.shape[:2]
         steps = {
-            "shrink the photo to 1024 x 1024": (
+            "shrink the photo to 1024 x 1024: OpenCV Lanczos-4 before, Pillow Lanczos (rembg's) now": (
                 lambda rgb=rgb: cv2.resize(rgb, (1024, 1024), interpolation=cv2.INTER_LANCZOS4),
                 lambda rgb=rgb: Image.fromarray(rgb).resize((1024, 1024), Image.Resampling.LANCZOS),
             ),
-            "enlarge the matte (fast mode)": (
+            "enlarge the matte (fast): OpenCV Lanczos-4 on floats before, Pillow Lanczos on 8 bits now": (
                 lambda w=width, h=height: cv2.resize(matte, (w, h), interpolation=cv2.INTER_LANCZOS4),
                 lambda w=width, h=height: Image.fromarray((matte * 255).astype(np.uint8)).resize(
                     (w, h), Image.Resampling.LANCZOS
                 ),
+            ),
+            "refine edges (precise): fitted at 1024 x 1024 before, at the smaller of photo and matte now": (
+                lambda rgb=rgb: _refine(rgb, matte, at_photo_size=False),
+                lambda rgb=rgb, smaller=height * width <= matte.size: _refine(rgb, matte, smaller),
             ),
         }
         for step, (before, now) in steps.items():
             cost_before = _median_cost(before, repeats)[0]
             cost_now = _median_cost(now, repeats)[0]
             print(f"| {width * height / 1e6:.2f} | {step} | {cost_before:.3f} | {cost_now:.3f} |")
+
+
+def _refine(rgb: np.ndarray, matte: np.ndarray, at_photo_size: bool) -> np.ndarray:
+    """The precise mode's guided filter, fitted at the photo's size or at the matte's."""
+    height, width = rgb.shape[:2]
+    if at_photo_size:
+        guide, fitted = rgb, cv2.resize(matte, (width, height), interpolation=cv2.INTER_AREA)
+    else:
+        guide, fitted = cv2.resize(rgb, matte.shape[::-1], interpolation=cv2.INTER_AREA), matte
+    precise = ONNX_MODE_PARAMS["precise"]
+    coefficients = guided_coefficients(guide, fitted, precise.guide_radius, precise.guide_eps, True)
+    return apply_coefficients(rgb, coefficients, True)
 
 
 def _median_cost(call: Callable[[], object], repeats: int) -> tuple[float, float]:

@@ -25,19 +25,19 @@ EXIT_NOT_DOWNLOADED = 1
 EXIT_BAD_INPUT = 2
 
 MODEL_HOME_HELP = (
-    f"the model cache (default: ${MODEL_HOME_ENV}, else $XDG_CACHE_HOME/removebg/models, "
-    "else ~/.cache/removebg/models)"
+    f"the model cache; without it ${MODEL_HOME_ENV}, else $XDG_CACHE_HOME/removebg/models, "
+    "else ~/.cache/removebg/models"
 )
 MIRROR_HELP = (
     f"base URL to download model files from instead of their public address, under the same file name "
-    f"(default: ${MIRROR_ENV}); the checksum is still the table's"
+    f"(without it ${MIRROR_ENV}, if set); the checksum is still the table's"
 )
 
 
 def add_parser(subcommands: Any) -> None:
     """Register the `models` subcommand on `subcommands` (the result of `add_subparsers`)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model-home", type=Path, default=None, help=MODEL_HOME_HELP)
+    common.add_argument("--model-home", type=Path, default=None, metavar="DIR", help=MODEL_HOME_HELP)
     parser: argparse.ArgumentParser = subcommands.add_parser(
         "models",
         help="list, download and locate the ONNX models `removebg serve --model NAME` runs",
@@ -58,7 +58,7 @@ def add_parser(subcommands: Any) -> None:
     pulling.add_argument(
         "names", nargs="+", metavar="NAME", help="model names, as `removebg models list` shows"
     )
-    pulling.add_argument("--mirror", default=None, help=MIRROR_HELP)
+    pulling.add_argument("--mirror", default=None, metavar="URL", help=MIRROR_HELP)
     pulling.add_argument("--no-progress", action="store_true", help="no progress bar")
     pulling.set_defaults(handler=run_pull)
     locating = actions.add_parser(

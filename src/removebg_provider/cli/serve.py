@@ -61,19 +61,19 @@ def add_parser(subcommands: Any) -> None:
         "--engine",
         choices=ENGINE_NAMES,
         default=None,
-        help="background-removal engine of both modes (default: onnx when --model is given, else classic)",
+        help="background-removal engine of both modes; without it, onnx when --model is given, else classic",
     )
     parser.add_argument(
         "--fast-engine",
         choices=ENGINE_NAMES,
         default=None,
-        help="engine of /removebg/fast (default: --engine)",
+        help="engine of /removebg/fast; without it, --engine's",
     )
     parser.add_argument(
         "--precise-engine",
         choices=ENGINE_NAMES,
         default=None,
-        help="engine of /removebg/precise (default: --engine), e.g. classic for fast and onnx for precise",
+        help="engine of /removebg/precise; without it, --engine's (e.g. classic for fast, onnx for precise)",
     )
     parser.add_argument(
         "--model",
@@ -91,10 +91,10 @@ def add_parser(subcommands: Any) -> None:
         metavar="NAME",
         help=(
             "the conventions (input size, normalisation, resize filter, output scaling) to run a model file "
-            "with, by model name; default: the named model's own, else guessed from the file's name"
+            "with, by model name; without it, the named model's own, else guessed from the file's name"
         ),
     )
-    parser.add_argument("--model-home", type=Path, default=None, help=MODEL_HOME_HELP)
+    parser.add_argument("--model-home", type=Path, default=None, metavar="DIR", help=MODEL_HOME_HELP)
     parser.add_argument(
         "--pull",
         action="store_true",
