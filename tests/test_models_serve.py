@@ -150,6 +150,11 @@ def test_get_engine_refuses_a_model_name_that_is_not_in_the_cache(tmp_path: Path
         get_engine("onnx", "silueta", model_home=tmp_path)
 
 
+def test_a_model_that_is_neither_a_file_nor_a_name_is_refused_listing_the_names(tmp_path: Path) -> None:
+    with pytest.raises(RemoveBgError, match=r"'isnet' is neither a file nor a model name; names: u2net, "):
+        get_engine("onnx", "isnet", model_home=tmp_path)
+
+
 def test_a_named_model_runs_with_its_own_preset_whatever_its_file_looks_like(tmp_path: Path) -> None:
     save_model(tmp_path / "isnet-anime.onnx", [1, 3, 320, 320])  # a size that alone would mean u2net
     engine = get_engine("onnx", "isnet-anime", model_home=tmp_path)

@@ -71,7 +71,12 @@ def cached_path(name: str, home: Path) -> Path:
 def resolve_model(model: str, home: Path) -> ResolvedModel:
     """`model` as a file to load: a known name (which must be in the cache) or the path of a file."""
     if model not in PRESETS:
-        return ResolvedModel(Path(model).expanduser(), None)
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise RemoveBgError(
+                f"model {model!r} is neither a file nor a model name; names: {', '.join(PRESETS)}"
+            )
+        return ResolvedModel(path, None)
     preset = PRESETS[model]
     path = home / preset.file_name
     if not path.is_file():
