@@ -21,6 +21,10 @@ TOY_RUNS = {
     "overhead.py": (["--rows", "200"], "CPU ms/record"),
     "engine_quality.py": (["--count", "2", "--quick"], "| precise |"),
     "quality_cost.py": (["--repeats", "1"], "12 MP PNG with alpha"),
+    "onnx_cost.py": (
+        ["--families", "bria", "--sizes", "0.25", "--repeats", "1"],
+        "| bria-rmbg (shapes only) |",
+    ),
 }
 
 

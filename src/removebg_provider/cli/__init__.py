@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from removebg_provider import __version__
-from removebg_provider.cli import report, run, serve
+from removebg_provider.cli import models, report, run, serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_parser(subcommands)
     run.add_parser(subcommands)
     report.add_parser(subcommands)
+    models.add_parser(subcommands)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -9,6 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from removebg_provider.cli.models import MODEL_HOME_HELP, pull_with_progress
+from removebg_provider.engines import ENGINE_NAMES, Mode
+from removebg_provider.engines.model_store import model_home
+from removebg_provider.engines.presets import PRESETS
+from removebg_provider.errors import RemoveBgError
 from removebg_provider.server.settings import DEFAULT_STORAGE_DIR, MIB, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -53,9 +58,48 @@ def add_parser(subcommands: Any) -> None:
         help="base URL clients reach this server at, used in _output_url (default: the request's own URL)",
     )
     parser.add_argument(
-        "--engine", choices=("classic", "onnx"), default=_DEFAULTS.engine, help="background-removal engine"
+        "--engine",
+        choices=ENGINE_NAMES,
+        default=None,
+        help="background-removal engine of both modes; without it, onnx when --model is given, else classic",
     )
-    parser.add_argument("--model", default=None, help="ONNX model file (required by --engine onnx)")
+    parser.add_argument(
+        "--fast-engine",
+        choices=ENGINE_NAMES,
+        default=None,
+        help="engine of /removebg/fast; without it, --engine's",
+    )
+    parser.add_argument(
+        "--precise-engine",
+        choices=ENGINE_NAMES,
+        default=None,
+        help="engine of /removebg/precise; without it, --engine's (e.g. classic for fast, onnx for precise)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME|PATH",
+        help=(
+            "the onnx engine's model: a name from `removebg models list` (downloaded beforehand with "
+            "`removebg models pull NAME`, or add --pull) or the path of a .onnx file"
+        ),
+    )
+    parser.add_argument(
+        "--model-preset",
+        choices=tuple(PRESETS),
+        default=None,
+        metavar="NAME",
+        help=(
+            "the conventions (input size, normalisation, resize filter, output scaling) to run a model file "
+            "with, by model name; without it, the named model's own, else guessed from the file's name"
+        ),
+    )
+    parser.add_argument("--model-home", type=Path, default=None, metavar="DIR", help=MODEL_HOME_HELP)
+    parser.add_argument(
+        "--pull",
+        action="store_true",
+        help="download the --model NAME first if it is not in the cache (never done without this flag)",
+    )
     parser.add_argument(
         "--workers", type=int, default=_DEFAULTS.workers, help="engine threads processing records in parallel"
     )
@@ -118,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
             token=token,
             public_url=args.public_url,
             engine=args.engine,
-            model_path=args.model,
+            fast_engine=args.fast_engine,
+            precise_engine=args.precise_engine,
+            model=args.model,
+            model_preset=args.model_preset,
+            model_home=model_home(args.model_home),
             workers=args.workers,
             ttl_hours=args.ttl_hours,
             max_records=args.max_records,
@@ -132,25 +180,43 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         log.error("invalid server option: %s", error)
         return 2
+    engines = settings.engine_names
+    if args.pull and _named_model_missing(settings):
+        try:
+            pull_with_progress(str(settings.model), model_home(args.model_home), None, show_progress=True)
+        except RemoveBgError as error:
+            log.error("cannot pull model %s: %s", settings.model, error)
+            return 2
     import uvicorn
 
     from removebg_provider.server.app import create_app
 
     try:
         app = create_app(settings)
-    except (ValueError, ImportError, OSError) as error:
-        log.error("cannot start the %s engine: %s", settings.engine, error)
+    except (RemoveBgError, ValueError, ImportError, OSError) as error:
+        log.error("cannot start the engines (%s): %s", _describe(engines), error)
         return 2
     log.info(
-        "serving the Remove Background API on http://%s:%d/ (engine %s, outputs in %s for %g h)",
+        "serving the Remove Background API on http://%s:%d/ (%s, outputs in %s for %g h)",
         args.host,
         args.port,
-        settings.engine,
+        _describe(engines),
         settings.storage_dir,
         settings.ttl_hours,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
     return 0
+
+
+def _named_model_missing(settings: ServerSettings) -> bool:
+    """Whether the onnx engine runs a model given by name that is not in the cache yet."""
+    if settings.model not in PRESETS or "onnx" not in settings.engine_names.values():
+        return False
+    return not (model_home(settings.model_home) / PRESETS[settings.model].file_name).is_file()
+
+
+def _describe(engines: dict[Mode, str]) -> str:
+    return ", ".join(f"{mode}: {name}" for mode, name in engines.items())
 
 
 def _is_loopback(host: str) -> bool:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-Mode = Literal["fast", "precise"]
-MODES: tuple[Mode, ...] = ("fast", "precise")
+from removebg_provider.vocabulary import MODES, Mode
+
+__all__ = ["ENGINE_NAMES", "MODES", "Engine", "Mode", "engine_details", "get_engine", "get_engines"]
+ENGINE_NAMES = ("classic", "onnx")
 
 
 class Engine(Protocol):
@@ -20,20 +24,49 @@ class Engine(Protocol):
         ...
 
 
-def get_engine(name: str = "classic", model_path: str | None = None, family: str | None = None) -> Engine:
-    """Build the engine called `name`: `classic` (no weights) or `onnx` (needs `model_path`).
+def get_engine(
+    name: str = "classic",
+    model: str | None = None,
+    preset: str | None = None,
+    model_home: Path | None = None,
+) -> Engine:
+    """Build the engine called `name`: `classic` (no weights) or `onnx` (needs `model`).
 
-    `family` (u2net, isnet, birefnet, bria, ben) overrides the onnx engine's guess of the model's
-    pre- and post-processing convention.
+    `model` is a model name from `presets.PRESETS` (its file must be in the cache at `model_home`,
+    see `model_store.model_home`) or the path of a .onnx file. `preset` overrides the conventions
+    the name implies or the onnx engine guesses from a file's name.
     """
     if name == "classic":
         from removebg_provider.engines.classic import ClassicEngine
 
         return ClassicEngine()
     if name == "onnx":
-        if not model_path:
-            raise ValueError("the onnx engine needs a model path (--model PATH)")
+        if not model:
+            raise ValueError("the onnx engine needs a model: --model NAME or --model PATH")
+        from removebg_provider.engines.model_store import model_home as default_home
+        from removebg_provider.engines.model_store import resolve_model
         from removebg_provider.engines.onnx import OnnxEngine
 
-        return OnnxEngine(model_path, family)
-    raise ValueError(f"unknown engine {name!r}; choose 'classic' or 'onnx'")
+        resolved = resolve_model(model, model_home or default_home())
+        return OnnxEngine(resolved.path, preset or resolved.preset)
+    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+
+
+def get_engines(
+    names: Mapping[Mode, str],
+    model: str | None = None,
+    preset: str | None = None,
+    model_home: Path | None = None,
+) -> dict[Mode, Engine]:
+    """One engine per mode, as `names` says; modes that name the same engine share one instance."""
+    built: dict[str, Engine] = {}
+    for name in dict.fromkeys(names.values()):
+        built[name] = get_engine(name, model, preset, model_home)
+    return {mode: built[names[mode]] for mode in MODES}
+
+
+def engine_details(engine: Engine) -> dict[str, str]:
+    """What `GET /health` says about an engine: its name, plus what a model engine adds (model, preset)."""
+    details: dict[str, str] = {"engine": engine.name}
+    details.update(getattr(engine, "details", {}))
+    return details

@@ -1,4 +1,4 @@
-"""The model engine: runs a user-supplied rembg-style ONNX salient-object or matting model."""
+"""The model engine: runs a rembg-style ONNX salient-object or matting model with its conventions."""
 
 from __future__ import annotations
 
@@ -9,45 +9,25 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from removebg_provider.engines import MODES, Mode
 from removebg_provider.engines._guided import apply_coefficients, guided_coefficients
+from removebg_provider.engines.presets import PRESETS, ModelConvention, ModelPreset
 from removebg_provider.errors import RemoveBgError
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class ModelConvention:
-    """How a model family wants its input prepared and its output read (as in rembg's sessions)."""
-
-    family: str
-    size: int  # square input side used when the model does not fix its own
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    sigmoid: bool  # the output is logits
-
-
-CONVENTIONS: dict[str, ModelConvention] = {
-    "u2net": ModelConvention("u2net", 320, _IMAGENET_MEAN, _IMAGENET_STD, sigmoid=False),
-    "isnet": ModelConvention("isnet", 1024, _IMAGENET_MEAN, (1.0, 1.0, 1.0), sigmoid=False),
-    "birefnet": ModelConvention("birefnet", 1024, _IMAGENET_MEAN, _IMAGENET_STD, sigmoid=True),
-    "bria": ModelConvention("bria", 1024, _IMAGENET_MEAN, _IMAGENET_STD, sigmoid=False),
-    "ben": ModelConvention("ben", 1024, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), sigmoid=False),
-}
-
-# File-name patterns of the models rembg users keep in ~/.u2net, checked in order.
+# The fallback when no preset is given: patterns of the file names rembg users keep in ~/.u2net,
+# checked in order, after an exact match with a preset's name or download file name.
 _NAME_PATTERNS: tuple[tuple[str, str], ...] = (
-    (r"birefnet", "birefnet"),
-    (r"isnet|dis[-_]", "isnet"),
-    (r"bria|rmbg", "bria"),
+    (r"birefnet", "birefnet-general"),
+    (r"isnet|dis[-_]", "isnet-general-use"),
+    (r"bria|rmbg", "bria-rmbg"),
     (r"(^|[-_])ben(\d|[-_.]|$)", "ben"),
     (r"u2net|silueta", "u2net"),
 )
 
-# Square input sides that identify a family when neither the caller nor the file name does.
-_SIZE_FAMILIES = {320: "u2net", 1024: "isnet"}
+# Square input sides that identify a preset when neither the caller nor the file name does.
+_SIZE_PRESETS = {320: "u2net", 1024: "isnet-general-use"}
 
 
 @dataclass(frozen=True)
@@ -68,13 +48,15 @@ ONNX_MODE_PARAMS: dict[Mode, OnnxModeParams] = {
 class OnnxEngine:
     """Background removal with a salient-object/matting ONNX model (U2-Net, IS-Net, BiRefNet, ...).
 
-    The convention comes from `family` if given, else from the file name, else from the model's
-    input size. Takes RGB only (H x W x 3 uint8); callers convert grayscale or RGBA first.
+    Its conventions come from `preset` (a name in `presets.PRESETS`) if given, else from the file
+    name, else from the model's input size. Takes RGB only (H x W x 3 uint8); callers convert
+    grayscale or RGBA first.
     """
 
     name = "onnx"
 
-    def __init__(self, model_path: str | Path, family: str | None = None) -> None:
+    def __init__(self, model_path: str | Path, preset: str | None = None, threads: int | None = None) -> None:
+        """`threads`: onnxruntime's threads per call (None: its default, one per core)."""
         import onnxruntime as ort
 
         self.model_path = Path(model_path).expanduser()
@@ -82,8 +64,13 @@ class OnnxEngine:
             raise RemoveBgError(
                 f"ONNX model file {self.model_path} does not exist; pass the path of a .onnx file"
             )
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         try:
-            self._session = ort.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(
+                str(self.model_path), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises several unrelated types for unreadable models
             raise RemoveBgError(
                 f"cannot load {self.model_path} as an ONNX model ({exc}); "
@@ -93,8 +80,16 @@ class OnnxEngine:
         self._input_name = model_input.name
         self._fixed_size = _check_image_input(self.model_path, model_input.shape, model_input.type)
         self._input_dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
-        self.convention = self._choose_convention(family)
+        self.preset = self._choose_preset(preset)
+        self.convention = self.preset.convention
+        self._output_name = self._used_output_name(self.convention)
+        self._resample = Image.Resampling[self.convention.resize_filter.upper()]
         self.size = self._fixed_size or (self.convention.size, self.convention.size)
+
+    @property
+    def details(self) -> dict[str, str]:
+        """What `GET /health` tells about this engine: the model file's name and the preset it runs with."""
+        return {"model": self.model_path.name, "preset": self.preset.name}
 
     def matte(self, rgb: np.ndarray, mode: Mode) -> np.ndarray:
         """Return the alpha matte (H x W uint8, 255 = foreground) predicted by the model."""
@@ -107,60 +102,87 @@ class OnnxEngine:
         if mode not in ONNX_MODE_PARAMS:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         params = ONNX_MODE_PARAMS[mode]
-        output = self._session.run(None, {self._input_name: self.preprocess(rgb).astype(self._input_dtype)})[
-            0
-        ]
+        tensor = self.preprocess(rgb).astype(self._input_dtype)
+        # Only the output we read: IS-Net models also return side outputs and feature maps (about
+        # 120 MB per call at 1024 x 1024) that onnxruntime would otherwise copy out for nothing.
+        (output,) = self._session.run([self._output_name], {self._input_name: tensor})
         prediction = self.postprocess(np.asarray(output))
         h, w = rgb.shape[:2]
         if params.refine_edges:
-            small = cv2.resize(rgb, (prediction.shape[1], prediction.shape[0]), interpolation=cv2.INTER_AREA)
+            if h * w <= prediction.size:
+                # A photo smaller than the model's output: fit the filter at the photo's own size, not
+                # on the photo enlarged to the model's (1024 x 1024 is 4 times a 0.25 MP photo).
+                prediction = cv2.resize(prediction, (w, h), interpolation=cv2.INTER_AREA)
+                small = rgb
+            else:
+                size = (prediction.shape[1], prediction.shape[0])
+                small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
             coefficients = guided_coefficients(small, prediction, params.guide_radius, params.guide_eps, True)
             return apply_coefficients(rgb, coefficients, True)
-        resized = cv2.resize(prediction, (w, h), interpolation=cv2.INTER_LANCZOS4)
-        return np.clip(resized * 255 + 0.5, 0, 255).astype(np.uint8)
+        # As rembg: the matte goes to 8 bits (truncated), then back to the image's size with the filter.
+        matte_8bit = Image.fromarray((prediction * 255).astype(np.uint8))
+        return np.asarray(matte_8bit.resize((w, h), self._resample))
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        """The model input (1 x 3 x H x W float32): Lanczos-resized, scaled by the image max, normalised."""
+        """The model input (1 x 3 x H x W float32): resized, scaled by the image max, normalised."""
         width, height = self.size
-        resized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LANCZOS4).astype(np.float32)
-        # rembg divides by the image's own maximum, not by 255; matching it matches the training setup.
-        resized /= max(float(resized.max()), 1e-6)
+        resized = np.asarray(Image.fromarray(rgb).resize((width, height), self._resample), np.float32)
+        # rembg divides by the image's own maximum, not by 255; matching it matches what users judge.
+        resized = resized / max(float(resized.max()), 1e-6)
         mean = np.asarray(self.convention.mean, np.float32)
         std = np.asarray(self.convention.std, np.float32)
         return np.ascontiguousarray(((resized - mean) / std).transpose(2, 0, 1)[None])
 
     def postprocess(self, output: np.ndarray) -> np.ndarray:
-        """First output channel as a float matte in [0, 1]: sigmoid if logits, then min-max stretched."""
-        prediction = output.astype(np.float32)
-        while prediction.ndim > 2:
-            prediction = prediction[0]
-        if self.convention.sigmoid:
+        """The model's output as a float matte in [0, 1] at the model's resolution, per the convention."""
+        prediction = np.asarray(output, np.float32)
+        if prediction.ndim < 2:
+            raise RemoveBgError(f"{self.model_path} returned a {prediction.shape} output, not an image")
+        maps = prediction.reshape(-1, *prediction.shape[-2:])  # one map per channel (the batch is 1)
+        if self.convention.output == "foreground classes":
+            return (maps.argmax(axis=0) != 0).astype(np.float32)
+        prediction = maps[0]
+        if self.convention.output == "sigmoid, min-max":
             prediction = (1.0 / (1.0 + np.exp(-prediction))).astype(np.float32)
         low, high = float(prediction.min()), float(prediction.max())
         if high - low < 1e-12:
             return np.zeros_like(prediction)
         return (prediction - low) / (high - low)
 
-    def _choose_convention(self, family: str | None) -> ModelConvention:
-        if family is not None:
-            if family not in CONVENTIONS:
+    def _choose_preset(self, preset: str | None) -> ModelPreset:
+        if preset is not None:
+            if preset not in PRESETS:
                 raise RemoveBgError(
-                    f"unknown model family {family!r} for {self.model_path}; "
-                    f"choose one of {', '.join(CONVENTIONS)}"
+                    f"unknown model preset {preset!r} for {self.model_path}; "
+                    f"choose one of {', '.join(PRESETS)}"
                 )
-            return CONVENTIONS[family]
-        stem = self.model_path.name.lower()
+            return PRESETS[preset]
+        file_name = self.model_path.name.lower()
+        for known in PRESETS.values():
+            downloaded_as = known.url.rsplit("/", 1)[-1].lower() if known.url else None
+            if file_name in (known.file_name, downloaded_as):
+                return known
         for pattern, name in _NAME_PATTERNS:
-            if re.search(pattern, stem):
-                return CONVENTIONS[name]
+            if re.search(pattern, file_name):
+                return PRESETS[name]
         if self._fixed_size is not None:
             width, height = self._fixed_size
-            if width == height and width in _SIZE_FAMILIES:
-                return CONVENTIONS[_SIZE_FAMILIES[width]]
+            if width == height and width in _SIZE_PRESETS:
+                return PRESETS[_SIZE_PRESETS[width]]
         raise RemoveBgError(
-            f"cannot tell which model family {self.model_path} belongs to from its name or input size "
-            f"{self._fixed_size}; pass family= one of {', '.join(CONVENTIONS)}"
+            f"cannot tell which model {self.model_path} is from its file name or input size "
+            f"{self._fixed_size}; pass a preset (--model-preset) among {', '.join(PRESETS)}"
         )
+
+    def _used_output_name(self, convention: ModelConvention) -> str:
+        outputs = self._session.get_outputs()
+        if convention.output_index >= len(outputs):
+            raise RemoveBgError(
+                f"{self.model_path} has {len(outputs)} output(s); preset {self.preset.name!r} "
+                f"reads output number {convention.output_index}"
+            )
+        name: str = outputs[convention.output_index].name
+        return name
 
 
 def _check_image_input(path: Path, shape: list[Any], dtype: str) -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from removebg_provider.engines import MODES, Engine, Mode, get_engine
+from removebg_provider.engines import MODES, Engine, Mode, engine_details, get_engines
 from removebg_provider.server.errors import RecordRejected, RequestRejected
 from removebg_provider.server.fetch import FetchLimits, allow_any_address, fetch_url, is_public_address
 from removebg_provider.server.files import MEDIA_TYPES, Clock, FileStore
@@ -49,11 +49,16 @@ class Counters:
 
 
 def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Clock = time.time) -> FastAPI:
-    """Build the app; `engine` defaults to `get_engine(settings.engine, settings.model_path)`.
+    """Build the app; `engine`, if given, serves both modes instead of the engines `settings` name.
 
     `clock` (seconds since the epoch) decides when output files expire, so tests can fake time.
     """
-    service = _Service(settings, engine or get_engine(settings.engine, settings.model_path), clock)
+    engines: dict[Mode, Engine] = (
+        dict.fromkeys(MODES, engine)
+        if engine is not None
+        else get_engines(settings.engine_names, settings.model, settings.model_preset, settings.model_home)
+    )
+    service = _Service(settings, engines, clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -93,7 +98,8 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         return JSONResponse(
             {
                 "status": {"code": 200, "text": "OK"},
-                "engine": service.engine.name,
+                "engine": _engine_summary(service.engines),
+                "engines": {mode: engine_details(service.engines[mode]) for mode in MODES},
                 "workers": service.pool.workers,
                 "auth": "token" if settings.token else "off",
                 "queue": {"admitted_records": service.pool.admitted, "capacity": service.pool.capacity},
@@ -130,9 +136,9 @@ _AUTH_HELP = "missing or invalid token; send the header 'Authorization: Token <y
 class _Service:
     """The state behind the routes: engine pool, file store, limits and counters."""
 
-    def __init__(self, settings: ServerSettings, engine: Engine, clock: Clock) -> None:
+    def __init__(self, settings: ServerSettings, engines: dict[Mode, Engine], clock: Clock) -> None:
         self.settings = settings
-        self.engine = engine
+        self.engines = engines
         self.store = FileStore(settings.storage_dir, settings.ttl_seconds, clock)
         self.pool = EnginePool(settings.workers, settings.queue_records, settings.retry_after_seconds)
         self.counters = Counters()
@@ -227,7 +233,7 @@ class _Service:
                     f"it needs at least {MIN_SIDE_PIXELS} on each side",
                 )
             self.counters.records_billed += 1
-            names = await self.pool.run(_render, self.engine, self.store, rgb, mode, job.options)
+            names = await self.pool.run(_render, self.engines[mode], self.store, rgb, mode, job.options)
         except RecordRejected as rejection:
             self.counters.records_failed += 1
             result["_status"] = {"code": rejection.code, "text": rejection.message, "request_id": request_id}
@@ -279,6 +285,12 @@ def _render(
     mask = store.save(outputs.mask, "jpg") if outputs.mask is not None else None
     whitebg = store.save(outputs.whitebg, "jpg") if outputs.whitebg is not None else None
     return cutout, mask, whitebg
+
+
+def _engine_summary(engines: dict[Mode, Engine]) -> str:
+    """One engine's name when both modes share it, else "mixed" (`engines` in /health says which)."""
+    names = {engine.name for engine in engines.values()}
+    return names.pop() if len(names) == 1 else "mixed"
 
 
 def _as_mode(name: str) -> Mode:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from removebg_provider.engines import ENGINE_NAMES, MODES, Mode
+
 MIB = 1024 * 1024
 
 DEFAULT_STORAGE_DIR = Path(tempfile.gettempdir()) / "removebg-server"
@@ -19,8 +21,12 @@ class ServerSettings:
     storage_dir: Path = DEFAULT_STORAGE_DIR
     token: str | None = field(default=None, repr=False)
     public_url: str | None = None
-    engine: str = "classic"
-    model_path: str | None = None
+    engine: str | None = None  # both modes' engine: onnx when `model` is set, else classic
+    fast_engine: str | None = None  # overrides `engine` for /removebg/fast
+    precise_engine: str | None = None  # overrides `engine` for /removebg/precise
+    model: str | None = None  # a model name (`removebg models list`) or the path of a .onnx file
+    model_preset: str | None = None
+    model_home: Path | None = None  # the model cache; None: `model_store.model_home()`
     workers: int = 2
     ttl_hours: float = 24.0
     max_records: int = 10
@@ -35,6 +41,8 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "storage_dir", Path(self.storage_dir))
+        if self.engine is None:
+            object.__setattr__(self, "engine", "onnx" if self.model else "classic")
         if self.public_url is not None:
             object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
         for problem in self._problems():
@@ -44,6 +52,12 @@ class ServerSettings:
     def ttl_seconds(self) -> float:
         """How long an output file stays downloadable."""
         return self.ttl_hours * 3600.0
+
+    @property
+    def engine_names(self) -> dict[Mode, str]:
+        """The engine each mode uses."""
+        chosen = {"fast": self.fast_engine, "precise": self.precise_engine}
+        return {mode: chosen[mode] or str(self.engine) for mode in MODES}
 
     def _problems(self) -> list[str]:
         problems: list[str] = []
@@ -68,6 +82,7 @@ class ServerSettings:
             problems.append(
                 f"queue_records ({self.queue_records}) must be at least max_records ({self.max_records})"
             )
+        problems += self._engine_problems()
         if self.token is not None and not self.token.strip():
             problems.append("the token is empty; pass a non-empty token or none at all")
         if self.public_url is not None:
@@ -77,3 +92,17 @@ class ServerSettings:
                     f"public_url must be an http(s) URL like https://host[:port], got {self.public_url!r}"
                 )
         return problems
+
+    def _engine_problems(self) -> list[str]:
+        names = self.engine_names
+        unknown = sorted({name for name in names.values() if name not in ENGINE_NAMES})
+        if unknown:
+            return [f"unknown engine {', '.join(unknown)}; choose one of {', '.join(ENGINE_NAMES)}"]
+        uses_model = "onnx" in names.values()
+        if uses_model and not self.model:
+            return [
+                "the onnx engine needs a model: --model NAME (see `removebg models list`) or --model PATH"
+            ]
+        if not uses_model and (self.model or self.model_preset):
+            return ["a model is given but no mode uses the onnx engine; drop --model or choose --engine onnx"]
+        return []
