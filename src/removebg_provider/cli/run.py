@@ -24,6 +24,7 @@ from removebg_provider.storage import Storage
 
 TOKEN_ENV = "REMOVEBG_API_TOKEN"
 ENDPOINT_ENV = "REMOVEBG_ENDPOINT"
+RATE_LIMIT_REDIS_ENV = "REMOVEBG_RATE_LIMIT_REDIS_URL"
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_ACCOUNT = 0, 1, 2, 3, 4
 
 _EPILOG = f"""
@@ -134,6 +135,12 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument("--max-retries", type=int, default=5, help="retries of one API request")
     parser.add_argument("--requests-per-minute", type=float, help="client-side rate limit for the account")
     parser.add_argument(
+        "--rate-limit-redis-url",
+        default=os.environ.get(RATE_LIMIT_REDIS_ENV),
+        help=f"redis://host:port/db (default: ${RATE_LIMIT_REDIS_ENV}): share --requests-per-minute with "
+        "every run and Airflow task of the same account that uses this Redis",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (logs still report progress)"
     )
     parser.add_argument(
@@ -195,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         concurrency=config.concurrency,
         requests_per_minute=args.requests_per_minute,
+        rate_limit_redis_url=args.rate_limit_redis_url,
     )
     bar = tqdm(total=0, unit="row", disable=args.no_progress or None, file=sys.stderr, dynamic_ncols=True)
 

@@ -22,8 +22,9 @@ class RemoveBgHook(BaseHook):
     Connection fields: host = API base URL (empty for the public Ximilar API; with or without a
     scheme; schema and port are used when the host does not carry them), password = API token.
     Extras: `mode` (fast|precise), `timeout` (seconds or [connect, read]), `max_retries`,
-    `max_records_per_request`, `requests_per_minute`, `concurrency`. Keyword arguments given to the
-    hook are passed to RemoveBgClient and win over the connection.
+    `max_records_per_request`, `requests_per_minute`, `concurrency`, `rate_limit_redis_url` (every
+    task on every worker then shares the one `requests_per_minute` budget kept in that Redis).
+    Keyword arguments given to the hook are passed to RemoveBgClient and win over the connection.
     """
 
     conn_name_attr = "removebg_conn_id"
@@ -49,6 +50,9 @@ class RemoveBgHook(BaseHook):
                 **_client_settings(conn.extra_dejson),
             }
             settings.update(self.client_overrides)
+            redis_password = urlsplit(settings.get("rate_limit_redis_url") or "").password
+            if redis_password:
+                mask_secret(redis_password)
             return RemoveBgClient(**settings)
         except ValueError as exc:
             raise ConfigurationError(
@@ -115,6 +119,12 @@ def _timeout(value: Any) -> float | tuple[float, float]:
     return _number(value)
 
 
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value.strip()
+
+
 def _integer(minimum: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -134,4 +144,5 @@ _EXTRA_PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_records_per_request": _integer(1),
     "requests_per_minute": _number,
     "concurrency": _integer(1),
+    "rate_limit_redis_url": _text,
 }
