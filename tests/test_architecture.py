@@ -9,6 +9,7 @@ import pytest
 
 CORE_MODULES = [
     "removebg_provider.client",
+    "removebg_provider.ratelimit",
     "removebg_provider.manifest",
     "removebg_provider.storage",
     "removebg_provider.pipeline",
