@@ -118,6 +118,7 @@ def start_postgres(directory: Path) -> Iterator[PostgresServer]:
             ],
             log,
             user,
+            workdir,
         )
         port = _free_port()
         settings = [f"-c{name}={value}" for name, value in _POSTGRES_SETTINGS.items()]
@@ -127,6 +128,8 @@ def start_postgres(directory: Path) -> Iterator[PostgresServer]:
                 stdout=stream,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # As `nobody`, the caller's working directory (say under /root) may be out of reach.
+                cwd=workdir,
                 **_as_user(user),
             )
         server = PostgresServer(port=port, log=log)
@@ -223,10 +226,10 @@ def _redis_server() -> str:
     return found
 
 
-def _run_logged(command: list[str], log: Path, user: str | None) -> None:
+def _run_logged(command: list[str], log: Path, user: str | None, cwd: Path) -> None:
     with log.open("ab") as stream:
         result = subprocess.run(
-            command, stdout=stream, stderr=subprocess.STDOUT, check=False, **_as_user(user)
+            command, stdout=stream, stderr=subprocess.STDOUT, check=False, cwd=cwd, **_as_user(user)
         )
     if result.returncode:
         raise RuntimeError(f"{Path(command[0]).name} exited {result.returncode}:\n{_tail(log)}")
