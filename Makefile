@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 AZURITE_VERSION := 3.35.0
 AZURITE := .work/node_modules/.bin/azurite-blob
 
-.PHONY: install lint typecheck unit test demo clean
+.PHONY: install lint typecheck unit test-distributed test demo clean
 
 $(AZURITE):
 	npm install --prefix .work --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
@@ -27,9 +27,16 @@ typecheck: install
 	$(BIN)/mypy
 
 unit: install $(AZURITE)
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not distributed"
 
-test: lint typecheck unit
+# The deployment tier alone: PostgreSQL and Redis from wheels, Airflow's CeleryExecutor with two
+# workers, a worker killed mid-run, the shared rate limit (tests/system/test_distributed.py, docs/deploy.md).
+test-distributed: install
+	$(BIN)/pytest -m distributed
+
+# Everything in one pytest session: the unit tests and the deployment tier.
+test: lint typecheck install $(AZURITE)
+	$(BIN)/pytest
 
 demo: install
 	$(BIN)/python scripts/demo.py

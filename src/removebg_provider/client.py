@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -29,6 +28,7 @@ from removebg_provider.errors import (
     TransientApiError,
 )
 from removebg_provider.progress import Progress
+from removebg_provider.ratelimit import request_limiter
 from removebg_provider.records import (
     ImageRecord,
     RecordResult,
@@ -114,10 +114,15 @@ class RemoveBgClient:
         retry_policy: RetryPolicy | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         requests_per_minute: float | None = None,
+        rate_limit_redis_url: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Validate the settings and open the session; `retry_policy`, when given, wins over `max_retries`."""
+        """Validate the settings and open the session; `retry_policy`, when given, wins over `max_retries`.
+
+        `requests_per_minute` is kept by this client alone, or, with `rate_limit_redis_url`, shared
+        with every client of the same base URL and token that uses that Redis (see `ratelimit`).
+        """
         self.base_url = _validated_base_url(base_url)
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -136,8 +141,12 @@ class RemoveBgClient:
         self._token = token or None
         self._sleep = sleep
         self._clock = clock
-        self._spacer = (
-            RequestSpacer(requests_per_minute, clock, sleep) if requests_per_minute is not None else None
+        self._rate_limiter = request_limiter(
+            requests_per_minute,
+            rate_limit_redis_url or None,
+            account=f"{self.base_url} {self._token or ''}",
+            clock=clock,
+            sleep=sleep,
         )
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=self.concurrency, pool_maxsize=self.concurrency)
@@ -294,8 +303,8 @@ class RemoveBgClient:
         return payload, attempts
 
     def _post_once(self, body: Mapping[str, Any], n_records: int, attempt: int) -> dict[str, Any]:
-        if self._spacer is not None:
-            self._spacer.wait()
+        if self._rate_limiter is not None:
+            self._rate_limiter.acquire()
         started = self._clock()
         try:
             response = self._session.post(
@@ -415,28 +424,6 @@ class _RetryAfterOrJitter(wait_base):
         if isinstance(failure, _RetryableFailure) and failure.retry_after is not None:
             return failure.retry_after
         return self._jitter(retry_state)
-
-
-class RequestSpacer:
-    """Spaces requests at least 60/requests_per_minute seconds apart across all threads of a client."""
-
-    def __init__(
-        self, requests_per_minute: float, clock: Callable[[], float], sleep: Callable[[float], None]
-    ):
-        self._interval = 60.0 / requests_per_minute
-        self._clock = clock
-        self._sleep = sleep
-        self._lock = threading.Lock()
-        self._next_slot: float | None = None
-
-    def wait(self) -> None:
-        """Reserve the next free slot under the lock, then sleep until it outside the lock."""
-        with self._lock:
-            now = self._clock()
-            slot = now if self._next_slot is None else max(now, self._next_slot)
-            self._next_slot = slot + self._interval
-        if slot > now:
-            self._sleep(slot - now)
 
 
 def _log_wait(retry_state: RetryCallState) -> None:

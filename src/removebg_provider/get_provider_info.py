@@ -72,7 +72,18 @@ def get_provider_info() -> dict[str, Any]:
                     "requests_per_minute": {
                         "label": "Requests per minute",
                         "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
-                        "description": "Client-side rate limit shared by all threads; empty for none",
+                        "description": (
+                            "The account's request budget; kept by each task process on its own, "
+                            "or shared by all of them through the Redis below; empty for none"
+                        ),
+                    },
+                    "rate_limit_redis_url": {
+                        "label": "Rate limit Redis URL",
+                        "schema": {"type": ["string", "null"]},
+                        "description": (
+                            "redis://host:6379/1: every task on every worker shares one "
+                            "requests_per_minute budget kept there (needs the [redis] extra)"
+                        ),
                     },
                     "concurrency": {
                         "label": "Concurrency",

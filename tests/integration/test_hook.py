@@ -173,6 +173,24 @@ def test_token_is_masked_in_airflow_logs(set_connection: Any) -> None:
     assert TOKEN not in str(redact(f"request failed with {TOKEN}"))
 
 
+def test_password_of_the_rate_limit_redis_url_is_masked_in_airflow_logs(set_connection: Any) -> None:
+    secret = "redis-pass-91f3"
+    set_connection(
+        extra={"requests_per_minute": 60, "rate_limit_redis_url": f"redis://:{secret}@redis:6379/1"}
+    )
+
+    RemoveBgHook().get_conn().close()
+
+    assert secret not in str(redact(f"could not reach redis with {secret}"))
+
+
+def test_rate_limit_redis_url_without_requests_per_minute_is_reported(set_connection: Any) -> None:
+    set_connection(extra={"rate_limit_redis_url": "redis://redis:6379/1"})
+
+    with pytest.raises(ConfigurationError, match="requests_per_minute is not"):
+        RemoveBgHook().get_conn()
+
+
 def test_test_connection_checks_the_token_against_the_local_server(
     api_server: LocalApiServer, set_connection: Any
 ) -> None:

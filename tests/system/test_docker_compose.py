@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from support import REPO_ROOT
+from support.airflow_deployment import CELERY_RECOVERY_SETTINGS
 
 ROOT = REPO_ROOT
 DOCKER = ROOT / "docker"
@@ -267,6 +268,28 @@ def test_connection_reaches_the_local_server_with_its_token(
     assert host.hostname == "removebg-server"
     assert str(host.port) == argv[argv.index("--port") + 1]
     assert argv[argv.index("--public-url") + 1] == connection["host"]
+
+
+def test_connection_shares_its_request_budget_through_the_compose_redis(
+    services: dict[str, dict[str, Any]], env_files: dict[str, dict[str, str]]
+) -> None:
+    extra = json.loads(env_files["removebg.env"]["AIRFLOW_CONN_REMOVEBG_DEFAULT"])["extra"]
+    redis_url = urlsplit(extra["rate_limit_redis_url"])
+    broker = urlsplit(services["airflow-worker"]["environment"]["AIRFLOW__CELERY__BROKER_URL"])
+    assert extra["requests_per_minute"] > 0
+    assert (redis_url.scheme, redis_url.hostname) == ("redis", "redis")
+    assert redis_url.path != broker.path, "the budget keeps its keys out of the broker's database"
+
+
+def test_compose_sets_every_setting_the_distributed_tier_relies_on_for_worker_loss(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    environment = services["airflow-worker"]["environment"]
+    assert set(CELERY_RECOVERY_SETTINGS) <= set(environment)
+    assert (
+        environment["AIRFLOW__CELERY__TASK_ACKS_LATE"]
+        == CELERY_RECOVERY_SETTINGS["AIRFLOW__CELERY__TASK_ACKS_LATE"]
+    )
 
 
 def test_store_credentials_are_the_s3_stores_account(env_files: dict[str, dict[str, str]]) -> None:

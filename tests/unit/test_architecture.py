@@ -28,6 +28,7 @@ CORE = {
     "removebg_provider.pipeline",
     "removebg_provider.progress",
     "removebg_provider.quality",
+    "removebg_provider.ratelimit",
     "removebg_provider.report",
     "removebg_provider.storage",
 } | SHARED_WORDS

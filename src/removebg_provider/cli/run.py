@@ -26,6 +26,7 @@ from removebg_provider.storage import Storage
 
 TOKEN_ENV = "REMOVEBG_API_TOKEN"
 ENDPOINT_ENV = "REMOVEBG_ENDPOINT"
+RATE_LIMIT_REDIS_ENV = "REMOVEBG_RATE_LIMIT_REDIS_URL"
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_ACCOUNT = 0, 1, 2, 3, 4
 
 _EPILOG = f"""
@@ -67,6 +68,12 @@ def add_parser(subcommands: Any) -> None:
         "--max-retries", type=int, default=RetryPolicy().max_retries, help="retries of one API request"
     )
     parser.add_argument("--requests-per-minute", type=float, help="client-side rate limit for the account")
+    parser.add_argument(
+        "--rate-limit-redis-url",
+        default=os.environ.get(RATE_LIMIT_REDIS_ENV),
+        help=f"redis://host:port/db (default: ${RATE_LIMIT_REDIS_ENV}): share --requests-per-minute with "
+        "every run and Airflow task of the same account that uses this Redis",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -121,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             "timeout": args.timeout,
             "max_retries": args.max_retries,
             "requests_per_minute": args.requests_per_minute,
+            "rate_limit_redis_url": args.rate_limit_redis_url,
         }
         # Built before anything is read or billed, so a bad client option is refused up front.
         client = RemoveBgClient(token=os.environ.get(TOKEN_ENV), **client_options, **config.client_settings())

@@ -25,9 +25,11 @@ class RemoveBgHook(BaseHook):
     Connection fields: host = API base URL (empty for the public Ximilar API; with or without a
     scheme; schema and port are used when the host does not carry them), password = API token.
     Extras: `mode` (fast|precise), `timeout` (seconds or [connect, read]), `max_retries`,
-    `max_records_per_request`, `requests_per_minute`, `concurrency`. Keyword arguments given to the
-    hook (or to `get_conn`) are passed to RemoveBgClient and win over the connection: a pipeline
-    task resolves its settings against `connection_settings()` and passes the result.
+    `max_records_per_request`, `requests_per_minute`, `concurrency`, `rate_limit_redis_url` (every
+    task on every worker then shares the one `requests_per_minute` budget kept in that Redis).
+    Keyword arguments given to the hook (or to `get_conn`) are passed to RemoveBgClient and win over
+    the connection: a pipeline task resolves its settings against `connection_settings()` and passes
+    the result.
     """
 
     conn_name_attr = "removebg_conn_id"
@@ -64,6 +66,9 @@ class RemoveBgHook(BaseHook):
                 **self.client_overrides,
                 **overrides,
             }
+            redis_password = urlsplit(settings.get("rate_limit_redis_url") or "").password
+            if redis_password:
+                mask_secret(redis_password)
             return RemoveBgClient(**settings)
 
         return self._invalid_connection_is_configuration_error(build)
@@ -136,6 +141,12 @@ def _timeout(value: Any) -> float | tuple[float, float]:
     return _number(value)
 
 
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value.strip()
+
+
 def _integer(minimum: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -155,4 +166,5 @@ CONNECTION_EXTRAS: dict[str, Callable[[Any], Any]] = {
     "max_records_per_request": _integer(1),
     "requests_per_minute": _number,
     "concurrency": _integer(1),
+    "rate_limit_redis_url": _text,
 }

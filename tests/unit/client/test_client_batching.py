@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from removebg_provider.client import ImageRecord, RemoveBgClient, RequestSpacer
+from removebg_provider.client import ImageRecord, RemoveBgClient
 from removebg_provider.errors import OutOfCreditsError
 from support.fake_time import FakeClock
 from support.replay_server import CapturedRequest, ReplayServer, Reply, echo_ok, serve_replays
@@ -140,16 +140,3 @@ def test_rate_limit_spaces_requests_evenly(server: ReplayServer) -> None:
         client.remove_background(_records(3))
 
     assert clock.sleeps == [2.0, 2.0]
-
-
-def test_rate_limit_slots_are_shared_by_all_threads() -> None:
-    clock = FakeClock(advance_on_sleep=False)
-    spacer = RequestSpacer(120, clock.now, clock.sleep)
-    threads = [threading.Thread(target=spacer.wait) for _ in range(4)]
-
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert sorted(clock.sleeps) == [0.5, 1.0, 1.5]
