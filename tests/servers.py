@@ -46,8 +46,8 @@ class LocalApiServer:
     storage_dir: Path
 
     def stats(self) -> dict[str, int]:
-        """The server's `GET /stats` counters (requests, records billed/ok/failed...)."""
-        response = requests.get(f"{self.base_url}/stats", timeout=10)
+        """The server's `GET /stats` counters (requests, records billed/ok/failed...), authenticated."""
+        response = requests.get(f"{self.base_url}/stats", headers=self.auth_headers(), timeout=10)
         response.raise_for_status()
         counters: dict[str, int] = response.json()
         return counters

@@ -109,7 +109,10 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         return JSONResponse({"username": "removebg-local", "auth": "token" if settings.token else "off"})
 
     @app.get("/stats")
-    async def stats() -> JSONResponse:
+    async def stats(request: Request) -> JSONResponse:
+        # Billing counters are the account's business, like the public API's usage pages.
+        if not service.authorized(request):
+            return _error_response(401, _AUTH_HELP)
         return JSONResponse(asdict(service.counters))
 
     @app.post("/stats/reset")
