@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from removebg_provider.server.settings import DEFAULT_STORAGE_DIR, MIB, ServerSettings
+from removebg_provider.errors import ConfigurationError
+from removebg_provider.server.settings import MIB, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,12 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument(
         "--storage",
         type=Path,
-        default=DEFAULT_STORAGE_DIR,
-        help="directory for output images; files are deleted once their TTL has passed",
+        default=None,
+        help=(
+            "directory for output images, kept across restarts; files are deleted once their TTL has "
+            "passed. It must belong to you and not be writable by others (created 0700 when missing). "
+            "Default: a fresh private directory under the system temp dir, removed when the server stops"
+        ),
     )
     parser.add_argument(
         "--public-url",
@@ -138,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(settings)
+    except ConfigurationError as error:
+        log.error("cannot start the server: %s", error)
+        return 2
     except (ValueError, ImportError, OSError) as error:
         log.error("cannot start the %s engine: %s", settings.engine, error)
         return 2
@@ -146,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         args.host,
         args.port,
         settings.engine,
-        settings.storage_dir,
+        app.state.storage_dir,
         settings.ttl_hours,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)

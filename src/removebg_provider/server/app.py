@@ -63,8 +63,11 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         finally:
             sweeper.cancel()
             service.pool.shutdown()
+            service.store.close()
 
     app = FastAPI(title="removebg local server (Ximilar Remove Background API)", lifespan=lifespan)
+    # Where the outputs go, for the startup log: without `storage_dir` a fresh folder is made here.
+    app.state.storage_dir = service.store.directory
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 MIB = 1024 * 1024
 
-DEFAULT_STORAGE_DIR = Path(tempfile.gettempdir()) / "removebg-server"
-
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Everything `create_app` needs besides the engine; `removebg serve --help` documents each field."""
+    """Everything `create_app` needs besides the engine; `removebg serve --help` documents each field.
 
-    storage_dir: Path = DEFAULT_STORAGE_DIR
+    `storage_dir=None` means a fresh private folder per start.
+    """
+
+    storage_dir: Path | None = None
     token: str | None = field(default=None, repr=False)
     public_url: str | None = None
     engine: str = "classic"
@@ -34,7 +34,8 @@ class ServerSettings:
     max_redirects: int = 5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "storage_dir", Path(self.storage_dir))
+        if self.storage_dir is not None:
+            object.__setattr__(self, "storage_dir", Path(self.storage_dir))
         if self.public_url is not None:
             object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
         for problem in self._problems():
