@@ -19,6 +19,7 @@ TOY_RUNS = {
     "overhead.py": (["--rows", "200"], "CPU ms/record"),
     "engine_quality.py": (["--count", "2", "--quick"], "| precise |"),
     "quality_cost.py": (["--repeats", "1"], "12 MP PNG with alpha"),
+    "server_attacks.py": (["memory", "--megapixels", "0.3", "--requests", "1", "--records", "2"], "peak RSS"),
 }
 
 

@@ -34,6 +34,7 @@ OPTIONS = [
     "--max-image-mb",
     "--max-megapixels",
     "--fetch-timeout",
+    "--max-megapixels-in-flight",
 ]
 
 

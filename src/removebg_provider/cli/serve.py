@@ -100,7 +100,16 @@ def add_parser(subcommands: Any) -> None:
         "--fetch-timeout",
         type=float,
         default=_DEFAULTS.fetch_timeout_seconds,
-        help="seconds allowed to download one _url",
+        help="seconds allowed to download one _url, in total (connect, redirects, headers and body)",
+    )
+    parser.add_argument(
+        "--max-megapixels-in-flight",
+        type=float,
+        default=None,
+        help=(
+            "most decoded megapixels held at once; records wait as compressed bytes until theirs fit "
+            "(default: workers x max-megapixels)"
+        ),
     )
     parser.set_defaults(handler=run)
 
@@ -133,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
             max_image_pixels=int(args.max_megapixels * 1e6),
             queue_records=args.queue_records,
             fetch_timeout_seconds=args.fetch_timeout,
+            max_pixels_in_flight=(
+                None if args.max_megapixels_in_flight is None else int(args.max_megapixels_in_flight * 1e6)
+            ),
         )
     except ValueError as error:
         log.error("invalid server option: %s", error)

@@ -13,7 +13,8 @@ MIB = 1024 * 1024
 class ServerSettings:
     """Everything `create_app` needs besides the engine; `removebg serve --help` documents each field.
 
-    `storage_dir=None` means a fresh private folder per start.
+    `storage_dir=None` means a fresh private folder per start; `max_pixels_in_flight=None` means
+    `workers x max_image_pixels` (see `pixels_in_flight`).
     """
 
     storage_dir: Path | None = None
@@ -32,6 +33,7 @@ class ServerSettings:
     retry_after_seconds: int = 5
     fetch_timeout_seconds: float = 20.0
     max_redirects: int = 5
+    max_pixels_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         if self.storage_dir is not None:
@@ -45,6 +47,13 @@ class ServerSettings:
     def ttl_seconds(self) -> float:
         """How long an output file stays downloadable."""
         return self.ttl_hours * 3600.0
+
+    @property
+    def pixels_in_flight(self) -> int:
+        """Most decoded pixels held at once; by default every worker may hold a largest image."""
+        if self.max_pixels_in_flight is not None:
+            return self.max_pixels_in_flight
+        return self.workers * self.max_image_pixels
 
     def _problems(self) -> list[str]:
         problems: list[str] = []
@@ -64,6 +73,12 @@ class ServerSettings:
         ]
         if self.max_redirects < 0:
             problems.append(f"max_redirects must be 0 or more, got {self.max_redirects}")
+        if self.pixels_in_flight < self.max_image_pixels:
+            # An image at the pixel limit must fit into an empty budget, or it could never be decoded.
+            problems.append(
+                f"max_pixels_in_flight ({self.pixels_in_flight}) must be at least "
+                f"max_image_pixels ({self.max_image_pixels})"
+            )
         if self.queue_records < self.max_records:
             # A full-size batch must always fit into an empty queue, or it could never be admitted.
             problems.append(
