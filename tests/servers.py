@@ -32,6 +32,7 @@ from PIL import Image
 
 from removebg_provider.engines import Engine
 from removebg_provider.server import ServerSettings, create_app
+from removebg_provider.server.connections import server_config
 from removebg_provider.server.files import Clock
 
 _STARTUP_TIMEOUT_SECONDS = 30.0
@@ -79,7 +80,7 @@ def start_api_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, config, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="api-server")
     thread.start()
     base_url = f"http://127.0.0.1:{port}"

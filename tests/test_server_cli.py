@@ -35,6 +35,10 @@ OPTIONS = [
     "--max-megapixels",
     "--fetch-timeout",
     "--max-megapixels-in-flight",
+    "--max-connections",
+    "--header-timeout",
+    "--body-timeout",
+    "--keep-alive",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
@@ -111,6 +112,33 @@ def add_parser(subcommands: Any) -> None:
             "(default: workers x max-megapixels)"
         ),
     )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=_DEFAULTS.max_connections,
+        help=(
+            "most open connections; at the limit, a new one closes the connection that has waited "
+            "longest for a request head"
+        ),
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=_DEFAULTS.header_timeout_seconds,
+        help="seconds a connection has to send a complete request head before it is closed",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=_DEFAULTS.body_timeout_seconds,
+        help="seconds a request has to deliver its whole body once its head has arrived (else 408)",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=int,
+        default=_DEFAULTS.keep_alive_seconds,
+        help="seconds an idle kept-alive connection stays open between requests",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -145,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
             max_pixels_in_flight=(
                 None if args.max_megapixels_in_flight is None else int(args.max_megapixels_in_flight * 1e6)
             ),
+            max_connections=args.max_connections,
+            header_timeout_seconds=args.header_timeout,
+            body_timeout_seconds=args.body_timeout,
+            keep_alive_seconds=args.keep_alive,
         )
     except ValueError as error:
         log.error("invalid server option: %s", error)
@@ -152,8 +184,10 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from removebg_provider.server.app import create_app
+    from removebg_provider.server.connections import ensure_descriptor_room, server_config
 
     try:
+        ensure_descriptor_room(settings)
         app = create_app(settings)
     except ConfigurationError as error:
         log.error("cannot start the server: %s", error)
@@ -169,8 +203,13 @@ def run(args: argparse.Namespace) -> int:
         app.state.storage_dir,
         settings.ttl_hours,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
-    return 0
+    server = uvicorn.Server(
+        server_config(app, settings, host=args.host, port=args.port, log_level="info", access_log=True)
+    )
+    # uvicorn raises Ctrl-C again once it has shut down cleanly: that is the normal way to stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 1
 
 
 def _is_loopback(host: str) -> bool:

@@ -175,7 +175,12 @@ class _Service:
             self.pool.admit(len(jobs))
         except RequestRejected as rejection:
             self.counters.requests_rejected += 1
-            headers = {"Retry-After": str(self.pool.retry_after_seconds)} if rejection.code == 429 else None
+            headers = None
+            if rejection.code == 429:
+                headers = {"Retry-After": str(self.pool.retry_after_seconds)}
+            elif rejection.code == 408:
+                # The body is still (slowly) arriving: this connection cannot carry another request.
+                headers = {"Connection": "close"}
             return _error_response(rejection.code, rejection.message, request_id, headers)
         try:
             base_url = self.settings.public_url or str(request.base_url).rstrip("/")
@@ -216,16 +221,23 @@ class _Service:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
-        too_large = RequestRejected(413, f"the request body is larger than the limit of {limit} bytes")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise RequestRejected(413, f"the request body is larger than the limit of {limit} bytes")
+        seconds = self.settings.body_timeout_seconds
+        try:
+            # A total deadline: a client that trickles its body would otherwise hold the connection.
+            return await asyncio.wait_for(self._receive_body(request, limit), seconds)
+        except asyncio.TimeoutError as error:
+            raise RequestRejected(408, f"the request body did not arrive within {seconds:g} s") from error
+
+    async def _receive_body(self, request: Request, limit: int) -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             # Chunked uploads declare no length, so the limit is also enforced while reading.
             if len(body) > limit:
-                raise too_large
+                raise RequestRejected(413, f"the request body is larger than the limit of {limit} bytes")
         return bytes(body)
 
     async def _process(self, job: RecordJob, mode: Mode, request_id: str, base_url: str) -> dict[str, Any]:

@@ -34,6 +34,10 @@ class ServerSettings:
     fetch_timeout_seconds: float = 20.0
     max_redirects: int = 5
     max_pixels_in_flight: int | None = None
+    max_connections: int = 500
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 120.0
+    keep_alive_seconds: int = 5
 
     def __post_init__(self) -> None:
         if self.storage_dir is not None:
@@ -67,9 +71,16 @@ class ServerSettings:
             "queue_records": self.queue_records,
             "retry_after_seconds": self.retry_after_seconds,
             "fetch_timeout_seconds": self.fetch_timeout_seconds,
+            "max_connections": self.max_connections,
+            "header_timeout_seconds": self.header_timeout_seconds,
+            "body_timeout_seconds": self.body_timeout_seconds,
+            "keep_alive_seconds": self.keep_alive_seconds,
         }
         problems += [
-            f"{name} must be positive, got {value}" for name, value in positive.items() if value <= 0
+            # `not > 0` also refuses NaN, which compares false with everything.
+            f"{name} must be positive, got {value}"
+            for name, value in positive.items()
+            if not value > 0
         ]
         if self.max_redirects < 0:
             problems.append(f"max_redirects must be 0 or more, got {self.max_redirects}")
