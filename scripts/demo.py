@@ -60,7 +60,7 @@ def main() -> int:
             "shard_size": SHARD_SIZE,
         }
         code = _run_dag(api_url, ds, conf)
-        billed = _json(f"{api_url}/stats").get("records_billed")
+        billed = _json(f"{api_url}/stats", {"Authorization": f"Token {DEMO_TOKEN}"}).get("records_billed")
     _print_result(conf, code, billed)
     return code
 
@@ -192,8 +192,8 @@ def _wait_for(url: str, process: subprocess.Popen[bytes], name: str, log_path: P
     raise SystemExit(f"the {name} did not answer {url} within {_STARTUP_SECONDS:.0f} s; see {log_path}")
 
 
-def _json(url: str) -> dict[str, int]:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def _json(url: str, headers: dict[str, str]) -> dict[str, int]:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         data: dict[str, int] = json.load(response)
     return data
 

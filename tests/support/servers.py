@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from removebg_provider.engines import Engine
 from removebg_provider.server import ServerSettings, create_app
+from removebg_provider.server.connections import server_config
 from removebg_provider.server.files import Clock
 
 # A hang guard: a busy 2-core machine starts uvicorn slowly.
@@ -49,8 +50,8 @@ class LocalApiServer:
     storage_dir: Path
 
     def stats(self) -> dict[str, int]:
-        """The server's `GET /stats` counters (requests, records billed/ok/failed...)."""
-        response = requests.get(f"{self.base_url}/stats", timeout=10)
+        """The server's `GET /stats` counters (requests, records billed/ok/failed...), authenticated."""
+        response = requests.get(f"{self.base_url}/stats", headers=self.auth_headers(), timeout=10)
         response.raise_for_status()
         counters: dict[str, int] = response.json()
         return counters
@@ -85,7 +86,7 @@ def start_api_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, config, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="api-server")
     thread.start()
     base_url = f"http://127.0.0.1:{port}"

@@ -25,6 +25,7 @@ TOY_RUNS = {
         ["--families", "bria", "--sizes", "0.25", "--repeats", "1"],
         "| bria-rmbg (shapes only) |",
     ),
+    "server_attacks.py": (["memory", "--megapixels", "0.3", "--requests", "1", "--records", "2"], "peak RSS"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
@@ -13,8 +14,8 @@ from removebg_provider.cli.models import MODEL_HOME_HELP, pull_with_progress
 from removebg_provider.engines import ENGINE_NAMES, Mode
 from removebg_provider.engines.model_store import model_home
 from removebg_provider.engines.presets import PRESETS
-from removebg_provider.errors import RemoveBgError
-from removebg_provider.server.settings import DEFAULT_STORAGE_DIR, MIB, ServerSettings
+from removebg_provider.errors import ConfigurationError, RemoveBgError
+from removebg_provider.server.settings import MIB, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,12 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument(
         "--storage",
         type=Path,
-        default=DEFAULT_STORAGE_DIR,
-        help="directory for output images; files are deleted once their TTL has passed",
+        default=None,
+        help=(
+            "directory for output images, kept across restarts; files are deleted once their TTL has "
+            "passed. It must belong to you and not be writable by others (created 0700 when missing). "
+            "Default: a fresh private directory under the system temp dir, removed when the server stops"
+        ),
     )
     parser.add_argument(
         "--public-url",
@@ -139,7 +144,43 @@ def add_parser(subcommands: Any) -> None:
         "--fetch-timeout",
         type=float,
         default=_DEFAULTS.fetch_timeout_seconds,
-        help="seconds allowed to download one _url",
+        help="seconds allowed to download one _url, in total (connect, redirects, headers and body)",
+    )
+    parser.add_argument(
+        "--max-megapixels-in-flight",
+        type=float,
+        default=None,
+        help=(
+            "most decoded megapixels held at once; records wait as compressed bytes until theirs fit "
+            "(default: workers x max-megapixels)"
+        ),
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=_DEFAULTS.max_connections,
+        help=(
+            "most open connections; at the limit, a new one closes the connection that has waited "
+            "longest for a request head"
+        ),
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=_DEFAULTS.header_timeout_seconds,
+        help="seconds a connection has to send a complete request head before it is closed",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=_DEFAULTS.body_timeout_seconds,
+        help="seconds a request has to deliver its whole body once its head has arrived (else 408)",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=int,
+        default=_DEFAULTS.keep_alive_seconds,
+        help="seconds an idle kept-alive connection stays open between requests",
     )
     parser.set_defaults(handler=run)
 
@@ -176,6 +217,13 @@ def run(args: argparse.Namespace) -> int:
             max_image_pixels=int(args.max_megapixels * 1e6),
             queue_records=args.queue_records,
             fetch_timeout_seconds=args.fetch_timeout,
+            max_pixels_in_flight=(
+                None if args.max_megapixels_in_flight is None else int(args.max_megapixels_in_flight * 1e6)
+            ),
+            max_connections=args.max_connections,
+            header_timeout_seconds=args.header_timeout,
+            body_timeout_seconds=args.body_timeout,
+            keep_alive_seconds=args.keep_alive,
         )
     except ValueError as error:
         log.error("invalid server option: %s", error)
@@ -190,9 +238,14 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from removebg_provider.server.app import create_app
+    from removebg_provider.server.connections import ensure_descriptor_room, server_config
 
     try:
+        ensure_descriptor_room(settings)
         app = create_app(settings)
+    except ConfigurationError as error:
+        log.error("cannot start the server: %s", error)
+        return 2
     except (RemoveBgError, ValueError, ImportError, OSError) as error:
         log.error("cannot start the engines (%s): %s", _describe(engines), error)
         return 2
@@ -201,11 +254,16 @@ def run(args: argparse.Namespace) -> int:
         args.host,
         args.port,
         _describe(engines),
-        settings.storage_dir,
+        app.state.storage_dir,
         settings.ttl_hours,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
-    return 0
+    server = uvicorn.Server(
+        server_config(app, settings, host=args.host, port=args.port, log_level="info", access_log=True)
+    )
+    # uvicorn raises Ctrl-C again once it has shut down cleanly: that is the normal way to stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 1
 
 
 def _named_model_missing(settings: ServerSettings) -> bool:

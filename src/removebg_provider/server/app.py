@@ -22,8 +22,14 @@ from removebg_provider.engines import MODES, Engine, Mode, engine_details, get_e
 from removebg_provider.server.errors import RecordRejected, RequestRejected
 from removebg_provider.server.fetch import FetchLimits, allow_any_address, fetch_url, is_public_address
 from removebg_provider.server.files import MEDIA_TYPES, Clock, FileStore
-from removebg_provider.server.imaging import ImageLimits, decode_base64, decode_image, encode_outputs
-from removebg_provider.server.pool import EnginePool
+from removebg_provider.server.imaging import (
+    ImageLimits,
+    declared_pixels,
+    decode_base64,
+    decode_image,
+    encode_outputs,
+)
+from removebg_provider.server.pool import EnginePool, PixelBudget
 from removebg_provider.server.records import OutputOptions, RecordJob, parse_request
 from removebg_provider.server.settings import ServerSettings
 
@@ -68,8 +74,11 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         finally:
             sweeper.cancel()
             service.pool.shutdown()
+            service.store.close()
 
     app = FastAPI(title="removebg local server (Ximilar Remove Background API)", lifespan=lifespan)
+    # Where the outputs go, for the startup log: without `storage_dir` a fresh folder is made here.
+    app.state.storage_dir = service.store.directory
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -103,6 +112,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
                 "workers": service.pool.workers,
                 "auth": "token" if settings.token else "off",
                 "queue": {"admitted_records": service.pool.admitted, "capacity": service.pool.capacity},
+                "pixels": {"in_flight": service.pixels.in_use, "capacity": service.pixels.capacity},
             }
         )
 
@@ -115,7 +125,10 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         return JSONResponse({"username": "removebg-local", "auth": "token" if settings.token else "off"})
 
     @app.get("/stats")
-    async def stats() -> JSONResponse:
+    async def stats(request: Request) -> JSONResponse:
+        # Billing counters are the account's business, like the public API's usage pages.
+        if not service.authorized(request):
+            return _error_response(401, _AUTH_HELP)
         return JSONResponse(asdict(service.counters))
 
     @app.post("/stats/reset")
@@ -141,6 +154,7 @@ class _Service:
         self.engines = engines
         self.store = FileStore(settings.storage_dir, settings.ttl_seconds, clock)
         self.pool = EnginePool(settings.workers, settings.queue_records, settings.retry_after_seconds)
+        self.pixels = PixelBudget(settings.pixels_in_flight)
         self.counters = Counters()
         self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self.fetch_limits = FetchLimits(
@@ -167,7 +181,12 @@ class _Service:
             self.pool.admit(len(jobs))
         except RequestRejected as rejection:
             self.counters.requests_rejected += 1
-            headers = {"Retry-After": str(self.pool.retry_after_seconds)} if rejection.code == 429 else None
+            headers = None
+            if rejection.code == 429:
+                headers = {"Retry-After": str(self.pool.retry_after_seconds)}
+            elif rejection.code == 408:
+                # The body is still (slowly) arriving: this connection cannot carry another request.
+                headers = {"Connection": "close"}
             return _error_response(rejection.code, rejection.message, request_id, headers)
         try:
             base_url = self.settings.public_url or str(request.base_url).rstrip("/")
@@ -208,32 +227,46 @@ class _Service:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
-        too_large = RequestRejected(413, f"the request body is larger than the limit of {limit} bytes")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise RequestRejected(413, f"the request body is larger than the limit of {limit} bytes")
+        seconds = self.settings.body_timeout_seconds
+        try:
+            # A total deadline: a client that trickles its body would otherwise hold the connection.
+            return await asyncio.wait_for(self._receive_body(request, limit), seconds)
+        except asyncio.TimeoutError as error:
+            raise RequestRejected(408, f"the request body did not arrive within {seconds:g} s") from error
+
+    async def _receive_body(self, request: Request, limit: int) -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             # Chunked uploads declare no length, so the limit is also enforced while reading.
             if len(body) > limit:
-                raise too_large
+                raise RequestRejected(413, f"the request body is larger than the limit of {limit} bytes")
         return bytes(body)
 
     async def _process(self, job: RecordJob, mode: Mode, request_id: str, base_url: str) -> dict[str, Any]:
         result: dict[str, Any] = dict(job.echo)
         result["_id"] = job.record_id
         try:
-            rgb = await self._load(job)
-            result["_width"], result["_height"] = int(rgb.shape[1]), int(rgb.shape[0])
-            if min(rgb.shape[:2]) < MIN_SIDE_PIXELS:
-                raise RecordRejected(
-                    422,
-                    f"image is {rgb.shape[1]}x{rgb.shape[0]} pixels; "
-                    f"it needs at least {MIN_SIDE_PIXELS} on each side",
-                )
-            self.counters.records_billed += 1
-            names = await self.pool.run(_render, self.engines[mode], self.store, rgb, mode, job.options)
+            raw = await self._read(job)
+            pixels = await asyncio.to_thread(declared_pixels, raw, self.image_limits)
+            # Decoding on an engine thread, inside the pixel budget, keeps decoded images in flight
+            # bounded: records wait here as compressed bytes, not as pixels.
+            async with self.pixels.reserve(pixels):
+                rgb = await self.pool.run(decode_image, raw, self.image_limits)
+                del raw  # the compressed bytes are not needed while the engine works
+                result["_width"], result["_height"] = int(rgb.shape[1]), int(rgb.shape[0])
+                if min(rgb.shape[:2]) < MIN_SIDE_PIXELS:
+                    raise RecordRejected(
+                        422,
+                        f"image is {rgb.shape[1]}x{rgb.shape[0]} pixels; "
+                        f"it needs at least {MIN_SIDE_PIXELS} on each side",
+                    )
+                self.counters.records_billed += 1
+                names = await self.pool.run(_render, self.engines[mode], self.store, rgb, mode, job.options)
+                del rgb  # the pixels are freed before their share of the budget is
         except RecordRejected as rejection:
             self.counters.records_failed += 1
             result["_status"] = {"code": rejection.code, "text": rejection.message, "request_id": request_id}
@@ -256,16 +289,15 @@ class _Service:
             result["_output_url_whitebg"] = f"{base_url}/files/{names[2]}"
         return result
 
-    async def _load(self, job: RecordJob) -> np.ndarray:
+    async def _read(self, job: RecordJob) -> bytes:
+        """The record's encoded image bytes, from `_base64` or by fetching `_url`."""
         if job.problem is not None:
             raise RecordRejected(400, job.problem)
         if job.base64_data is not None:
-            raw = decode_base64(job.base64_data, self.image_limits)
-        elif job.url is not None:
-            raw = await asyncio.to_thread(fetch_url, job.url, self.fetch_limits, self.address_policy)
-        else:
-            raise RecordRejected(400, "the record has no image: give it a '_base64' or a '_url' field")
-        return await asyncio.to_thread(decode_image, raw, self.image_limits)
+            return decode_base64(job.base64_data, self.image_limits)
+        if job.url is not None:
+            return await asyncio.to_thread(fetch_url, job.url, self.fetch_limits, self.address_policy)
+        raise RecordRejected(400, "the record has no image: give it a '_base64' or a '_url' field")
 
 
 def _render(

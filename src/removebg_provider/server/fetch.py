@@ -10,17 +10,18 @@ each hop is checked the same way.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import ipaddress
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import certifi
-import urllib3
-from urllib3.exceptions import ConnectTimeoutError, HTTPError
-from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from removebg_provider.server.errors import RecordRejected
 
@@ -29,11 +30,20 @@ AddressPolicy = Callable[[IPAddress], bool]
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
+_TLS = ssl.create_default_context(cafile=certifi.where())
+
+# IPv6 forms that carry an IPv4 address: a NAT64 gateway or a 6to4 relay would deliver a request
+# for them to that IPv4 address, so they are judged by it (RFC 6052, RFC 3056, RFC 2765).
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+# Deprecated IPv4-compatible addresses (::a.b.c.d, RFC 4291) and the local-use NAT64 prefix (RFC 8215)
+# have no public use at all; Python's ipaddress calls both global.
+_NEVER_PUBLIC = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 
 
 @dataclass(frozen=True)
 class FetchLimits:
-    """How far one download may go."""
+    """How far one download may go: `timeout_seconds` is the total for all its hops, not per read."""
 
     max_bytes: int
     timeout_seconds: float
@@ -41,9 +51,17 @@ class FetchLimits:
 
 
 def is_public_address(address: IPAddress) -> bool:
-    """True for globally routable unicast addresses; loopback, private, link-local, reserved etc. are not."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """True for globally routable unicast addresses; loopback, private, link-local, reserved etc. are not.
+
+    An IPv6 address that embeds an IPv4 address (IPv4-mapped, NAT64, 6to4, IPv4-translated) is
+    public only when the IPv4 address it leads to is.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            return is_public_address(embedded)
+        if any(address in network for network in _NEVER_PUBLIC):
+            return False
     return address.is_global and not address.is_multicast
 
 
@@ -54,29 +72,97 @@ def allow_any_address(address: IPAddress) -> bool:
 
 def fetch_url(url: str, limits: FetchLimits, is_allowed: AddressPolicy = is_public_address) -> bytes:
     """Return the body of `url` (http or https), following redirects, or raise `RecordRejected`."""
-    deadline = time.monotonic() + limits.timeout_seconds
-    current = url
-    for _hop in range(limits.max_redirects + 1):
-        response = _open(current, limits, is_allowed)
-        try:
-            if response.status in _REDIRECTS and response.headers.get("Location"):
-                current = urljoin(current, response.headers["Location"])
-                continue
-            if response.status != 200:
-                raise RecordRejected(
-                    400, f"fetching _url {url} failed: the server answered HTTP {response.status}"
-                )
-            return _read_capped(response, url, limits, deadline)
-        except Urllib3TimeoutError as error:
-            raise RecordRejected(408, f"fetching _url {url} timed out: {error}") from error
-        except HTTPError as error:
-            raise RecordRejected(400, f"fetching _url {url} failed while reading: {error}") from error
-        finally:
-            response.release_conn()
-    raise RecordRejected(400, f"fetching _url {url} failed: more than {limits.max_redirects} redirects")
+    watchdog = _Watchdog(limits.timeout_seconds)
+    try:
+        current = url
+        for _hop in range(limits.max_redirects + 1):
+            connection = _connect(current, is_allowed, watchdog)
+            try:
+                response = _get(connection, current)
+                location = response.getheader("Location")
+                if response.status in _REDIRECTS and location:
+                    current = urljoin(current, location)
+                    continue
+                if response.status != 200:
+                    raise RecordRejected(
+                        400, f"fetching _url {url} failed: the server answered HTTP {response.status}"
+                    )
+                return _read_capped(response, url, limits, watchdog)
+            except (http.client.HTTPException, OSError) as error:
+                raise watchdog.failure(url, "while reading", error) from error
+            finally:
+                connection.close()
+        raise RecordRejected(400, f"fetching _url {url} failed: more than {limits.max_redirects} redirects")
+    finally:
+        watchdog.stop()
 
 
-def _open(url: str, limits: FetchLimits, is_allowed: AddressPolicy) -> urllib3.BaseHTTPResponse:
+class _Watchdog:
+    """Shuts a fetch's sockets down once its total deadline has passed, whatever they are blocked in.
+
+    Socket timeouts bound each read, not the download: a host that sends one byte every 2 s never
+    trips a 20 s read timeout and held a fetch (and its thread) for many minutes. A shutdown from
+    the timer thread wakes the blocked read, which then sees the end of the stream. The watchdog
+    shuts down duplicates of the sockets, kept until `stop`, so it can never act on a descriptor
+    number that was closed and reused meanwhile.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._deadline = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline; `TimeoutError` once none are left."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no time left")
+        return left
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut `sock` down at the deadline (at once if it has passed)."""
+        with self._lock:
+            duplicate = sock.dup()
+            self._sockets.append(duplicate)
+            if self.expired:
+                _shut_down(duplicate)
+
+    def failure(self, url: str, stage: str, error: Exception) -> RecordRejected:
+        """The record's status for `error`: a timeout when the deadline cut it short."""
+        if self.expired:
+            return RecordRejected(408, f"fetching _url {url} took longer than {self.seconds:g} s")
+        if isinstance(error, TimeoutError):
+            return RecordRejected(408, f"fetching _url {url} timed out {stage}")
+        return RecordRejected(400, f"fetching _url {url} failed {stage}: {error}")
+
+    def stop(self) -> None:
+        """Cancel the deadline and release the duplicate sockets."""
+        self._timer.cancel()
+        with self._lock:
+            for duplicate in self._sockets:
+                duplicate.close()
+            self._sockets.clear()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for duplicate in self._sockets:
+                _shut_down(duplicate)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    # An OSError means it is already disconnected: nothing is left to wake.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _connect(url: str, is_allowed: AddressPolicy, watchdog: _Watchdog) -> http.client.HTTPConnection:
+    """An HTTP connection to a checked address of `url`'s host, TLS verified for the host name."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise RecordRejected(400, f"_url {url} is not an http(s) URL")
@@ -87,6 +173,33 @@ def _open(url: str, limits: FetchLimits, is_allowed: AddressPolicy) -> urllib3.B
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as error:
         raise RecordRejected(400, f"_url {url} has an invalid port") from error
+    unreachable: list[str] = []
+    # Like any client, try each address in turn (say ::1, then 127.0.0.1); every one was checked.
+    for address in _resolve_checked(host, port, url, is_allowed):
+        try:
+            sock = socket.create_connection((str(address), port), timeout=watchdog.remaining())
+        except OSError as error:
+            if watchdog.expired:
+                raise watchdog.failure(url, "while connecting", error) from error
+            unreachable.append(f"{address}: {error}")
+            continue
+        try:
+            watchdog.watch(sock)
+            if parts.scheme == "https":
+                sock = _TLS.wrap_socket(sock, server_hostname=host)
+        except OSError as error:
+            sock.close()
+            raise watchdog.failure(url, "while connecting", error) from error
+        # The socket is already connected to the checked address, so http.client never resolves the
+        # name itself; its own timeout is unused for the same reason (the socket has one).
+        connection = http.client.HTTPConnection(host, port)
+        connection.sock = sock
+        return connection
+    raise RecordRejected(400, f"fetching _url {url} failed: cannot connect ({'; '.join(unreachable)})")
+
+
+def _get(connection: http.client.HTTPConnection, url: str) -> http.client.HTTPResponse:
+    parts = urlsplit(url)
     target = parts.path or "/"
     if parts.query:
         target = f"{target}?{parts.query}"
@@ -97,40 +210,12 @@ def _open(url: str, limits: FetchLimits, is_allowed: AddressPolicy) -> urllib3.B
         # A compressed body could inflate far past the byte cap inside a single decoded chunk.
         "Accept-Encoding": "identity",
     }
-    unreachable: list[str] = []
-    # Like any client, try each address in turn (say ::1, then 127.0.0.1); every one was checked.
-    for address in _resolve_checked(host, port, url, is_allowed):
-        pool = _pool(parts.scheme, address, port, host, limits.timeout_seconds)
-        try:
-            return pool.urlopen(
-                "GET", target, headers=headers, redirect=False, retries=False, preload_content=False
-            )
-        except ConnectTimeoutError as error:
-            unreachable.append(f"{address}: {error}")
-        except Urllib3TimeoutError as error:
-            raise RecordRejected(408, f"fetching _url {url} timed out: {error}") from error
-        except (HTTPError, OSError) as error:
-            raise RecordRejected(400, f"fetching _url {url} failed: {error}") from error
-    raise RecordRejected(400, f"fetching _url {url} failed: cannot connect ({'; '.join(unreachable)})")
-
-
-def _pool(
-    scheme: str, address: IPAddress, port: int, host: str, timeout_seconds: float
-) -> urllib3.HTTPConnectionPool:
-    """A pool that connects to `address` itself, never re-resolving `host`, but verifies TLS for `host`."""
-    timeout = urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds)
-    if scheme == "https":
-        return urllib3.HTTPSConnectionPool(
-            str(address),
-            port,
-            timeout=timeout,
-            retries=False,
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(),
-            server_hostname=host,
-            assert_hostname=host,
-        )
-    return urllib3.HTTPConnectionPool(str(address), port, timeout=timeout, retries=False)
+    try:
+        connection.request("GET", target, headers=headers)
+    except (http.client.InvalidURL, UnicodeError) as error:
+        # Control characters in the path, or a host name that is not ASCII in the Host header.
+        raise RecordRejected(400, f"_url {url} is not a valid URL: {error}") from error
+    return connection.getresponse()
 
 
 def _resolve_checked(host: str, port: int, url: str, is_allowed: AddressPolicy) -> list[IPAddress]:
@@ -151,16 +236,29 @@ def _resolve_checked(host: str, port: int, url: str, is_allowed: AddressPolicy) 
     return addresses
 
 
-def _read_capped(response: urllib3.BaseHTTPResponse, url: str, limits: FetchLimits, deadline: float) -> bytes:
-    declared = response.headers.get("Content-Length")
+def _read_capped(
+    response: http.client.HTTPResponse, url: str, limits: FetchLimits, watchdog: _Watchdog
+) -> bytes:
+    declared = response.getheader("Content-Length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
         raise RecordRejected(413, f"_url {url} is {declared} bytes; the limit is {limits.max_bytes} bytes")
     body = bytearray()
-    for chunk in response.stream(_CHUNK):
+    while chunk := response.read(_CHUNK):
         body += chunk
         if len(body) > limits.max_bytes:
             raise RecordRejected(413, f"_url {url} is larger than the limit of {limits.max_bytes} bytes")
-        # The read timeout is per socket read; this bounds a server that drips bytes forever.
-        if time.monotonic() > deadline:
-            raise RecordRejected(408, f"fetching _url {url} took longer than {limits.timeout_seconds:g} s")
+    # A body without a length ends when the connection does, which is also what the deadline's
+    # shutdown looks like: only a fetch that finished in time has the whole body.
+    if watchdog.expired:
+        raise watchdog.failure(url, "while reading", TimeoutError())
     return bytes(body)
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or address in _IPV4_TRANSLATED:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None

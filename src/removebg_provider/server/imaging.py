@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,37 +55,62 @@ def decode_base64(data: str, limits: ImageLimits) -> bytes:
     return raw
 
 
+def declared_pixels(raw: bytes, limits: ImageLimits) -> int:
+    """The pixel count `raw` declares in its header, read without decoding a pixel; 413 over the limits.
+
+    The server reserves this many pixels of its in-flight budget before it calls `decode_image`.
+    """
+    with _opened(raw, limits) as image:
+        width, height = image.size
+        return int(width * height)
+
+
 def decode_image(raw: bytes, limits: ImageLimits) -> np.ndarray:
     """Decode `raw` into H x W x 3 uint8 RGB, upright per EXIF, first frame of an animation.
 
     The pixel limit is checked on the header's dimensions before any pixel is decoded, so a small file
     that declares a huge canvas (a decompression bomb) costs nothing.
     """
+    with _opened(raw, limits) as image:
+        try:
+            image.seek(0)
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+        except (OSError, SyntaxError, ValueError) as error:
+            raise _not_an_image() from error
+
+
+@contextlib.contextmanager
+def _opened(raw: bytes, limits: ImageLimits) -> Iterator[Image.Image]:
+    """`raw` opened lazily (header only) once its byte size and declared pixel count are within limits."""
     if len(raw) > limits.max_bytes:
         raise RecordRejected(413, f"image is {len(raw)} bytes; the limit is {limits.max_bytes} bytes")
     try:
         with warnings.catch_warnings():
             # Our own pixel limit replaces Pillow's global warning, which cannot be set per server.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as image:
-                width, height = image.size
-                if width * height > limits.max_pixels:
-                    raise RecordRejected(
-                        413,
-                        f"image is {width}x{height} = {width * height} pixels; "
-                        f"the limit is {limits.max_pixels} pixels",
-                    )
-                image.seek(0)
-                image.load()
-                return _to_rgb(ImageOps.exif_transpose(image))
+            image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as error:
         raise RecordRejected(
             413, f"image declares too many pixels to decode safely; the limit is {limits.max_pixels} pixels"
         ) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise RecordRejected(
-            415, "data is not an image in a supported format (JPEG, PNG, WebP, GIF, TIFF, BMP...)"
-        ) from error
+        raise _not_an_image() from error
+    with image:
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise RecordRejected(
+                413,
+                f"image is {width}x{height} = {width * height} pixels; "
+                f"the limit is {limits.max_pixels} pixels",
+            )
+        yield image
+
+
+def _not_an_image() -> RecordRejected:
+    return RecordRejected(
+        415, "data is not an image in a supported format (JPEG, PNG, WebP, GIF, TIFF, BMP...)"
+    )
 
 
 def encode_outputs(

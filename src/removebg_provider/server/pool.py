@@ -15,9 +15,11 @@ thread-safe layer (OpenMP or TBB) and fall back to a single worker when neither 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -65,6 +67,59 @@ class EnginePool:
     def shutdown(self) -> None:
         """Stop the worker threads after the work already queued."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class PixelBudget:
+    """Caps the decoded pixels in flight: an image is decoded only once its pixels fit the budget.
+
+    Admission bounds records, but a record's memory is its decoded size, which a 19 KB PNG can
+    declare to be 49 MP (150 MB of RGB, several times that in the engine). Each record therefore
+    reserves its declared pixel count before it is decoded and keeps it until its outputs are
+    written. Waiters are served first come, first served, so a big image is not starved by a stream
+    of small ones. Like admission, it is only touched from the event loop thread.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, pixels: int) -> AsyncIterator[None]:
+        """Hold `pixels` (at most `capacity`) of the budget for the `async with` block, waiting for room."""
+        pixels = min(pixels, self.capacity)
+        await self._acquire(pixels)
+        try:
+            yield
+        finally:
+            self.in_use -= pixels
+            self._grant()
+
+    async def _acquire(self, pixels: int) -> None:
+        if not self._waiters and self.in_use + pixels <= self.capacity:
+            self.in_use += pixels
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((pixels, granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.in_use -= pixels  # granted just as it was cancelled: give it back
+            self._grant()
+            raise
+
+    def _grant(self) -> None:
+        while self._waiters:
+            pixels, granted = self._waiters[0]
+            if granted.done():  # cancelled while waiting
+                self._waiters.popleft()
+                continue
+            if self.in_use + pixels > self.capacity:
+                return
+            self._waiters.popleft()
+            self.in_use += pixels
+            granted.set_result(None)
 
 
 def _thread_safe_worker_count(workers: int) -> int:

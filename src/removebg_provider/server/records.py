@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -45,9 +46,14 @@ class RecordJob:
 def parse_request(body: bytes, max_records: int) -> list[RecordJob]:
     """The jobs of a request body, or a 400 `RequestRejected` naming what is wrong with it."""
     try:
-        document = json.loads(body)
+        document = json.loads(body, parse_constant=_NonFinite, parse_float=_finite_or_marker)
+        # Records echo their fields back, and a value JSON cannot carry would fail the answer after
+        # the records were billed; so the whole request is refused here, before any work.
+        unanswerable = _unanswerable(document, "")
     except (ValueError, RecursionError) as error:
         raise RequestRejected(400, f"the request body is not valid JSON: {error}") from error
+    if unanswerable is not None:
+        raise RequestRejected(400, unanswerable)
     if not isinstance(document, dict):
         raise RequestRejected(400, "the request body must be a JSON object with a 'records' list")
     unknown = sorted(set(document) - set(REQUEST_FIELDS))
@@ -91,6 +97,45 @@ def _job(record: dict[str, Any], options: OutputOptions) -> RecordJob:
         options=options,
         problem=problem,
     )
+
+
+class _NonFinite(str):
+    """What json.loads made of `NaN`, `Infinity`, `-Infinity` or an overflowing number like `1e400`.
+
+    Python's json accepts these, but they are not JSON numbers (RFC 8259) and cannot be answered.
+    """
+
+
+def _finite_or_marker(text: str) -> float | _NonFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def _unanswerable(value: Any, path: str) -> str | None:
+    """Why `value` (at `path`) cannot be echoed in a JSON answer, or None when it can."""
+    if isinstance(value, _NonFinite):
+        return f"{path or 'the body'} is {value}, which is not a finite JSON number; send a string instead"
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{path or 'the body'} holds an unpaired surrogate escape (\\ud800-\\udfff), not text"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = _unanswerable(key, f"a key of {path or 'the body'}") or _unanswerable(
+                item, f"{path}.{key}" if path else str(key)
+            )
+            if problem is not None:
+                return problem
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            problem = _unanswerable(item, f"{path}[{index}]")
+            if problem is not None:
+                return problem
+    return None
 
 
 def _options(fields: dict[str, Any], defaults: OutputOptions, where: str) -> OutputOptions:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -11,14 +10,16 @@ from removebg_provider.engines import ENGINE_NAMES, MODES, Mode
 
 MIB = 1024 * 1024
 
-DEFAULT_STORAGE_DIR = Path(tempfile.gettempdir()) / "removebg-server"
-
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Everything `create_app` needs besides the engine; `removebg serve --help` documents each field."""
+    """Everything `create_app` needs besides the engine; `removebg serve --help` documents each field.
 
-    storage_dir: Path = DEFAULT_STORAGE_DIR
+    `storage_dir=None` means a fresh private folder per start; `max_pixels_in_flight=None` means
+    `workers x max_image_pixels` (see `pixels_in_flight`).
+    """
+
+    storage_dir: Path | None = None
     token: str | None = field(default=None, repr=False)
     public_url: str | None = None
     engine: str | None = None  # both modes' engine: onnx when `model` is set, else classic
@@ -38,9 +39,15 @@ class ServerSettings:
     retry_after_seconds: int = 5
     fetch_timeout_seconds: float = 20.0
     max_redirects: int = 5
+    max_pixels_in_flight: int | None = None
+    max_connections: int = 500
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 120.0
+    keep_alive_seconds: int = 5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "storage_dir", Path(self.storage_dir))
+        if self.storage_dir is not None:
+            object.__setattr__(self, "storage_dir", Path(self.storage_dir))
         if self.engine is None:
             object.__setattr__(self, "engine", "onnx" if self.model else "classic")
         if self.public_url is not None:
@@ -59,6 +66,13 @@ class ServerSettings:
         chosen = {"fast": self.fast_engine, "precise": self.precise_engine}
         return {mode: chosen[mode] or str(self.engine) for mode in MODES}
 
+    @property
+    def pixels_in_flight(self) -> int:
+        """Most decoded pixels held at once; by default every worker may hold a largest image."""
+        if self.max_pixels_in_flight is not None:
+            return self.max_pixels_in_flight
+        return self.workers * self.max_image_pixels
+
     def _problems(self) -> list[str]:
         problems: list[str] = []
         positive = {
@@ -71,12 +85,25 @@ class ServerSettings:
             "queue_records": self.queue_records,
             "retry_after_seconds": self.retry_after_seconds,
             "fetch_timeout_seconds": self.fetch_timeout_seconds,
+            "max_connections": self.max_connections,
+            "header_timeout_seconds": self.header_timeout_seconds,
+            "body_timeout_seconds": self.body_timeout_seconds,
+            "keep_alive_seconds": self.keep_alive_seconds,
         }
         problems += [
-            f"{name} must be positive, got {value}" for name, value in positive.items() if value <= 0
+            # `not > 0` also refuses NaN, which compares false with everything.
+            f"{name} must be positive, got {value}"
+            for name, value in positive.items()
+            if not value > 0
         ]
         if self.max_redirects < 0:
             problems.append(f"max_redirects must be 0 or more, got {self.max_redirects}")
+        if self.pixels_in_flight < self.max_image_pixels:
+            # An image at the pixel limit must fit into an empty budget, or it could never be decoded.
+            problems.append(
+                f"max_pixels_in_flight ({self.pixels_in_flight}) must be at least "
+                f"max_image_pixels ({self.max_image_pixels})"
+            )
         if self.queue_records < self.max_records:
             # A full-size batch must always fit into an empty queue, or it could never be admitted.
             problems.append(

@@ -35,6 +35,11 @@ OPTIONS = [
     "--max-image-mb",
     "--max-megapixels",
     "--fetch-timeout",
+    "--max-megapixels-in-flight",
+    "--max-connections",
+    "--header-timeout",
+    "--body-timeout",
+    "--keep-alive",
 ]
 
 
