@@ -247,6 +247,10 @@ def test_local_report_without_base_url_gets_an_empty_link(single_task_run: Finis
     assert single_task_run.xcom("remove_background", LINK_KEY) == ""
 
 
+def test_a_run_without_a_report_link_logs_no_xcom_error(single_task_run: FinishedRun) -> None:
+    assert "XCom not found" not in single_task_run.output
+
+
 def _dags_test(
     dag_id: str, conf: dict[str, Any], home: Path, dags: Path, server: LocalApiServer, work: Path
 ) -> FinishedRun:

@@ -97,12 +97,15 @@ class _RunOutputsMixin:
             raise
 
     def _publish_report(self, summary: pipeline.RunSummary, base_url: str | None, context: Context) -> None:
-        """Count the rows into the lineage and push the report's browser URL, when it has one."""
+        """Count the rows into the lineage and push the report's browser URL ("" when it has none).
+
+        Always pushed: Airflow reads the extra link after every run, and a missing key is logged as
+        an error although nothing went wrong.
+        """
         if self._lineage is not None:
             self._lineage = dataclasses.replace(self._lineage, rows=summary.rows)
         url = report_url(summary.report_html_uri, base_url)
-        if url:
-            context["ti"].xcom_push(key=REPORT_URL_XCOM_KEY, value=url)
+        context["ti"].xcom_push(key=REPORT_URL_XCOM_KEY, value=url or "")
 
 
 class _ManifestConfigOperator(_StorageOperator):
