@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -171,7 +172,7 @@ class RemoveBgClient:
             )
         check_unique_ids(records)
         payload, attempts = self._post_with_retries(request_body(records, options), len(records))
-        return match_results(records, payload, attempts)
+        return [self._redacted(result) for result in match_results(records, payload, attempts)]
 
     def remove_background(
         self,
@@ -258,6 +259,16 @@ class RemoveBgClient:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
+
+    def _redacted(self, result: RecordResult) -> RecordResult:
+        """The result with the token taken out of the texts the API sent (an API may echo it)."""
+        if not self._token:
+            return result
+        return dataclasses.replace(
+            result,
+            status_text=self._redact(result.status_text),
+            error=self._redact(result.error) if result.error is not None else None,
+        )
 
     def _post_with_retries(self, body: Mapping[str, Any], n_records: int) -> tuple[dict[str, Any], int]:
         policy = self.retry_policy

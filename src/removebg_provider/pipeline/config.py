@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import string
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PER_REQUEST, RemovalOptions
-from removebg_provider.errors import ConfigurationError
+from removebg_provider.errors import ConfigurationError, StorageError
 from removebg_provider.manifest import FORMATS
 from removebg_provider.outputs import DEFAULT_OUTPUT_KEY_TEMPLATE, output_uri
 from removebg_provider.storage import join_uri
@@ -218,6 +219,7 @@ class PipelineConfig:
 
 FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(PipelineConfig)
 REQUIRED_FIELDS = ("manifest_uri", "output_prefix", "output_manifest_uri")
+_TEMPLATE_FIELDS = {"id", "kind", "suffix", "ext"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -285,4 +287,28 @@ def _problems(config: PipelineConfig) -> list[str]:
     for name in (*REQUIRED_FIELDS, "image_column"):
         if not getattr(config, name):
             problems.append(f"{name} must not be empty")
+    problems += _template_problems(config)
     return problems
+
+
+def _template_problems(config: PipelineConfig) -> list[str]:
+    """Why the output key template cannot name one distinct, safe object per row and output, if so."""
+    template = config.output_key_template
+    try:
+        names = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as exc:
+        return [f"output_key_template {template!r} is not a valid template: {exc}"]
+    unknown = sorted(names - _TEMPLATE_FIELDS)
+    if unknown:
+        return [f"output_key_template {template!r} uses {unknown}; it may use {sorted(_TEMPLATE_FIELDS)}"]
+    if "id" not in names:
+        return [f"output_key_template {template!r} must use {{id}}: every row would write one object"]
+    try:
+        keys = config.outputs_for("sku")
+    except StorageError as exc:
+        return [str(exc)]
+    if len(set(keys.values())) < len(keys):
+        return [
+            f"output_key_template {template!r} gives two outputs of a row one key; use {{suffix}} or {{kind}}"
+        ]
+    return []

@@ -193,3 +193,17 @@ def test_results_count_the_http_attempts_of_their_request(
     results = client.remove_batch(RECORDS)
 
     assert [r.attempts for r in results] == [3, 3, 3]
+
+
+def test_a_token_the_api_echoes_in_a_record_status_is_redacted(server: ReplayServer) -> None:
+    token = "tok-7f3c9a1b5e"
+    echoing = {
+        "_id": "a",
+        "_status": {"code": 401, "text": f"bad {token}", "error_description": f"got {token}"},
+    }
+    server.script(FAST, Reply(200, api_body(echoing, ok_record("b"), ok_record("c"))))
+
+    with RemoveBgClient(server.base_url, token=token) as client:
+        results = client.remove_batch(RECORDS)
+
+    assert (results[0].status_text, results[0].error) == ("bad ***", "got ***")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PER_REQUEST
@@ -68,3 +70,20 @@ def test_rendered_strings_become_the_types_of_their_fields() -> None:
 def test_a_bad_value_is_refused_naming_the_setting() -> None:
     with pytest.raises(ConfigurationError, match="concurrency must be at least 1"):
         PipelineConfig(**URIS, concurrency=0)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{kind}.{ext}", "must use {id}"),
+        ("{id}.jpg", "gives two outputs of a row one key"),
+        ("../{id}{suffix}.{ext}", "unsafe key"),
+        ("{id}-{foo}.{ext}", "uses ['foo']"),
+        ("{id}{suffix}.{", "is not a valid template"),
+    ],
+)
+def test_an_output_key_template_that_cannot_name_each_output_apart_is_refused(
+    template: str, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        PipelineConfig(**URIS, output_key_template=template, binary_mask=True)
