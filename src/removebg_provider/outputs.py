@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Mapping
 
 from removebg_provider.downloads import Downloader, strip_query
@@ -25,13 +26,15 @@ _MAGIC = {
 def safe_key_id(record_id: str) -> str:
     """Make a record id safe as one object-key segment: no separators, `..` or control characters.
 
-    Long ids are shortened with a hash so distinct ids stay distinct; two ids that clean to the
-    same key are the caller's to detect (the planner refuses them).
+    Keys are ASCII. An id with other characters (`café`, `赤いシャツ`) keeps its ASCII part and gets a
+    hash of its NFC form, so distinct ids stay distinct keys; so do long ids. Two ASCII ids that clean
+    to the same key are the caller's to detect (the planner refuses them).
     """
-    cleaned = _UNSAFE_KEY_CHARS.sub("_", record_id)
+    normalized = unicodedata.normalize("NFC", record_id)
+    cleaned = _UNSAFE_KEY_CHARS.sub("_", normalized)
     cleaned = re.sub(r"\.{2,}", "_", cleaned).strip("._") or "_"
-    if len(cleaned) > _MAX_KEY_ID_LENGTH:
-        digest = hashlib.sha256(record_id.encode()).hexdigest()[:10]
+    if len(cleaned) > _MAX_KEY_ID_LENGTH or not normalized.isascii():
+        digest = hashlib.sha256(normalized.encode()).hexdigest()[:10]
         cleaned = f"{cleaned[: _MAX_KEY_ID_LENGTH - 11]}-{digest}"
     return cleaned
 

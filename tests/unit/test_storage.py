@@ -26,6 +26,19 @@ def test_ids_are_made_safe_for_one_key_segment(record_id: str, expected: str) ->
     assert safe_key_id(record_id) == expected
 
 
+@pytest.mark.parametrize("pair", [("赤いシャツ", "青いシャツ"), ("café", "cafè")])
+def test_ids_with_other_than_ascii_characters_keep_distinct_keys(pair: tuple[str, str]) -> None:
+    first, second = (safe_key_id(record_id) for record_id in pair)
+
+    assert first != second
+    assert first.isascii()
+    assert "/" not in first
+
+
+def test_the_same_text_in_another_unicode_form_is_the_same_key() -> None:
+    assert safe_key_id("cafe\u0301") == safe_key_id("caf\u00e9")
+
+
 def test_long_ids_are_shortened_with_a_hash_that_keeps_them_distinct() -> None:
     first, second = safe_key_id("x" * 300 + "1"), safe_key_id("x" * 300 + "2")
 
