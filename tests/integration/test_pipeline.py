@@ -19,7 +19,12 @@ from PIL import Image
 
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
-from removebg_provider.errors import BudgetExceededError, FailurePolicyError, ManifestError
+from removebg_provider.errors import (
+    BudgetExceededError,
+    ConfigurationError,
+    FailurePolicyError,
+    ManifestError,
+)
 from removebg_provider.manifest import RESULT_SCHEMA
 from removebg_provider.outputs import OutputCopier
 from removebg_provider.storage import Storage
@@ -757,3 +762,23 @@ def test_resume_finds_this_reference_among_checkpoints_of_other_references(
     _run(server, config)
 
     assert server.stats()["records_billed"] == 0
+
+
+def test_outputs_that_would_overwrite_input_images_are_refused_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    photos = _photos(tmp_path / "photos", 2)
+    manifest = _write_manifest(tmp_path / "m.parquet", {"sku": ["product-0", "b"], "image_url": photos})
+    config = _config(tmp_path, manifest, id_column="sku", output_prefix=str(tmp_path / "photos"))
+    config = dataclasses.replace(config, output_key_template="{id}{suffix}.jpg")
+
+    with pytest.raises(ManifestError, match="would overwrite input images"):
+        pipeline.plan(config, Storage())
+    assert [Path(p).read_bytes()[:2] for p in photos] == [b"\xff\xd8"] * 2
+
+
+def test_the_input_manifest_is_never_the_output_manifest(tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 1)})
+
+    with pytest.raises(ConfigurationError, match="is the input manifest"):
+        _config(tmp_path, manifest, output_manifest_uri=f"{tmp_path}/./m.parquet")

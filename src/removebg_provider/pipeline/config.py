@@ -20,7 +20,7 @@ from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PE
 from removebg_provider.errors import ConfigurationError, StorageError
 from removebg_provider.manifest import FORMATS
 from removebg_provider.outputs import DEFAULT_OUTPUT_KEY_TEMPLATE, output_uri
-from removebg_provider.storage import join_uri
+from removebg_provider.storage import comparable_uri, join_uri
 from removebg_provider.vocabulary import (
     CUTOUT,
     DEFAULT_IMAGE_FORMAT,
@@ -287,6 +287,11 @@ def _problems(config: PipelineConfig) -> list[str]:
     for name in (*REQUIRED_FIELDS, "image_column"):
         if not getattr(config, name):
             problems.append(f"{name} must not be empty")
+    if comparable_uri(config.output_manifest_uri) == comparable_uri(config.manifest_uri):
+        problems.append(
+            f"output_manifest_uri is the input manifest {config.manifest_uri}; write the enriched "
+            "manifest elsewhere (an input is never overwritten)"
+        )
     problems += _template_problems(config)
     return problems
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import uuid
@@ -18,7 +19,7 @@ from removebg_provider.errors import ConfigurationError, ManifestError, StorageE
 from removebg_provider.manifest import derive_id, iter_batches, read_schema, require_columns
 from removebg_provider.outputs import safe_key_id
 from removebg_provider.pipeline.config import PipelineConfig
-from removebg_provider.storage import Storage, join_uri
+from removebg_provider.storage import Storage, comparable_uri, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, set[st
     collisions: list[str] = []
     first_rows = _FirstRows()
     canonical_ids: set[str] = set()
+    inputs_under_outputs = _InputsUnderOutputs(config.output_prefix)
     duplicate_rows = 0
     total = 0
     for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format, columns=columns):
@@ -181,6 +183,7 @@ def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, set[st
                 raise ManifestError(
                     f"manifest {config.manifest_uri} row {row} has an empty id in column {config.id_column!r}"
                 )
+            inputs_under_outputs.note(reference)
             canonical = first_rows.canonical(reference, record_id, row)
             if canonical is not None:
                 duplicate_rows += 1
@@ -207,7 +210,45 @@ def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, set[st
             f"manifest {config.manifest_uri} has ids that become the same output key once made safe: "
             f"{'; '.join(collisions)}"
         )
+    overwritten = inputs_under_outputs.overwritten(config, seen_ids)
+    if overwritten:
+        raise ManifestError(
+            f"manifest {config.manifest_uri}: outputs under {config.output_prefix} would overwrite input "
+            f"images ({', '.join(overwritten)}); choose another output prefix or key template"
+        )
     return total, canonical_ids, duplicate_rows
+
+
+class _InputsUnderOutputs:
+    """Input images that lie under the output prefix: the only ones an output could overwrite."""
+
+    def __init__(self, output_prefix: str) -> None:
+        self._prefix = comparable_uri(output_prefix).rstrip("/") + "/"
+        # An absolute reference without the prefix's last segment cannot lie under it: most rows
+        # are ruled out by one substring test instead of a normalisation.
+        self._last_segment = self._prefix.rstrip("/").rsplit("/", 1)[-1]
+        self._found: set[str] = set()
+
+    def note(self, reference: str | None) -> None:
+        if not reference:
+            return
+        absolute = reference.startswith("/") or "://" in reference
+        if absolute and self._last_segment not in reference:
+            return
+        if (spelled := comparable_uri(reference)).startswith(self._prefix):
+            self._found.add(spelled)
+
+    def overwritten(self, config: PipelineConfig, ids: set[str]) -> list[str]:
+        """The first few inputs some row's output would be written over."""
+        if not self._found:
+            return []
+        hits = (
+            uri
+            for record_id in ids
+            for uri in config.outputs_for(record_id).values()
+            if comparable_uri(uri) in self._found
+        )
+        return sorted(itertools.islice(hits, _FIRST_ERRORS))
 
 
 def _shard_tables(config: PipelineConfig, storage: Storage, shard_size: int) -> Iterator[pa.Table]:

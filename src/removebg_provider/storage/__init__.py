@@ -17,11 +17,12 @@ from removebg_provider.storage.backends import (
     short_error,
     storage_errors,
 )
-from removebg_provider.storage.uris import join_uri, local_path, scheme_of, unique_name
+from removebg_provider.storage.uris import comparable_uri, join_uri, local_path, scheme_of, unique_name
 
 __all__ = [
     "AZURE_CONNECTION_ENV",
     "Storage",
+    "comparable_uri",
     "join_uri",
     "local_path",
     "scheme_of",

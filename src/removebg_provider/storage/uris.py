@@ -1,7 +1,8 @@
-"""URIs and plain paths: their scheme, their local path, joining keys, unique object names."""
+"""URIs and plain paths: their scheme, their local path, one spelling each, joining keys, unique names."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from urllib.parse import urlparse
 
@@ -17,6 +18,13 @@ def scheme_of(uri: str) -> str:
 def local_path(uri: str) -> str:
     """The filesystem path of a `file://` URI or a plain path."""
     return urlparse(uri).path if uri.startswith("file://") else uri
+
+
+def comparable_uri(uri: str) -> str:
+    """One spelling per object, to tell whether two URIs name it: local paths made absolute."""
+    if scheme_of(uri) == "file":
+        return os.path.abspath(local_path(uri))
+    return uri
 
 
 def join_uri(prefix: str, key: str) -> str:
