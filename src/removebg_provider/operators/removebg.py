@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ACTIVE_SHARDS = 4
 
-_DEFAULTS = pipeline.PipelineConfig("-", "-", "-")
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in FIELDS if f.default is not dataclasses.MISSING}
 _CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS)
 _OPTION_FIELDS = tuple(name for name in _CONFIG_FIELDS if name not in REQUIRED_FIELDS)
 
@@ -138,7 +138,7 @@ class _ManifestConfigOperator(_StorageOperator):
         self.output_manifest_uri = output_manifest_uri
         self.removebg_conn_id = removebg_conn_id
         for name in _OPTION_FIELDS:
-            setattr(self, name, options.get(name, getattr(_DEFAULTS, name)))
+            setattr(self, name, options.get(name, _DEFAULTS[name]))
         self._check_static_options()
 
     def pipeline_config(self) -> pipeline.PipelineConfig:
@@ -388,8 +388,9 @@ def manifest_asset(uri: str) -> Asset:
 
 
 def _stand_in(name: str) -> Any:
-    default = getattr(_DEFAULTS, name)
-    return "-" if default == "-" else default
+    """A valid value for a templated option, so only the literal ones are judged at parse time."""
+    # Required URIs get distinct stand-ins: equal ones would be refused as overwriting the input.
+    return _DEFAULTS.get(name, f"stand-in-{name}")
 
 
 for _operator in (RemoveBackgroundOperator, PlanManifestShardsOperator):

@@ -292,7 +292,9 @@ def _problems(config: PipelineConfig) -> list[str]:
             f"output_manifest_uri is the input manifest {config.manifest_uri}; write the enriched "
             "manifest elsewhere (an input is never overwritten)"
         )
-    problems += _template_problems(config)
+    if not problems:
+        # Naming the outputs needs the other settings valid (the cutout's extension, the prefix).
+        problems += _template_problems(config)
     return problems
 
 
