@@ -156,6 +156,15 @@ def test_precise_mode_gives_soft_edges(engine: ClassicEngine) -> None:
     assert np.count_nonzero((alpha > 20) & (alpha < 235)) > 0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_photo_gets_the_same_matte_whatever_was_matted_before(engine: ClassicEngine, mode: Mode) -> None:
+    # GrabCut's colour models start from k-means on OpenCV's global random generator.
+    photo = make_product_photo(41, 320, 240, background="gradient")
+    first = engine.matte(photo.rgb, mode)
+    engine.matte(make_product_photo(42, 300, 300, background="coloured").rgb, mode)
+    assert np.array_equal(engine.matte(photo.rgb, mode), first)
+
+
 def test_an_empty_backdrop_has_no_product(engine: ClassicEngine) -> None:
     backdrop = np.full((240, 320, 3), (235, 236, 240), np.uint8)
     assert engine.matte(backdrop, "fast").max() < 128

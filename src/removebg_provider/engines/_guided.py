@@ -26,17 +26,35 @@ def guided_coefficients(
     mean_p = box(mask)
     channels = guide.shape[2]
     mean_i = [box(guide[..., c]) for c in range(channels)]
-    cov_ip = np.stack([box(guide[..., c] * mask) - mean_i[c] * mean_p for c in range(channels)], axis=-1)
-    sigma = np.empty((*mask.shape, channels, channels), np.float32)
-    for i in range(channels):
-        for j in range(i, channels):
-            value = box(guide[..., i] * guide[..., j]) - mean_i[i] * mean_i[j]
-            sigma[..., i, j] = sigma[..., j, i] = value
-    sigma += eps * np.eye(channels, dtype=np.float32)
-    a = cov_ip / sigma[..., 0] if channels == 1 else np.linalg.solve(sigma, cov_ip[..., None])[..., 0]
-    b = mean_p - (a * np.stack(mean_i, axis=-1)).sum(axis=-1)
-    coefficients = np.concatenate([a, b[..., None]], axis=-1).astype(np.float32)
-    return np.stack([box(coefficients[..., c]) for c in range(channels + 1)], axis=-1)
+    cov_ip = [box(guide[..., c] * mask) - mean_i[c] * mean_p for c in range(channels)]
+    var = {
+        (i, j): box(guide[..., i] * guide[..., j]) - mean_i[i] * mean_i[j] + (eps if i == j else 0.0)
+        for i in range(channels)
+        for j in range(i, channels)
+    }
+    a = [cov_ip[0] / var[0, 0]] if channels == 1 else _solve_symmetric_3x3(var, cov_ip)
+    b = mean_p - sum(a[c] * mean_i[c] for c in range(channels))
+    return np.stack([box(plane.astype(np.float32)) for plane in (*a, b)], axis=-1)
+
+
+def _solve_symmetric_3x3(m: dict[tuple[int, int], np.ndarray], v: list[np.ndarray]) -> list[np.ndarray]:
+    """Per-pixel solution of M x = v for symmetric 3 x 3 M (upper triangle in `m`), by Cramer's rule.
+
+    Written out plane by plane: a batched `np.linalg.solve` over every pixel costs several times more.
+    """
+    m00, m01, m02, m11, m12, m22 = m[0, 0], m[0, 1], m[0, 2], m[1, 1], m[1, 2], m[2, 2]
+    c00 = m11 * m22 - m12 * m12
+    c01 = m02 * m12 - m01 * m22
+    c02 = m01 * m12 - m02 * m11
+    c11 = m00 * m22 - m02 * m02
+    c12 = m01 * m02 - m00 * m12
+    c22 = m00 * m11 - m01 * m01
+    inverse_det = 1.0 / (m00 * c00 + m01 * c01 + m02 * c02)
+    return [
+        (c00 * v[0] + c01 * v[1] + c02 * v[2]) * inverse_det,
+        (c01 * v[0] + c11 * v[1] + c12 * v[2]) * inverse_det,
+        (c02 * v[0] + c12 * v[1] + c22 * v[2]) * inverse_det,
+    ]
 
 
 def apply_coefficients(rgb: np.ndarray, coefficients: np.ndarray, colour: bool) -> np.ndarray:
