@@ -18,6 +18,10 @@ TOY_RUNS = {
     "throughput.py": (["--latency", "0.05", "--rounds", "1", "--naive-rows", "2"], "naive loop:"),
     "overhead.py": (["--rows", "200"], "CPU ms/record"),
     "engine_quality.py": (["--count", "2", "--quick"], "| precise |"),
+    "engine_speed.py": (
+        ["--sizes", "0.05", "--photos", "1", "--repeats", "1", "--baseline", "HEAD"],
+        "| precise | 0.05 | baseline HEAD |",
+    ),
     "quality_cost.py": (["--repeats", "1"], "12 MP PNG with alpha"),
 }
 
