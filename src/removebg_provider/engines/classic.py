@@ -285,6 +285,7 @@ def segment(rgb: np.ndarray, sensitivity: Sensitivity = NORMAL) -> np.ndarray:
 
 
 def _segment(photo: _Photo, sensitivity: Sensitivity) -> np.ndarray:
+    """`segment` of a photo already worked out, so precise mode's two sensitivities share the work."""
     img, border, surface = photo.img, photo.border, photo.surface
     barrier = photo.edges(sensitivity)
     tolerance = max(sensitivity.min_tolerance, 3.5 * photo.noise)
