@@ -144,6 +144,22 @@ class PipelineConfig:
         }
         return dataclasses.replace(self, **filled)
 
+    @property
+    def records_per_request(self) -> int:
+        """The resolved `max_records_per_request`: records sent in one API request."""
+        return self._resolved_count("max_records_per_request")
+
+    @property
+    def requests_in_flight(self) -> int:
+        """The resolved `concurrency`: API requests in flight at once."""
+        return self._resolved_count("concurrency")
+
+    def _resolved_count(self, name: str) -> int:
+        value = getattr(self, name)
+        if value is None:
+            raise ConfigurationError("resolve the pipeline configuration first: PipelineConfig.resolved()")
+        return int(value)
+
     def client_settings(self) -> dict[str, Any]:
         """The API client's settings that this config owns; build the client with them."""
         if not self.is_resolved:

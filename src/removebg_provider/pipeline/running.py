@@ -85,7 +85,7 @@ def run(
     check_budget(plan_, storage)
     if on_plan is not None:
         on_plan(plan_)
-    concurrency = plan_.config.concurrency or 1
+    concurrency = plan_.config.requests_in_flight
     budget = Budget(config.max_billable_records)
     slots = threading.Semaphore(concurrency)
     copier = OutputCopier(storage, pool_size=WORKERS_PER_SLOT * concurrency)

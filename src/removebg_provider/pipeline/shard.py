@@ -92,8 +92,7 @@ def process_shard(
     check_client_agrees(config, client)
     work = ShardWork.load(shard, plan_, storage)
     owned_copier = copier is None
-    assert config.concurrency is not None
-    copier = copier or OutputCopier(storage, pool_size=WORKERS_PER_SLOT * config.concurrency)
+    copier = copier or OutputCopier(storage, pool_size=WORKERS_PER_SLOT * config.requests_in_flight)
     budget = budget or Budget(config.max_billable_records)
     try:
         results = work.run(client, copier, budget, on_progress, request_slots)
@@ -111,7 +110,7 @@ def process_shard(
 
 def check_client_agrees(config: PipelineConfig, client: RemoveBgClient) -> None:
     """Refuse, before any request, a client whose own settings contradict the run's."""
-    batch = config.max_records_per_request or 0
+    batch = config.records_per_request
     if client.mode != config.mode or client.max_records_per_request < batch:
         raise ConfigurationError(
             f"the API client (mode={client.mode}, max_records_per_request={client.max_records_per_request}) "
@@ -200,8 +199,8 @@ class ShardWork:
             len(copy_only),
             len(results),
         )
-        size = self.config.max_records_per_request or 1
-        concurrency = self.config.concurrency or 1
+        size = self.config.records_per_request
+        concurrency = self.config.requests_in_flight
         to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
         to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
         slots = request_slots or threading.Semaphore(concurrency)
