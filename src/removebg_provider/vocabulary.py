@@ -74,6 +74,7 @@ STATUS_TEXT_COLUMN = "removebg_status_text"
 ERROR_COLUMN = "removebg_error"
 FRACTION_COLUMN = "removebg_foreground_fraction"
 FLAGS_COLUMN = "removebg_quality_flags"
+SOURCE_FINGERPRINT_COLUMN = "removebg_source_fingerprint"
 # The enriched manifest's result columns, in order, each with its type and the RowResult field it shows.
 RESULT_COLUMNS: tuple[tuple[str, ColumnType, str], ...] = (
     (STATUS_COLUMN, "int32", "status_code"),
@@ -88,6 +89,7 @@ RESULT_COLUMNS: tuple[tuple[str, ColumnType, str], ...] = (
     ("removebg_processed_at", "timestamp", "processed_at"),
     (FRACTION_COLUMN, "float32", "foreground_fraction"),
     (FLAGS_COLUMN, "string_list", "quality_flags"),
+    (SOURCE_FINGERPRINT_COLUMN, "string", "source_fingerprint"),
 )
 # How list cells (quality flags) are joined where a format has no lists (CSV).
 FLAG_SEPARATOR = ";"

@@ -423,7 +423,7 @@ def test_dry_run_counts_billable_records_after_resume_and_duplicates(
         "duplicates": 1,
         "resumed": 2,
         "copy_only": 0,
-        "existing": 0,
+        "reused": 0,
         "without_reference": 1,
         "billable": 4,
     }

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import string
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,7 +111,24 @@ class PipelineConfig:
     )
     resume: bool = _setting(True, "reuse checkpointed results of an earlier run of the same job")
     skip_existing: bool = _setting(
-        False, "do not send rows whose outputs already exist under the output prefix"
+        False,
+        "deprecated alias of --cache: an existing output is kept only when the result store records "
+        "that it was made from the same image content and options",
+    )
+    cache: bool = _setting(
+        True,
+        "serve rows whose image content and removal options already have a stored result from the "
+        "result store, without a request (--no-cache sends every row)",
+    )
+    cache_prefix: str | None = _setting(
+        None,
+        "where the result store lives (default: <output prefix>/_removebg_cache); give several output "
+        "prefixes one store to share it",
+    )
+    fingerprint_column: str | None = _setting(
+        None,
+        "column identifying each image's content, e.g. image_md5 or image_updated_at (default: the "
+        "store's metadata, an http ETag, or a hash of the image)",
     )
     max_billable_records: int | None = _setting(None, "refuse to run past this many billed records")
     max_failed_fraction: float = _setting(
@@ -129,6 +147,13 @@ class PipelineConfig:
         problems = _problems(self)
         if problems:
             raise ConfigurationError("invalid pipeline configuration: " + "; ".join(problems))
+        if self.skip_existing:
+            warnings.warn(
+                "skip_existing is deprecated: the result store (cache=True, the default) already keeps an "
+                "output only when it was made from the same image content and options",
+                FutureWarning,
+                stacklevel=3,
+            )
 
     @property
     def is_resolved(self) -> bool:
@@ -203,10 +228,18 @@ class PipelineConfig:
             if kind is CUTOUT or getattr(self, kind.request_flag or "")
         }
 
-    def fingerprint(self, reference: str) -> str:
-        """Identifies the work done for one image reference, so resume never reuses other work."""
+    @property
+    def store_prefix(self) -> str | None:
+        """Where the result store lives, or None when the run does not use one (`cache=False`)."""
+        if not self.cache:
+            return None
+        return (self.cache_prefix or join_uri(self.output_prefix, "_removebg_cache")).rstrip("/")
+
+    def fingerprint(self, reference: str, source_fingerprint: str | None = None) -> str:
+        """Identifies the work done for one image reference and content, so resume never reuses other work."""
         parts = (
             reference,
+            source_fingerprint,
             self.mode,
             self.binary_mask,
             self.white_background,
@@ -303,6 +336,10 @@ def _problems(config: PipelineConfig) -> list[str]:
     for name in (*REQUIRED_FIELDS, "image_column"):
         if not getattr(config, name):
             problems.append(f"{name} must not be empty")
+    if config.skip_existing and not config.cache:
+        problems.append(
+            "skip_existing (deprecated) is the result store's reuse; it cannot be combined with cache=False"
+        )
     if comparable_uri(config.output_manifest_uri) == comparable_uri(config.manifest_uri):
         problems.append(
             f"output_manifest_uri is the input manifest {config.manifest_uri}; write the enriched "

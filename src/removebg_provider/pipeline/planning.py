@@ -23,13 +23,15 @@ from removebg_provider.storage import Storage, comparable_uri, join_uri
 
 log = logging.getLogger(__name__)
 
-# Internal columns every shard carries beside the input's own: row number, id, reference, and the
-# id of the earlier row with the same reference (None for the first).
+# Internal columns every shard carries beside the input's own: row number, id, reference, the id of
+# the earlier row with the same reference (None for the first), and the catalog's own fingerprint of
+# the image (`fingerprint_column`, as text; None without one).
 ROW = "__removebg_row"
 ID = "__removebg_id"
 REF = "__removebg_ref"
 CANONICAL = "__removebg_canonical"
-INTERNAL_COLUMNS = (ROW, ID, REF, CANONICAL)
+SOURCE = "__removebg_source"
+INTERNAL_COLUMNS = (ROW, ID, REF, CANONICAL, SOURCE)
 _FIRST_ERRORS = 5
 
 
@@ -86,7 +88,7 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
     """
     config = config.resolved()
     schema = read_schema(config.manifest_uri, storage, config.manifest_format)
-    wanted = [config.image_column] + ([config.id_column] if config.id_column else [])
+    wanted = [config.image_column] + [name for name in (config.id_column, config.fingerprint_column) if name]
     require_columns(config.manifest_uri, schema, wanted)
     total_rows, canonical_ids, duplicate_rows = _validate_ids(config, storage)
 
@@ -260,6 +262,11 @@ def _shard_tables(config: PipelineConfig, storage: Storage, shard_size: int) -> 
     for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format):
         references = _as_text(batch.column(config.image_column))
         ids = _as_text(batch.column(config.id_column)) if config.id_column else None
+        sources = (
+            _as_text(batch.column(config.fingerprint_column))
+            if config.fingerprint_column
+            else [None] * batch.num_rows
+        )
         record_ids: list[str] = []
         canonical: list[str | None] = []
         for offset, reference in enumerate(references):
@@ -272,6 +279,7 @@ def _shard_tables(config: PipelineConfig, storage: Storage, shard_size: int) -> 
             pa.array(record_ids, type=pa.string()),
             pa.array(references, type=pa.string()),
             pa.array(canonical, type=pa.string()),
+            pa.array([source or None for source in sources], type=pa.string()),
         ]
         batch = pa.RecordBatch.from_arrays(
             list(batch.columns) + extra, names=list(batch.schema.names) + list(INTERNAL_COLUMNS)

@@ -23,7 +23,8 @@ class RowResult:
     """The outcome of one manifest row: what becomes its `removebg_*` columns.
 
     `outputs` maps each output kind stored for the row (`cutout`, `mask`, `whitebg`) to its
-    durable URI; `fingerprint` identifies the work (reference and options) for resume.
+    durable URI; `fingerprint` identifies the work (reference, image content and options) for resume;
+    `source_fingerprint` identifies the input image's content (see `Storage.fingerprints`).
     """
 
     id: str
@@ -38,6 +39,7 @@ class RowResult:
     attempts: int = 0
     processed_at: datetime | None = None
     fingerprint: str | None = None
+    source_fingerprint: str | None = None
     foreground_fraction: float | None = None
     quality_flags: tuple[str, ...] = ()
 
@@ -91,10 +93,11 @@ def result_arrays(rows: Sequence[RowResult]) -> list[pa.Array]:
 
 @dataclass(frozen=True)
 class BillingEstimate:
-    """What a run would send to the API, after resume, skip-existing and de-duplication.
+    """What a run would send to the API, after resume, the result store and de-duplication.
 
     `copy_only` rows were answered by the API in an earlier, interrupted attempt: their outputs are
-    copied from the stored temporary URLs without a request, so they are not billable. Rows whose
+    copied from the stored temporary URLs without a request, so they are not billable. `reused` rows
+    have a stored result for the same image content and options (the result store). Rows whose
     image bytes repeat another row's in the same shard are only found when the bytes are read, so
     `billable` counts them: it is an upper bound.
     """
@@ -103,7 +106,7 @@ class BillingEstimate:
     duplicates: int
     resumed: int
     copy_only: int
-    existing: int
+    reused: int
     without_reference: int
     billable: int
 

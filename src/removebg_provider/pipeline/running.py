@@ -38,7 +38,7 @@ def estimate_billing(plan_: Plan, storage: Storage) -> BillingEstimate:
         duplicates=plan_.duplicate_rows,
         resumed=counts["resumed"],
         copy_only=counts["copy_only"],
-        existing=counts["existing"],
+        reused=counts["reused"],
         without_reference=counts["without_reference"],
         billable=counts["todo"],
     )
@@ -53,8 +53,8 @@ def check_budget(plan_: Plan, storage: Storage) -> BillingEstimate | None:
     if estimate.billable > limit:
         raise BudgetExceededError(
             f"{plan_.config.manifest_uri} needs {estimate.billable} billable records "
-            f"(after {estimate.resumed} resumed, {estimate.existing} existing and {estimate.duplicates} "
-            f"duplicate rows), over max_billable_records={limit}; nothing was sent"
+            f"(after {estimate.resumed} resumed, {estimate.reused} reused from the result store and "
+            f"{estimate.duplicates} duplicate rows), over max_billable_records={limit}; nothing was sent"
         )
     return estimate
 

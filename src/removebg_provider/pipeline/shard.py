@@ -31,13 +31,15 @@ from removebg_provider.pipeline.planning import (
     INTERNAL_COLUMNS,
     REF,
     ROW,
+    SOURCE,
     Plan,
     ShardDescriptor,
     read_parquet,
 )
 from removebg_provider.pipeline.results import RowResult, RunSummary, enforce_failure_policy, summarise
+from removebg_provider.pipeline.store import ResultStore, StoredResult, result_key
 from removebg_provider.progress import Progress, ProgressCallback
-from removebg_provider.storage import Storage, scheme_of
+from removebg_provider.storage import Storage, comparable_uri, scheme_of
 from removebg_provider.vocabulary import CUTOUT, MASK, RowStatus
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 # A worker releases its request slot before copying outputs; twice as many workers as slots keep
 # every slot busy while the other half copies.
 WORKERS_PER_SLOT = 2
+# Result store entries read and checked side by side (small GETs and HEADs).
+_LOOKUP_WORKERS = 8
+REUSED_TEXT = "OK (reused from the result store: same image content and options, not sent again)"
 
 Row = dict[str, Any]
 
@@ -132,6 +137,9 @@ class ShardWork:
         self.prior = checkpoints.done if self.config.resume else {}
         self.answers = checkpoints.usable_answers(now()) if self.config.resume else {}
         self.billed_earlier = checkpoints.billed_in_run
+        self.store = ResultStore(plan_.config.store_prefix, storage) if plan_.config.store_prefix else None
+        self.sources = self._source_fingerprints()
+        self._stored: dict[int, StoredResult] | None = None
         self.billed = 0
         self._billed_lock = threading.Lock()
         # Image bytes read by this shard's workers: digest -> (id, row) of the first row to read them,
@@ -147,7 +155,8 @@ class ShardWork:
         return cls(shard, plan_, storage, table.to_pylist())
 
     def classify(self) -> Iterator[tuple[str, Row, RowResult | None]]:
-        """Each row with its class: duplicate, without_reference, resumed, existing, copy_only or todo."""
+        """Each row with its class: duplicate, without_reference, resumed, reused, copy_only or todo."""
+        stored = self._stored_results()
         for row in self.rows:
             reference = row[REF]
             if row[CANONICAL] is not None:
@@ -157,8 +166,8 @@ class ShardWork:
                 yield "without_reference", row, self._failed(row[ID], RowStatus.NO_REFERENCE, error)
             elif (resumed := self._resumable(row)) is not None:
                 yield "resumed", row, resumed
-            elif self.config.skip_existing and self._outputs_exist(row[ID]):
-                yield "existing", row, self._existing(row)
+            elif row[ROW] in stored:
+                yield "reused", row, None
             elif self._key(row) in self.answers:
                 yield "copy_only", row, None
             else:
@@ -180,42 +189,53 @@ class ShardWork:
         results: dict[int, RowResult] = {}
         todo: list[Row] = []
         copy_only: list[Row] = []
+        reused: list[Row] = []
         for kind, row, row_result in self.classify():
             if kind == "todo":
                 todo.append(row)
             elif kind == "copy_only":
                 copy_only.append(row)
+            elif kind == "reused":
+                reused.append(row)
             elif row_result is not None:
                 results[row[ROW]] = row_result
-        progress = Progress(len(todo) + len(copy_only), f"shard {self.shard.index}", on_progress)
+        pending_rows = len(todo) + len(copy_only) + len(reused)
+        progress = Progress(pending_rows, f"shard {self.shard.index}", on_progress)
         if on_progress is not None and results:
-            on_progress(len(results), 0, len(todo) + len(copy_only))
+            on_progress(len(results), 0, pending_rows)
         log.info(
             "shard %d: %d rows, %d to send, %d to copy from an earlier answer without a request, "
-            "%d already done or not sendable",
+            "%d reused from the result store, %d already done or not sendable",
             self.shard.index,
             len(self.rows),
             len(todo),
             len(copy_only),
+            len(reused),
             len(results),
         )
         size = self.config.records_per_request
         concurrency = self.config.requests_in_flight
         to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
+        to_reuse = [reused[i : i + size] for i in range(0, len(reused), size)]
         to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
         slots = request_slots or threading.Semaphore(concurrency)
         with ThreadPoolExecutor(WORKERS_PER_SLOT * concurrency, thread_name_prefix="removebg") as pool:
             # Answered rows first: their temporary URLs are the ones closest to expiring.
-            futures: list[Future[list[RowResult | None]]] = [
-                pool.submit(self._copy_answered, batch, copier, progress) for batch in to_copy
-            ] + [
-                pool.submit(self._process_batch, batch, client, copier, budget, progress, slots)
-                for batch in to_send
-            ]
+            futures: list[Future[list[RowResult | None]]] = (
+                [pool.submit(self._copy_answered, batch, copier, progress) for batch in to_copy]
+                + [
+                    pool.submit(self._serve_stored, batch, client, copier, budget, progress, slots)
+                    for batch in to_reuse
+                ]
+                + [
+                    pool.submit(self._process_batch, batch, client, copier, budget, progress, slots)
+                    for batch in to_send
+                ]
+            )
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()
-            for batch, future in zip(to_copy + to_send, futures, strict=True):
+            for batch, future in zip(to_copy + to_reuse + to_send, futures, strict=True):
                 if future.cancelled():
                     continue
                 for row, row_result in zip(batch, future.result(), strict=True):
@@ -225,7 +245,50 @@ class ShardWork:
         return results
 
     def _key(self, row: Row) -> tuple[str, str]:
-        return row[ID], self.config.fingerprint(row[REF])
+        return row[ID], self._fingerprint(row)
+
+    def _fingerprint(self, row: Row) -> str:
+        return self.config.fingerprint(row[REF], self.sources.get(row[ROW]))
+
+    def _source_fingerprints(self) -> dict[int, str]:
+        """What identifies each sendable row's image: the catalog's column, else the store's metadata."""
+        found: dict[int, str] = {}
+        to_describe: dict[int, str] = {}
+        for row in self.rows:
+            if row[CANONICAL] is not None or not row[REF]:
+                continue
+            if row[SOURCE]:
+                # A catalog value such as a date names a version of this reference, not its bytes.
+                spelled = f"{comparable_uri(row[REF])}\n{row[SOURCE]}"
+                found[row[ROW]] = "column:" + hashlib.sha256(spelled.encode()).hexdigest()[:32]
+            else:
+                to_describe[row[ROW]] = row[REF]
+        described = self.storage.fingerprints(list(to_describe.values()))
+        for row_number, reference in to_describe.items():
+            if (fingerprint := described.get(reference)) is not None:
+                found[row_number] = fingerprint
+        return found
+
+    def _stored_results(self) -> dict[int, StoredResult]:
+        """Rows (by number) whose image and options have a current entry in the result store."""
+        if self._stored is not None:
+            return self._stored
+        candidates = [
+            row
+            for row in self.rows
+            if row[ROW] in self.sources and self._resumable(row) is None and self.store is not None
+        ]
+        with ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="removebg-lookup") as pool:
+            entries = list(pool.map(self._current_entry, candidates))
+        self._stored = {row[ROW]: entry for row, entry in zip(candidates, entries, strict=True) if entry}
+        return self._stored
+
+    def _current_entry(self, row: Row) -> StoredResult | None:
+        assert self.store is not None
+        entry = self.store.get(result_key(self.sources[row[ROW]], self.config))
+        if entry is None or not set(entry.destinations(self.config, row[ID])) <= set(entry.outputs):
+            return None
+        return entry if self.store.is_current(entry) else None
 
     def _share_owner_results(self, results: dict[int, RowResult]) -> None:
         """Give each row whose bytes repeat an earlier row's that row's result, and checkpoint it."""
@@ -241,7 +304,8 @@ class ShardWork:
                 id=row[ID],
                 status_text=f"{owner.status_text} (same image bytes as {owner_id})",
                 attempts=0,
-                fingerprint=self.config.fingerprint(row[REF]),
+                fingerprint=self._fingerprint(row),
+                source_fingerprint=self.sources.get(row[ROW]),
             )
             shared.append(results[row_number])
         self.staging.write_finished(shared)
@@ -279,13 +343,58 @@ class ShardWork:
                 if billed:
                     # Durable before the slot is released: only requests holding a slot can be
                     # billed without a checkpoint, so a kill re-bills at most concurrency x batch.
-                    fingerprints = {row[ID]: self.config.fingerprint(row[REF]) for row in batch}
+                    fingerprints = {row[ID]: self._fingerprint(row) for row in batch}
                     self.staging.write_answer(api_results, fingerprints, billed)
                     with self._billed_lock:
                         self.billed += billed
+        rows = {row[ID]: row for row in batch}
         for api_result in api_results:
-            outcomes[api_result.id] = self._copy_outputs(api_result, copier)
+            outcomes[api_result.id] = self._copy_outputs(api_result, copier, rows[api_result.id])
         return self._finish(batch, outcomes, progress)
+
+    def _serve_stored(
+        self,
+        batch: list[Row],
+        client: RemoveBgClient,
+        copier: OutputCopier,
+        budget: Budget,
+        progress: Progress,
+        request_slots: threading.Semaphore,
+    ) -> list[RowResult | None]:
+        """Give rows their stored results without a request; a row whose stored outputs changed is sent."""
+        assert self.store is not None
+        stored = self._stored_results()
+        outcomes: dict[str, RowResult] = {}
+        stale: list[Row] = []
+        for row in batch:
+            entry = stored[row[ROW]]
+            destinations = entry.destinations(self.config, row[ID])
+            if self.store.serve(entry, destinations):
+                outcomes[row[ID]] = self._reused(row, entry, destinations)
+            else:
+                stale.append(row)
+        served = [row for row in batch if row[ID] in outcomes]
+        by_id = dict(zip((row[ID] for row in served), self._finish(served, outcomes, progress), strict=True))
+        if stale:
+            sent = self._process_batch(stale, client, copier, budget, progress, request_slots)
+            by_id.update(zip((row[ID] for row in stale), sent, strict=True))
+        return [by_id.get(row[ID]) for row in batch]
+
+    def _reused(self, row: Row, entry: StoredResult, destinations: dict[str, str]) -> RowResult:
+        return RowResult(
+            id=row[ID],
+            status_code=RowStatus.OK,
+            status_text=REUSED_TEXT,
+            outputs=destinations,
+            width=entry.width,
+            height=entry.height,
+            request_id=entry.request_id,
+            mode=entry.mode,
+            attempts=0,
+            processed_at=now(),
+            foreground_fraction=entry.foreground_fraction,
+            quality_flags=entry.quality_flags,
+        )
 
     def _repeats_earlier_bytes(self, row: Row, record: ImageRecord) -> bool:
         if record.data is None:
@@ -304,7 +413,7 @@ class ShardWork:
         """Finish rows the API answered in an interrupted attempt, from the stored temporary URLs."""
         outcomes: dict[str, RowResult] = {}
         for row in batch:
-            copied = self._copy_outputs(self.answers[self._key(row)], copier)
+            copied = self._copy_outputs(self.answers[self._key(row)], copier, row)
             if copied.ok:
                 text = f"{copied.status_text} (outputs copied from an earlier answer, not sent again)"
                 copied = dataclasses.replace(copied, status_text=text)
@@ -315,7 +424,11 @@ class ShardWork:
         self, batch: list[Row], outcomes: dict[str, RowResult], progress: Progress
     ) -> list[RowResult | None]:
         stamped = {
-            row[ID]: dataclasses.replace(outcomes[row[ID]], fingerprint=self.config.fingerprint(row[REF]))
+            row[ID]: dataclasses.replace(
+                outcomes[row[ID]],
+                fingerprint=self._fingerprint(row),
+                source_fingerprint=self.sources.get(row[ROW]),
+            )
             for row in batch
             if row[ID] in outcomes
         }
@@ -357,8 +470,8 @@ class ShardWork:
             return self._failed(row[ID], RowStatus.UNREADABLE_IMAGE, f"{reference} is empty")
         return ImageRecord(id=row[ID], data=data)
 
-    def _copy_outputs(self, api_result: RecordResult, copier: OutputCopier) -> RowResult:
-        """The row result of an API answer: its outputs copied into storage and checked."""
+    def _copy_outputs(self, api_result: RecordResult, copier: OutputCopier, row: Row) -> RowResult:
+        """The row result of an API answer: its outputs copied into storage, checked, kept in the store."""
         base = RowResult(
             id=api_result.id,
             status_code=api_result.status_code,
@@ -384,12 +497,29 @@ class ShardWork:
                 base, status_code=exc.status_code, status_text=exc.status_text, error=str(exc)
             )
         copied = dataclasses.replace(base, outputs=destinations)
-        if not self.config.quality_check:
-            return copied
-        verdict = quality.assess(data.get(CUTOUT.name), data.get(MASK.name))
-        return dataclasses.replace(
-            copied, foreground_fraction=verdict.foreground_fraction, quality_flags=verdict.flags
-        )
+        if self.config.quality_check:
+            verdict = quality.assess(data.get(CUTOUT.name), data.get(MASK.name))
+            copied = dataclasses.replace(
+                copied, foreground_fraction=verdict.foreground_fraction, quality_flags=verdict.flags
+            )
+        self._keep_in_store(row, copied, {kind: (uri, data[kind]) for kind, uri in destinations.items()})
+        return copied
+
+    def _keep_in_store(self, row: Row, result: RowResult, written: dict[str, tuple[str, bytes]]) -> None:
+        """Keep a finished result in the result store, under its image's content and the run's options."""
+        source = self.sources.get(row[ROW])
+        if self.store is None or source is None:
+            return
+        fields = {
+            "width": result.width,
+            "height": result.height,
+            "request_id": result.request_id,
+            "mode": result.mode,
+            "foreground_fraction": result.foreground_fraction,
+            "quality_flags": result.quality_flags,
+        }
+        key = result_key(source, self.config)
+        self.store.record(key, source, written, fields, result.processed_at or now())
 
     def _resumable(self, row: Row) -> RowResult | None:
         previous = self.prior.get(self._key(row))
@@ -400,21 +530,6 @@ class ShardWork:
         if not previous.outputs or not all(self.storage.exists(uri) for uri in previous.outputs.values()):
             return None
         return previous
-
-    def _outputs_exist(self, record_id: str) -> bool:
-        return all(self.storage.exists(uri) for uri in self.config.outputs_for(record_id).values())
-
-    def _existing(self, row: Row) -> RowResult:
-        return RowResult(
-            id=row[ID],
-            status_code=RowStatus.OK,
-            status_text="OK (existing output kept, not sent again)",
-            outputs=self.config.outputs_for(row[ID]),
-            mode=self.config.mode,
-            attempts=0,
-            processed_at=now(),
-            fingerprint=self.config.fingerprint(row[REF]),
-        )
 
     def _failed(self, record_id: str, code: int, error: str) -> RowResult:
         return RowResult(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -90,6 +91,24 @@ class Storage:
     def list_prefix(self, prefix: str) -> list[str]:
         """URIs of the objects directly under `prefix`, sorted."""
         return self._backend(prefix).list_prefix(prefix)
+
+    def version(self, uri: str) -> str | None:
+        """A token that changes whenever the object at `uri` is written again; None when it is missing."""
+        return self._backend(uri).version(uri)
+
+    def fingerprints(self, uris: Sequence[str]) -> dict[str, str | None]:
+        """What identifies the content of each object (its scheme's metadata, else a hash of its bytes).
+
+        None for an object that is missing or cannot be described. Each scheme describes its URIs
+        at once, so an object store can answer many from one listing.
+        """
+        by_backend: dict[Backend, list[str]] = defaultdict(list)
+        for uri in dict.fromkeys(uris):
+            by_backend[self._backend(uri)].append(uri)
+        found: dict[str, str | None] = {}
+        for backend, group in by_backend.items():
+            found.update(backend.fingerprints(group))
+        return found
 
     def _backend(self, uri: str) -> Backend:
         kind = backend_class(scheme_of(uri))

@@ -7,10 +7,14 @@ refuses schemes it has no transport for). Adding a store is one class here with 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import os
+import posixpath
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import IO, Any, ClassVar, TypeVar
 from urllib.parse import urlparse
@@ -28,6 +32,9 @@ _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _TEMPORARY_COUNTER = itertools.count()
 
 _BackendType = TypeVar("_BackendType", bound="type[Backend]")
+# Objects described side by side when a scheme has no listing to describe many at once.
+_DESCRIBE_WORKERS = 8
+_HASH_CHUNK = 1 << 20
 
 
 class Backend:
@@ -70,6 +77,42 @@ class Backend:
         """URIs of the objects directly under `prefix`."""
         raise StorageError(f"cannot list {prefix}: listing is not supported for {urlparse(prefix).scheme}://")
 
+    def fingerprint(self, uri: str) -> str | None:
+        """What identifies the content at `uri`, None when there is no object: here a hash of its bytes.
+
+        Schemes whose metadata identifies the content (an ETag, an MD5, a generation) override this
+        so that nothing is downloaded; a metadata value that names one object's version, not its
+        bytes, carries the URI with it, so two objects never share it.
+        """
+        digest = hashlib.blake2b(digest_size=16)
+        try:
+            with self.open(uri, "rb") as stream:
+                for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
+                    digest.update(chunk)
+        except missing_errors():
+            return None
+        except storage_errors() as exc:
+            if _looks_missing(exc):
+                return None
+            raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
+        return f"blake2b:{digest.hexdigest()}"
+
+    def version(self, uri: str) -> str | None:
+        """A token that changes whenever the object at `uri` is written again; None when it is missing."""
+        return self.fingerprint(uri)
+
+    def fingerprints(self, uris: Sequence[str]) -> dict[str, str | None]:
+        """`fingerprint` of each URI (None also for one that cannot be described), side by side."""
+        with ThreadPoolExecutor(_DESCRIBE_WORKERS, thread_name_prefix="removebg-describe") as pool:
+            return dict(zip(uris, pool.map(self._fingerprint_or_none, uris), strict=True))
+
+    def _fingerprint_or_none(self, uri: str) -> str | None:
+        # An object that cannot be described is sent without one: reading it then reports the problem.
+        try:
+            return self.fingerprint(uri)
+        except StorageError:
+            return None
+
 
 _REGISTRY: dict[str, type[Backend]] = {}
 
@@ -100,6 +143,16 @@ class LocalBackend(Backend):
 
     def exists(self, uri: str) -> bool:
         return os.path.isfile(local_path(uri))
+
+    def version(self, uri: str) -> str | None:
+        # A write renames a new file into place: a new inode and modification time, without reading it.
+        try:
+            found = os.stat(local_path(uri))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
+        return f"stat:{found.st_size}:{found.st_mtime_ns}:{found.st_ino}"
 
     @contextmanager
     def atomic_writer(self, uri: str) -> Iterator[IO[bytes]]:
@@ -134,17 +187,79 @@ class LocalBackend(Backend):
 class S3Backend(Backend):
     """Amazon S3 and compatible stores, through boto3 (the given client, else the environment's)."""
 
-    def list_prefix(self, prefix: str) -> list[str]:
-        import boto3
+    # A shard with at least this many images in one folder lists the folder instead of a HEAD each.
+    LISTING_MIN_OBJECTS = 16
 
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        super().__init__(params)
+        self._client_lock = threading.Lock()
+        self._default_client: Any = None
+
+    def list_prefix(self, prefix: str) -> list[str]:
         bucket, key_prefix = _bucket_and_folder(prefix)
-        client = self.params.get("client") or boto3.client("s3")
         keys: list[str] = []
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=key_prefix, Delimiter="/"
+        for page in (
+            self._client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=key_prefix, Delimiter="/")
         ):
             keys.extend(item["Key"] for item in page.get("Contents", []))
         return sorted(f"s3://{bucket}/{key}" for key in keys)
+
+    def fingerprint(self, uri: str) -> str | None:
+        # An ETag is the content's MD5 (or, for a multipart upload, the MD5 of its parts' MD5s).
+        bucket, key = _bucket_and_key(uri)
+        try:
+            head = self._client().head_object(Bucket=bucket, Key=key)
+        except storage_errors() as exc:
+            if _looks_missing(exc):
+                return None
+            raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
+        return _s3_fingerprint(head["ETag"], head["ContentLength"])
+
+    def fingerprints(self, uris: Sequence[str]) -> dict[str, str | None]:
+        """One listing per folder holding many of `uris`, over their range of keys; a HEAD for the rest."""
+        by_folder: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for uri in uris:
+            bucket, key = _bucket_and_key(uri)
+            by_folder[bucket, posixpath.dirname(key)].append(key)
+        found: dict[str, str | None] = {}
+        alone: list[str] = []
+        for (bucket, folder), keys in by_folder.items():
+            if len(keys) < self.LISTING_MIN_OBJECTS:
+                alone += [f"s3://{bucket}/{key}" for key in keys]
+                continue
+            listed = self._listed(bucket, folder, min(keys), max(keys))
+            found.update({f"s3://{bucket}/{key}": listed.get(key) for key in keys})
+        return found | super().fingerprints(alone)
+
+    def _listed(self, bucket: str, folder: str, first: str, last: str) -> dict[str, str]:
+        """Fingerprints of the objects of `folder` from key `first` to key `last`, from its listing."""
+        prefix = f"{folder}/" if folder else ""
+        # StartAfter is exclusive: any key just below `first` (here its own prefix) starts the listing at it.
+        pages = (
+            self._client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=prefix, Delimiter="/", StartAfter=first[:-1])
+        )
+        listed: dict[str, str] = {}
+        for page in pages:
+            for item in page.get("Contents", []):
+                if item["Key"] > last:
+                    return listed
+                listed[item["Key"]] = _s3_fingerprint(item["ETag"], item["Size"])
+        return listed
+
+    def _client(self) -> Any:
+        if "client" in self.params:
+            return self.params["client"]
+        with self._client_lock:
+            # Creating a boto3 client is slow and not thread-safe; every thread shares this one.
+            if self._default_client is None:
+                import boto3
+
+                self._default_client = boto3.client("s3")
+            return self._default_client
 
 
 @register("gs")
@@ -158,6 +273,29 @@ class GcsBackend(Backend):
         client = self.params.get("client") or gcs.Client()
         blobs = client.list_blobs(bucket, prefix=key_prefix, delimiter="/")
         return sorted(f"gs://{bucket}/{blob.name}" for blob in blobs)
+
+    def fingerprint(self, uri: str) -> str | None:
+        # The MD5 names the content; a composite object has none, and its generation names one version.
+        blob = self._blob(uri)
+        if blob is None:
+            return None
+        if blob.md5_hash:
+            return f"md5:{blob.md5_hash}:{blob.size}"
+        return f"generation:{uri}:{blob.generation}"
+
+    def version(self, uri: str) -> str | None:
+        blob = self._blob(uri)
+        return None if blob is None else f"generation:{blob.generation}"
+
+    def _blob(self, uri: str) -> Any:
+        from google.cloud import storage as gcs
+
+        bucket, key = _bucket_and_key(uri)
+        client = self.params.get("client") or gcs.Client()
+        try:
+            return client.bucket(bucket).get_blob(key)
+        except storage_errors() as exc:
+            raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
 
 
 @register("az", "azure")
@@ -190,6 +328,68 @@ class AzureBackend(Backend):
         names = [blob.name for blob in container.walk_blobs(name_starts_with=key_prefix, delimiter="/")]
         scheme = urlparse(prefix).scheme
         return sorted(f"{scheme}://{bucket}/{name}" for name in names if not name.endswith("/"))
+
+    def fingerprint(self, uri: str) -> str | None:
+        # Content-MD5 names the content when the uploader set it; an ETag names one version of one blob.
+        properties = self._properties(uri)
+        if properties is None:
+            return None
+        md5 = properties.content_settings.content_md5
+        if md5:
+            return f"md5:{bytes(md5).hex()}:{properties.size}"
+        return f"etag:{uri}:{properties.etag}"
+
+    def version(self, uri: str) -> str | None:
+        properties = self._properties(uri)
+        return None if properties is None else f"etag:{properties.etag}"
+
+    def _properties(self, uri: str) -> Any:
+        if "client" not in self.params:
+            raise StorageError(
+                f"cannot check {uri}: Azure Blob needs a client (set {AZURE_CONNECTION_ENV} "
+                "or pass wasb_conn_id)"
+            )
+        bucket, key = _bucket_and_key(uri)
+        blob = self.params["client"].get_blob_client(bucket, key)
+        try:
+            return blob.get_blob_properties()
+        except missing_errors():
+            return None
+        except storage_errors() as exc:
+            raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
+
+
+@register("http", "https")
+class HttpBackend(Backend):
+    """Images at http(s) URLs, read-only; described by a HEAD's validators when the server gives them."""
+
+    def fingerprint(self, uri: str) -> str | None:
+        import requests
+
+        try:
+            head = requests.head(uri, allow_redirects=True, timeout=30)
+        except requests.RequestException:
+            # Unreachable: the API fetches the URL itself and reports the problem as the row's status.
+            return None
+        if head.status_code in (404, 410):
+            return None
+        etag = head.headers.get("ETag")
+        if head.ok and etag:
+            return f"etag:{uri}:{etag}"
+        modified, length = head.headers.get("Last-Modified"), head.headers.get("Content-Length")
+        if head.ok and modified and length:
+            return f"modified:{uri}:{modified}:{length}"
+        # No validators: only the body says what the image is.
+        return super().fingerprint(uri)
+
+
+def _bucket_and_key(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _s3_fingerprint(etag: str, size: int) -> str:
+    return "etag:" + etag.strip('"') + f":{size}"
 
 
 def _bucket_and_folder(prefix: str) -> tuple[str, str]:
