@@ -273,11 +273,7 @@ class ShardWork:
         """Rows (by number) whose image and options have a current entry in the result store."""
         if self._stored is not None:
             return self._stored
-        candidates = [
-            row
-            for row in self.rows
-            if row[ROW] in self.sources and self._resumable(row) is None and self.store is not None
-        ]
+        candidates = [row for row in self.rows if row[ROW] in self.sources] if self.store else []
         with ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="removebg-lookup") as pool:
             entries = list(pool.map(self._current_entry, candidates))
         self._stored = {row[ROW]: entry for row, entry in zip(candidates, entries, strict=True) if entry}
@@ -523,11 +519,18 @@ class ShardWork:
 
     def _resumable(self, row: Row) -> RowResult | None:
         previous = self.prior.get(self._key(row))
-        if previous is None:
+        if previous is None or not previous.outputs:
             return None
+        if self.store is not None:
+            # A checkpoint cannot tell that a later run overwrote its outputs (an image changed and
+            # changed back): the store's entry, checked against the outputs' versions, can.
+            entry = self._stored_results().get(row[ROW])
+            stored = {kind: comparable_uri(out.uri) for kind, out in entry.outputs.items()} if entry else None
+            checkpointed = {kind: comparable_uri(uri) for kind, uri in previous.outputs.items()}
+            return previous if stored == checkpointed else None
         # The fingerprint fixes the output kinds and keys; a row that shared the result of a row
         # with identical bytes records that row's outputs, so only their existence is checked.
-        if not previous.outputs or not all(self.storage.exists(uri) for uri in previous.outputs.values()):
+        if not all(self.storage.exists(uri) for uri in previous.outputs.values()):
             return None
         return previous
 

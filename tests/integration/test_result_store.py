@@ -1,0 +1,377 @@
+"""The result store: a daily catalog run bills only new and changed images, and never serves a stale cutout.
+
+Every test runs the real pipeline against the real local API server on 127.0.0.1 and counts the
+records the server billed. A photo's width identifies its content: the server's cutout has the
+input's size, so a cutout's width tells which photo it was made from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from removebg_provider import pipeline
+from removebg_provider.client import RemoveBgClient
+from removebg_provider.storage import Storage
+from support.servers import LocalApiServer, sample_photo, start_api_server
+from support.stores import MotoS3, ObjectStore, fresh_store
+
+_HEIGHT = 40
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApiServer]:
+    with start_api_server(tmp_path_factory.mktemp("server")) as running:
+        yield running
+
+
+@pytest.fixture
+def s3_store(moto_s3: MotoS3) -> Iterator[ObjectStore]:
+    yield from fresh_store(moto_s3)
+
+
+def _photo(path: Path, width: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(sample_photo(width, _HEIGHT, "JPEG"))
+    return str(path)
+
+
+def _catalog(folder: Path, count: int) -> dict[str, str]:
+    """`count` products, sku -> photo path; product i's photo is 50 + i pixels wide."""
+    return {f"sku-{i}": _photo(folder / f"sku-{i}.jpg", 50 + i) for i in range(count)}
+
+
+def _manifest(path: Path, catalog: Mapping[str, str], **columns: list[object]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"sku": list(catalog), "image_url": list(catalog.values()), **columns}), path)
+    return str(path)
+
+
+def _config(tmp_path: Path, manifest: str, **overrides: object) -> pipeline.PipelineConfig:
+    options: dict[str, object] = {
+        "manifest_uri": manifest,
+        "id_column": "sku",
+        "output_prefix": str(tmp_path / "cutouts"),
+        "output_manifest_uri": str(tmp_path / "enriched" / (Path(manifest).stem + ".parquet")),
+        "shard_size": 4,
+        "max_records_per_request": 3,
+        "concurrency": 2,
+        "report": False,
+    }
+    options.update(overrides)
+    return pipeline.PipelineConfig(**options)  # type: ignore[arg-type]
+
+
+def _billed(server: LocalApiServer, config: pipeline.PipelineConfig, storage: Storage | None = None) -> int:
+    """Run `config` and return how many records the server billed for it."""
+    server.reset_stats()
+    with RemoveBgClient(server.base_url, server.token, **config.resolved().client_settings()) as client:
+        pipeline.run(config, client, storage or Storage())
+    return server.stats()["records_billed"]
+
+
+def _rows(config: pipeline.PipelineConfig) -> dict[str, dict[str, object]]:
+    return {row["sku"]: row for row in pq.read_table(config.output_manifest_uri).to_pylist()}
+
+
+def _cutout_widths(config: pipeline.PipelineConfig) -> dict[str, int]:
+    widths = {}
+    for sku, row in _rows(config).items():
+        with Image.open(str(row["removebg_output_url"])) as cutout:
+            widths[sku] = cutout.width
+    return widths
+
+
+def test_day_two_of_a_catalog_bills_exactly_its_changed_and_new_images(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 8)
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+    _photo(Path(catalog["sku-1"]), 90)
+    _photo(Path(catalog["sku-5"]), 91)
+    catalog["sku-new"] = _photo(tmp_path / "photos" / "sku-new.jpg", 92)
+    day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog))
+
+    billed = _billed(server, day2)
+
+    widths = _cutout_widths(day2)
+    assert billed == 3
+    assert (widths["sku-1"], widths["sku-5"], widths["sku-new"]) == (90, 91, 92)
+    assert widths["sku-0"] == 50
+    assert {row["removebg_status_code"] for row in _rows(day2).values()} == {200}
+
+
+def test_the_same_manifest_under_another_file_name_bills_nothing(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 6)
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "monday.parquet", catalog)))
+
+    billed = _billed(server, _config(tmp_path, _manifest(tmp_path / "tuesday.parquet", catalog)))
+
+    assert billed == 0
+
+
+def test_a_reused_row_says_so_with_status_200_and_durable_outputs(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 2)
+    first = _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog))
+    _billed(server, first)
+    second = _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog))
+
+    _billed(server, second)
+
+    row = _rows(second)["sku-0"]
+    assert row["removebg_status_code"] == 200
+    assert "reused from the result store" in str(row["removebg_status_text"])
+    assert row["removebg_attempts"] == 0
+    assert row["removebg_output_url"] == _rows(first)["sku-0"]["removebg_output_url"]
+    assert row["removebg_source_fingerprint"] == _rows(first)["sku-0"]["removebg_source_fingerprint"]
+    assert Path(str(row["removebg_output_url"])).is_file()
+
+
+def test_a_changed_photo_at_the_same_path_is_sent_again_and_gets_the_new_cutout(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 3)
+    config = _config(tmp_path, _manifest(tmp_path / "catalog.parquet", catalog))
+    _billed(server, config)
+    _photo(Path(catalog["sku-2"]), 99)
+
+    billed = _billed(server, config)
+
+    assert billed == 1
+    assert _cutout_widths(config)["sku-2"] == 99
+
+
+def test_a_photo_changed_back_is_never_served_the_cutout_that_overwrote_it(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 1)
+    config = _config(tmp_path, _manifest(tmp_path / "catalog.parquet", catalog))
+    _billed(server, config)
+    _photo(Path(catalog["sku-0"]), 77)
+    _billed(server, config)
+    _photo(Path(catalog["sku-0"]), 50)
+
+    _billed(server, config)
+
+    assert _cutout_widths(config)["sku-0"] == 50
+
+
+def test_another_product_with_an_earlier_photo_gets_that_photo_s_cutout_not_the_overwriting_one(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 1)
+    original = Path(catalog["sku-0"]).read_bytes()
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+    _photo(Path(catalog["sku-0"]), 77)
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog)))
+    other = tmp_path / "photos" / "other.jpg"
+    other.write_bytes(original)
+    day3 = _config(tmp_path, _manifest(tmp_path / "day3.parquet", {**catalog, "sku-other": str(other)}))
+
+    _billed(server, day3)
+
+    assert _cutout_widths(day3) == {"sku-0": 77, "sku-other": 50}
+
+
+def test_reversed_rows_bill_nothing_on_a_rerun(server: LocalApiServer, tmp_path: Path) -> None:
+    catalog = _catalog(tmp_path / "photos", 12)
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "m.parquet", catalog)))
+    reversed_catalog = dict(reversed(catalog.items()))
+
+    billed = _billed(server, _config(tmp_path, _manifest(tmp_path / "m.parquet", reversed_catalog)))
+
+    assert billed == 0
+
+
+def test_another_shard_size_bills_nothing_on_a_rerun(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 12))
+    _billed(server, _config(tmp_path, manifest, shard_size=4))
+
+    billed = _billed(server, _config(tmp_path, manifest, shard_size=5))
+
+    assert billed == 0
+
+
+def test_a_relative_spelling_of_the_manifest_and_photos_bills_nothing_on_a_rerun(
+    server: LocalApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 4)
+    manifest = _manifest(tmp_path / "m" / "x.parquet", catalog)
+    _billed(server, _config(tmp_path, manifest))
+    monkeypatch.chdir(tmp_path)
+    relative = {sku: "./" + os.path.relpath(path, tmp_path) for sku, path in catalog.items()}
+    _manifest(tmp_path / "m" / "x.parquet", relative)
+
+    billed = _billed(server, _config(tmp_path, "./m/x.parquet", output_prefix="./cutouts"))
+
+    assert billed == 0
+
+
+def test_a_trailing_slash_on_the_output_prefix_bills_nothing_on_a_rerun(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 4))
+    _billed(server, _config(tmp_path, manifest))
+
+    billed = _billed(server, _config(tmp_path, manifest, output_prefix=f"{tmp_path / 'cutouts'}/"))
+
+    assert billed == 0
+
+
+def test_correcting_an_unwritable_output_manifest_bills_nothing_on_the_rerun(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 4))
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(OSError):
+        _billed(
+            server, _config(tmp_path, manifest, output_manifest_uri=str(tmp_path / "a-file" / "e.parquet"))
+        )
+
+    billed = _billed(server, _config(tmp_path, manifest))
+
+    assert billed == 0
+
+
+def test_without_the_cache_every_row_is_sent_again(server: LocalApiServer, tmp_path: Path) -> None:
+    catalog = _catalog(tmp_path / "photos", 3)
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog)))
+
+    billed = _billed(server, _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog), cache=False))
+
+    assert billed == 3
+
+
+def test_other_removal_options_are_another_result_and_are_sent(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 2)
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog)))
+
+    billed = _billed(server, _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog), binary_mask=True))
+
+    assert billed == 2
+
+
+def test_a_fingerprint_column_value_that_changed_sends_the_row_again(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 3)
+    day1 = _manifest(tmp_path / "day1.parquet", catalog, image_md5=["a", "b", "c"])
+    _billed(server, _config(tmp_path, day1, fingerprint_column="image_md5"))
+    day2 = _manifest(tmp_path / "day2.parquet", catalog, image_md5=["a", "b2", "c"])
+
+    billed = _billed(server, _config(tmp_path, day2, fingerprint_column="image_md5"))
+
+    assert billed == 1
+
+
+def test_a_fingerprint_column_is_trusted_instead_of_the_image_bytes(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 2)
+    updated = ["2024-06-01", "2024-06-01"]
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog, image_updated_at=updated)))
+    _photo(Path(catalog["sku-0"]), 88)
+    day2 = _config(
+        tmp_path,
+        _manifest(tmp_path / "b.parquet", catalog, image_updated_at=updated),
+        fingerprint_column="image_updated_at",
+    )
+
+    billed = _billed(server, day2)
+
+    assert billed == 2
+    assert _cutout_widths(day2)["sku-0"] == 88
+
+
+def test_one_cache_prefix_serves_runs_writing_to_dated_output_prefixes(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 3))
+    shared = str(tmp_path / "store")
+    _billed(
+        server, _config(tmp_path, manifest, output_prefix=str(tmp_path / "2024-06-01"), cache_prefix=shared)
+    )
+    day2 = _config(
+        tmp_path,
+        manifest,
+        output_prefix=str(tmp_path / "2024-06-02"),
+        output_manifest_uri=str(tmp_path / "e2.parquet"),
+        cache_prefix=shared,
+    )
+
+    billed = _billed(server, day2)
+
+    rows = _rows(day2)
+    assert billed == 0
+    assert rows["sku-1"]["removebg_output_url"] == str(tmp_path / "2024-06-02" / "sku-1.png")
+    assert _cutout_widths(day2) == {"sku-0": 50, "sku-1": 51, "sku-2": 52}
+
+
+def test_skip_existing_sends_a_product_whose_photo_changed_at_the_same_path(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 3)
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+    _photo(Path(catalog["sku-0"]), 95)
+    with pytest.warns(FutureWarning, match="skip_existing is deprecated"):
+        day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog), skip_existing=True)
+
+    billed = _billed(server, day2)
+
+    assert billed == 1
+    assert _cutout_widths(day2)["sku-0"] == 95
+
+
+def test_dry_run_counts_rows_the_store_would_serve_as_reused_not_billable(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 4)
+    _billed(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog)))
+    catalog["sku-new"] = _photo(tmp_path / "photos" / "sku-new.jpg", 70)
+    config = _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog))
+
+    estimate = pipeline.estimate_billing(pipeline.plan(config, Storage()), Storage())
+
+    assert (estimate.reused, estimate.billable) == (4, 1)
+
+
+def test_the_store_on_s3_serves_a_renamed_manifest_without_billing(
+    server: LocalApiServer, s3_store: ObjectStore
+) -> None:
+    catalog = {}
+    for i in range(20):
+        uri = s3_store.uri(f"photos/sku-{i}.jpg")
+        s3_store.storage.write_bytes(uri, sample_photo(50 + i, _HEIGHT, "JPEG"))
+        catalog[f"sku-{i}"] = uri
+
+    def config(name: str) -> pipeline.PipelineConfig:
+        manifest = s3_store.uri(f"manifests/{name}.parquet")
+        table = pa.table({"sku": list(catalog), "image_url": list(catalog.values())})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        s3_store.storage.write_bytes(manifest, sink.getvalue().to_pybytes())
+        return dataclasses.replace(
+            _config(Path("unused"), manifest, output_prefix=s3_store.uri("cutouts")),
+            output_manifest_uri=s3_store.uri(f"enriched/{name}.parquet"),
+            shard_size=20,
+        )
+
+    first = _billed(server, config("monday"), s3_store.storage)
+    s3_store.storage.write_bytes(catalog["sku-3"], sample_photo(97, _HEIGHT, "JPEG"))
+
+    second = _billed(server, config("tuesday"), s3_store.storage)
+
+    assert (first, second) == (20, 1)
