@@ -26,6 +26,10 @@ default URIs live under $REMOVEBG_DEMO_DIR (default: the repository's `.work/dem
 literal `{{ ds }}` inside a Param value is replaced by the run's logical date. The merge writes a
 contact-sheet report next to the enriched manifest; set `report_base_url` to the http(s) URL that
 serves that folder to get a "Remove-background report" button on the merge task.
+
+Every day's output prefix is new (`{{ ds }}`), so the result store lives apart from it, under the
+stable `cache_prefix` Param: day 2 sends (and bills) only the images that are new or changed since
+an earlier day; the others are copied from the store into the day's prefix.
 """
 
 from __future__ import annotations
@@ -89,6 +93,19 @@ with DAG(
         "binary_mask": Param(False, type="boolean", description="Also store a binary mask per image"),
         "white_background": Param(False, type="boolean", description="Also store a white-background jpg"),
         "shard_size": Param(1000, type="integer", minimum=1, description="Rows per mapped shard task"),
+        "cache_prefix": Param(
+            f"{DEMO_DIR}/removebg_cache",
+            type="string",
+            description=(
+                "The result store every day's run shares (keep it stable: no {{ ds }}): an image whose "
+                "content and options already have a cutout is not sent or billed again"
+            ),
+        ),
+        "fingerprint_column": Param(
+            None,
+            type=["string", "null"],
+            description="Column identifying each image's content, e.g. image_md5 (null: from the image)",
+        ),
         "report_base_url": Param(
             None,
             type=["string", "null"],
@@ -111,6 +128,8 @@ with DAG(
         binary_mask="{{ params.binary_mask }}",
         white_background="{{ params.white_background }}",
         shard_size="{{ params.shard_size }}",
+        cache_prefix="{{ params.cache_prefix }}",
+        fingerprint_column="{{ params.fingerprint_column }}",
         report_base_url=_daily("report_base_url"),
         concurrency=8,
         removebg_conn_id="removebg_default",

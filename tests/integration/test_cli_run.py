@@ -209,6 +209,9 @@ def test_help_documents_every_option() -> None:
         "--image-format",
         "--resume",
         "--skip-existing",
+        "--no-cache",
+        "--cache-prefix",
+        "--fingerprint-column",
         "--dry-run",
         "--max-billable-records",
         "--max-failed-fraction",
@@ -216,3 +219,39 @@ def test_help_documents_every_option() -> None:
         "REMOVEBG_API_TOKEN",
     ):
         assert option in done.stdout
+
+
+def _day(server: LocalApiServer, folder: Path, photos: list[str | None], name: str, *flags: str) -> int:
+    """One `removebg run` of `photos` as manifest `name` into `folder`'s prefix: the records it billed."""
+    manifest = folder / f"{name}.parquet"
+    pq.write_table(pa.table({"image_url": photos}), manifest)
+    server.reset_stats()
+    done = _removebg(
+        server,
+        str(manifest),
+        "--output-prefix",
+        str(folder / "cutouts"),
+        "--output-manifest",
+        str(folder / f"{name}.enriched.parquet"),
+        *flags,
+    )
+    assert done.returncode == 0, done.stderr
+    return int(server.stats()["records_billed"])
+
+
+def test_a_second_day_bills_only_its_new_image(server: LocalApiServer, tmp_path: Path) -> None:
+    photos = _photos(tmp_path, 4)
+    _day(server, tmp_path, photos[:3], "monday")
+
+    billed = _day(server, tmp_path, photos, "tuesday")
+
+    assert billed == 1
+
+
+def test_no_cache_sends_every_image_again(server: LocalApiServer, tmp_path: Path) -> None:
+    photos = _photos(tmp_path, 3)
+    _day(server, tmp_path, photos, "monday")
+
+    billed = _day(server, tmp_path, photos, "tuesday", "--no-cache")
+
+    assert billed == 3

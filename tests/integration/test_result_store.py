@@ -234,7 +234,7 @@ def test_correcting_an_unwritable_output_manifest_bills_nothing_on_the_rerun(
 ) -> None:
     manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 4))
     (tmp_path / "a-file").write_text("not a folder")
-    with pytest.raises(OSError):
+    with pytest.raises(NotADirectoryError):
         _billed(
             server, _config(tmp_path, manifest, output_manifest_uri=str(tmp_path / "a-file" / "e.parquet"))
         )
