@@ -7,18 +7,25 @@ input's size, so a cutout's width tells which photo it was made from.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
+from removebg_provider.pipeline.store import ResultStore, result_key
 from removebg_provider.storage import Storage
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import MotoS3, ObjectStore, fresh_store
@@ -35,6 +42,32 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApiServer]
 @pytest.fixture
 def s3_store(moto_s3: MotoS3) -> Iterator[ObjectStore]:
     yield from fresh_store(moto_s3)
+
+
+class _FirstRemovalWaitsForASecond:
+    """ASGI middleware: the first removal request waits (at most `seconds`) until a second arrives.
+
+    Two runs started together then overlap for certain: both have looked the store up and found
+    nothing before either stores a result, so only a claim can keep them from both billing.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.arrived = 0
+        self._app: ASGIApp | None = None
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        self._app = app
+        return self
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self._app is not None, "wrap(app) first"
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/removebg/"):
+            self.arrived += 1
+            deadline = time.monotonic() + self.seconds
+            while self.arrived == 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        await self._app(scope, receive, send)
 
 
 def _photo(path: Path, width: int) -> str:
@@ -375,3 +408,75 @@ def test_the_store_on_s3_serves_a_renamed_manifest_without_billing(
     second = _billed(server, config("tuesday"), s3_store.storage)
 
     assert (first, second) == (20, 1)
+
+
+def _two_runs_at_once(
+    tmp_path: Path, make_config: object, storage: Storage, count: int
+) -> tuple[int, list[int]]:
+    """Run the config twice side by side against a server holding the first request: (billed, succeeded)."""
+    gate = _FirstRemovalWaitsForASecond(seconds=10)
+    with start_api_server(tmp_path / "server", wrap_app=gate.wrap) as server:
+        config = make_config()  # type: ignore[operator]
+
+        def run(_: int) -> pipeline.RunSummary:
+            with RemoveBgClient(
+                server.base_url, server.token, **config.resolved().client_settings()
+            ) as client:
+                return pipeline.run(config, client, storage)
+
+        with ThreadPoolExecutor(2) as pool:
+            summaries = list(pool.map(run, range(2)))
+        return int(server.stats()["records_billed"]), [summary.succeeded for summary in summaries]
+
+
+def test_two_runs_of_one_manifest_at_once_bill_each_image_once_and_both_finish_every_row(
+    tmp_path: Path,
+) -> None:
+    manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 6))
+
+    billed, succeeded = _two_runs_at_once(
+        tmp_path, lambda: _config(tmp_path, manifest, shard_size=6, max_records_per_request=6), Storage(), 6
+    )
+
+    assert (billed, succeeded) == (6, [6, 6])
+
+
+def test_two_runs_at_once_over_a_store_on_s3_bill_each_image_once(
+    s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    catalog = {}
+    for i in range(4):
+        catalog[f"sku-{i}"] = s3_store.uri(f"photos/sku-{i}.jpg")
+        s3_store.storage.write_bytes(catalog[f"sku-{i}"], sample_photo(50 + i, _HEIGHT, "JPEG"))
+    manifest = _manifest(tmp_path / "m.parquet", catalog)
+
+    def config() -> pipeline.PipelineConfig:
+        return _config(
+            tmp_path, manifest, shard_size=4, max_records_per_request=4, cache_prefix=s3_store.uri("store")
+        )
+
+    billed, succeeded = _two_runs_at_once(tmp_path, config, s3_store.storage, 4)
+
+    assert (billed, succeeded) == (4, [4, 4])
+
+
+def test_an_image_claimed_by_a_process_that_died_is_sent_without_waiting_for_the_lease(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 2)
+    config = _config(tmp_path, _manifest(tmp_path / "m.parquet", catalog)).resolved()
+    source = Storage().fingerprints([catalog["sku-0"]])[catalog["sku-0"]]
+    assert source is not None
+    key = result_key(source, config)
+    claim = (
+        "from removebg_provider.pipeline.store import ResultStore\n"
+        "from removebg_provider.storage import Storage\n"
+        f"assert ResultStore({config.store_prefix!r}, Storage(), 'a dead run').claim({key!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", claim], check=True, env=env)
+    assert Path(ResultStore(str(config.store_prefix), Storage(), "probe").claim_uri(key)).is_file()
+
+    billed = _billed(server, config)
+
+    assert billed == 2

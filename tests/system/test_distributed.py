@@ -377,7 +377,7 @@ def _wait_for_shard_mid_way(deployment: Deployment, run: _StartedRun, worker: st
 def _is_mid_way(output_prefix: Path, shard: int) -> bool:
     staging = output_prefix / "_removebg_staging"
     answered = any(staging.glob(f"*/checkpoints/shard-{shard:05d}/answer-*.jsonl"))
-    finished = any(staging.glob(f"*/results/shard-{shard:05d}.jsonl"))
+    finished = any(staging.glob(f"*/results/shard-{shard:05d}.*.jsonl"))
     return answered and not finished
 
 

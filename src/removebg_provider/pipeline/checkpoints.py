@@ -2,7 +2,7 @@
 
 Layout, per shard N: `checkpoints/shard-N/answer-*.jsonl` (an API answer with its temporary URLs,
 written before the request slot is released), `checkpoints/shard-N/ckpt-*.jsonl` (finished rows),
-`results/shard-N.jsonl` (the shard's final results). Each file starts with a header line naming
+`results/shard-N.<run id>.jsonl` (the shard's final results). Each file starts with a header line naming
 the run and what it billed.
 """
 
@@ -64,7 +64,8 @@ class ShardStaging:
         self.run_id = run_id
         self.storage = storage
         self.checkpoint_prefix = join_uri(config.staging, f"checkpoints/shard-{shard.index:05d}")
-        self.results_uri = join_uri(config.staging, f"results/shard-{shard.index:05d}.jsonl")
+        # One file per run: two runs of one job at once must not replace each other's results.
+        self.results_uri = join_uri(config.staging, f"results/shard-{shard.index:05d}.{run_id}.jsonl")
 
     def load_checkpoints(self) -> Checkpoints:
         """Everything earlier attempts checkpointed for this shard."""

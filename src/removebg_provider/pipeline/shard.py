@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from http import HTTPStatus
 from typing import Any
@@ -137,7 +137,8 @@ class ShardWork:
         self.prior = checkpoints.done if self.config.resume else {}
         self.answers = checkpoints.usable_answers(now()) if self.config.resume else {}
         self.billed_earlier = checkpoints.billed_in_run
-        self.store = ResultStore(plan_.config.store_prefix, storage) if plan_.config.store_prefix else None
+        prefix, holder = plan_.config.store_prefix, f"{plan_.run_id}/shard-{shard.index}"
+        self.store = ResultStore(prefix, storage, holder) if prefix else None
         self.sources = self._source_fingerprints()
         self._stored: dict[int, StoredResult] | None = None
         self.billed = 0
@@ -215,6 +216,7 @@ class ShardWork:
         )
         size = self.config.records_per_request
         concurrency = self.config.requests_in_flight
+        stored = self._stored_results()
         to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
         to_reuse = [reused[i : i + size] for i in range(0, len(reused), size)]
         to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
@@ -224,7 +226,7 @@ class ShardWork:
             futures: list[Future[list[RowResult | None]]] = (
                 [pool.submit(self._copy_answered, batch, copier, progress) for batch in to_copy]
                 + [
-                    pool.submit(self._serve_stored, batch, client, copier, budget, progress, slots)
+                    pool.submit(self._reuse_batch, batch, stored, client, copier, budget, progress, slots)
                     for batch in to_reuse
                 ]
                 + [
@@ -279,9 +281,12 @@ class ShardWork:
         self._stored = {row[ROW]: entry for row, entry in zip(candidates, entries, strict=True) if entry}
         return self._stored
 
+    def _store_key(self, row: Row) -> str:
+        return result_key(self.sources[row[ROW]], self.config)
+
     def _current_entry(self, row: Row) -> StoredResult | None:
         assert self.store is not None
-        entry = self.store.get(result_key(self.sources[row[ROW]], self.config))
+        entry = self.store.get(self._store_key(row))
         if entry is None or not set(entry.destinations(self.config, row[ID])) <= set(entry.outputs):
             return None
         return entry if self.store.is_current(entry) else None
@@ -310,6 +315,84 @@ class ShardWork:
         )
 
     def _process_batch(
+        self,
+        batch: list[Row],
+        client: RemoveBgClient,
+        copier: OutputCopier,
+        budget: Budget,
+        progress: Progress,
+        request_slots: threading.Semaphore,
+    ) -> list[RowResult | None]:
+        """Send a batch and copy its outputs; None for rows whose bytes an earlier row owns.
+
+        With a result store, each image is claimed first. An image another run is sending is not
+        sent but waited for, then served from the store; one stored since this shard looked is served.
+        """
+        if self.store is None:
+            return self._send_batch(batch, client, copier, budget, progress, request_slots)
+        args = (client, copier, budget, progress, request_slots)
+        mine, elsewhere = self._claim(batch)
+        by_id: dict[str, RowResult | None] = {}
+        try:
+            # Another run may have stored an image since this shard looked: serve it instead.
+            now_stored = {
+                row[ROW]: entry
+                for row in mine
+                if row[ROW] in self.sources and (entry := self._current_entry(row)) is not None
+            }
+            served, stale = self._serve_stored(
+                [r for r in mine if r[ROW] in now_stored], now_stored, progress
+            )
+            by_id.update(served)
+            to_send = [row for row in mine if row[ROW] not in now_stored] + stale
+            if to_send:
+                by_id.update(zip(_ids(to_send), self._send_batch(to_send, *args), strict=True))
+        finally:
+            for row in mine:
+                if row[ROW] in self.sources:
+                    self.store.release(self._store_key(row))
+        if elsewhere:
+            by_id.update(zip(_ids(elsewhere), self._after_other_runs(elsewhere, *args), strict=True))
+        return [by_id.get(row[ID]) for row in batch]
+
+    def _claim(self, batch: list[Row]) -> tuple[list[Row], list[Row]]:
+        """The rows this run may send (claimed, or without a fingerprint) and those another run is sending."""
+        assert self.store is not None
+        mine: list[Row] = []
+        elsewhere: list[Row] = []
+        for row in batch:
+            if row[ROW] not in self.sources or self.store.claim(self._store_key(row)):
+                mine.append(row)
+            else:
+                elsewhere.append(row)
+        return mine, elsewhere
+
+    def _after_other_runs(
+        self,
+        rows: list[Row],
+        client: RemoveBgClient,
+        copier: OutputCopier,
+        budget: Budget,
+        progress: Progress,
+        request_slots: threading.Semaphore,
+    ) -> list[RowResult | None]:
+        """Wait for the results other runs are storing for `rows`; rows they gave up on are processed here."""
+        assert self.store is not None
+        args = (client, copier, budget, progress, request_slots)
+        log.info(
+            "shard %d: %d images are being sent by another run; waiting for them", self.shard.index, len(rows)
+        )
+        found = {row[ROW]: self.store.wait_for(self._store_key(row)) for row in rows}
+        stored = {number: entry for number, entry in found.items() if entry is not None}
+        served = [row for row in rows if row[ROW] in stored]
+        again = [row for row in rows if row[ROW] not in stored]
+        by_id, stale = self._serve_stored(served, stored, progress)
+        again += stale
+        if again:
+            by_id.update(zip(_ids(again), self._process_batch(again, *args), strict=True))
+        return [by_id.get(row[ID]) for row in rows]
+
+    def _send_batch(
         self,
         batch: list[Row],
         client: RemoveBgClient,
@@ -348,18 +431,28 @@ class ShardWork:
             outcomes[api_result.id] = self._copy_outputs(api_result, copier, rows[api_result.id])
         return self._finish(batch, outcomes, progress)
 
-    def _serve_stored(
+    def _reuse_batch(
         self,
         batch: list[Row],
+        stored: Mapping[int, StoredResult],
         client: RemoveBgClient,
         copier: OutputCopier,
         budget: Budget,
         progress: Progress,
         request_slots: threading.Semaphore,
     ) -> list[RowResult | None]:
-        """Give rows their stored results without a request; a row whose stored outputs changed is sent."""
+        """Rows found in the store: served without a request; a row whose stored outputs changed is sent."""
+        by_id, stale = self._serve_stored(batch, stored, progress)
+        if stale:
+            sent = self._process_batch(stale, client, copier, budget, progress, request_slots)
+            by_id.update(zip(_ids(stale), sent, strict=True))
+        return [by_id.get(row[ID]) for row in batch]
+
+    def _serve_stored(
+        self, batch: list[Row], stored: Mapping[int, StoredResult], progress: Progress
+    ) -> tuple[dict[str, RowResult | None], list[Row]]:
+        """Results of the rows whose stored outputs could be put in place, and the rows whose could not."""
         assert self.store is not None
-        stored = self._stored_results()
         outcomes: dict[str, RowResult] = {}
         stale: list[Row] = []
         for row in batch:
@@ -370,11 +463,7 @@ class ShardWork:
             else:
                 stale.append(row)
         served = [row for row in batch if row[ID] in outcomes]
-        by_id = dict(zip((row[ID] for row in served), self._finish(served, outcomes, progress), strict=True))
-        if stale:
-            sent = self._process_batch(stale, client, copier, budget, progress, request_slots)
-            by_id.update(zip((row[ID] for row in stale), sent, strict=True))
-        return [by_id.get(row[ID]) for row in batch]
+        return dict(zip(_ids(served), self._finish(served, outcomes, progress), strict=True)), stale
 
     def _reused(self, row: Row, entry: StoredResult, destinations: dict[str, str]) -> RowResult:
         return RowResult(
@@ -544,3 +633,7 @@ class ShardWork:
             attempts=0,
             processed_at=now(),
         )
+
+
+def _ids(rows: list[Row]) -> list[str]:
+    return [row[ID] for row in rows]

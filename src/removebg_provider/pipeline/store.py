@@ -8,6 +8,14 @@ output prefix or path spelling: the same image asked the same way is the same ke
 Layout under the store prefix (default `<output_prefix>/_removebg_cache/`):
 
     entries/<first 2 hex of key>/<key>.json   one object per key, the latest result stored for it
+    claims/<first 2 hex of key>/<key>.json    while a run sends that image: who, since when
+
+A run sends an image only after creating its claim with a conditional write (exclusive create on
+disk, `If-None-Match: *` on S3, `if_generation_match=0` on GCS, `overwrite=False` on Azure), so
+two runs, shard tasks or DAG runs sharing a store never both bill one image: the other waits for
+the entry and serves it. A claim is removed once its result is stored (or has failed); one left by
+a dead process is taken over after `CLAIM_LEASE`, at once when that process ran on this host, and
+at once by the same shard of the same run (a retried task: Airflow runs one try at a time).
 
 An entry records, for each output, the URI it was written to, that object's version (ETag,
 generation, or size + mtime + inode on disk) and the SHA-256 of its bytes. Outputs are named per
@@ -22,9 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from removebg_provider.errors import StorageError
@@ -36,6 +48,11 @@ log = logging.getLogger(__name__)
 
 # Bumped when the key or the entry changes meaning: older entries then simply miss.
 _KEY_VERSION = 1
+# How long a claim keeps other runs from sending its image: well over one request with its retries
+# and the copy of its outputs. A claim older than this is taken to be a dead run's.
+CLAIM_LEASE = timedelta(minutes=10)
+# How often a run waiting for another run's result looks for it: from the first to the last value.
+_WAIT_POLL_SECONDS = (0.2, 2.0)
 
 
 def result_key(source_fingerprint: str, config: PipelineConfig) -> str:
@@ -115,13 +132,94 @@ class StoredResult:
 class ResultStore:
     """Reads, checks, serves and records entries under one store prefix."""
 
-    def __init__(self, prefix: str, storage: Storage) -> None:
+    def __init__(self, prefix: str, storage: Storage, holder: str) -> None:
+        """`holder` names the work claiming images (a run's shard): its later tries take its claims over."""
         self.prefix = prefix.rstrip("/")
         self.storage = storage
+        self._claimant = {
+            "holder": holder,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": uuid.uuid4().hex,
+        }
 
     def entry_uri(self, key: str) -> str:
         """Where the entry of `key` lives."""
         return join_uri(self.prefix, f"entries/{key[:2]}/{key}.json")
+
+    def claim_uri(self, key: str) -> str:
+        """Where the claim of `key` lives while a run sends its image."""
+        return join_uri(self.prefix, f"claims/{key[:2]}/{key}.json")
+
+    def claim(self, key: str) -> bool:
+        """Take `key` for this process before sending its image; False while another live run holds it.
+
+        A store whose scheme has no conditional write cannot arbitrate: the image is sent, as it
+        would be without a store, with a warning.
+        """
+        uri = self.claim_uri(key)
+        body = json.dumps({**self._claimant, "claimed_at": _now().isoformat()}).encode()
+        try:
+            if self.storage.create_new(uri, body):
+                return True
+            held = self._claim_at(uri)
+            if held is not None and held.get("token") == self._claimant["token"]:
+                # Already ours (a row sent again after its stored outputs proved stale).
+                return True
+            if held is not None and held.get("holder") != self._claimant["holder"] and not _abandoned(held):
+                return False
+            if held is not None:
+                log.warning("result store claim %s was left by a dead run (%s); taking it over", uri, held)
+                self.storage.delete(uri)
+            return self.storage.create_new(uri, body)
+        except StorageError as exc:
+            log.warning("result store claim %s not taken, the image is sent unguarded: %s", uri, exc)
+            return True
+
+    def release(self, key: str) -> None:
+        """Give `key` back once its result is stored or has failed (only this process's own claim)."""
+        uri = self.claim_uri(key)
+        try:
+            held = self._claim_at(uri)
+            if held is not None and held.get("token") == self._claimant["token"]:
+                self.storage.delete(uri)
+        except StorageError as exc:
+            log.warning("result store claim %s not released (it expires after %s): %s", uri, CLAIM_LEASE, exc)
+
+    def wait_for(self, key: str) -> StoredResult | None:
+        """The result another run is storing for `key`, once it is there; None when that run gave up.
+
+        Waits while the claim is held and alive; returns None when the claim is released or
+        abandoned without a current entry, so the caller claims and sends the image itself.
+        """
+        pause = _WAIT_POLL_SECONDS[0]
+        while True:
+            entry = self.get(key)
+            if entry is not None and self.is_current(entry):
+                return entry
+            try:
+                held = self._claim_at(self.claim_uri(key))
+            except StorageError:
+                held = None
+            if held is None or _abandoned(held):
+                # The entry may have landed between the two reads.
+                entry = self.get(key)
+                return entry if entry is not None and self.is_current(entry) else None
+            time.sleep(pause)
+            pause = min(pause * 2, _WAIT_POLL_SECONDS[1])
+
+    def _claim_at(self, uri: str) -> dict[str, Any] | None:
+        if not self.storage.exists(uri):
+            return None
+        try:
+            held: dict[str, Any] = json.loads(self.storage.read_bytes(uri))
+        except StorageError:
+            # Released between the check and the read.
+            return None
+        except ValueError:
+            # A torn claim (a store without atomic writes) names nobody: it is abandoned.
+            return {"claimed_at": datetime.min.replace(tzinfo=timezone.utc).isoformat()}
+        return held
 
     def get(self, key: str) -> StoredResult | None:
         """The entry of `key`, or None when there is none (an unreadable entry is a miss, with a warning)."""
@@ -189,3 +287,24 @@ class ResultStore:
         if version is None:
             raise StorageError(f"{uri} was just written but is missing")
         return version
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _abandoned(claim: Mapping[str, Any]) -> bool:
+    """Whether a claim's run is gone: the lease ran out, or its process on this host has ended."""
+    claimed_at = datetime.fromisoformat(claim["claimed_at"])
+    if _now() - claimed_at > CLAIM_LEASE:
+        return True
+    if claim.get("host") != socket.gethostname() or not isinstance(claim.get("pid"), int):
+        return False
+    try:
+        os.kill(claim["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        # Alive, under another user.
+        return False
+    return False

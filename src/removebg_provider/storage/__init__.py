@@ -92,6 +92,14 @@ class Storage:
         """URIs of the objects directly under `prefix`, sorted."""
         return self._backend(prefix).list_prefix(prefix)
 
+    def create_new(self, uri: str, data: bytes) -> bool:
+        """Write `data` to `uri` only if nothing is there (one conditional request); False if something is."""
+        return self._backend(uri).create_new(uri, data)
+
+    def delete(self, uri: str) -> None:
+        """Remove the object at `uri`; a missing object is not an error."""
+        self._backend(uri).delete(uri)
+
     def version(self, uri: str) -> str | None:
         """A token that changes whenever the object at `uri` is written again; None when it is missing."""
         return self._backend(uri).version(uri)

@@ -77,6 +77,19 @@ class Backend:
         """URIs of the objects directly under `prefix`."""
         raise StorageError(f"cannot list {prefix}: listing is not supported for {urlparse(prefix).scheme}://")
 
+    def create_new(self, uri: str, data: bytes) -> bool:
+        """Write `data` to `uri` only if no object is there, in one conditional request; False if one is.
+
+        Two writers racing for one URI: exactly one gets True. A scheme without conditional writes
+        raises StorageError rather than pretend.
+        """
+        scheme = urlparse(uri).scheme
+        raise StorageError(f"cannot create {uri} exclusively: {scheme}:// has no conditional write")
+
+    def delete(self, uri: str) -> None:
+        """Remove the object at `uri`; a missing object is not an error."""
+        raise StorageError(f"cannot delete {uri}: not supported for {urlparse(uri).scheme}://")
+
     def fingerprint(self, uri: str) -> str | None:
         """What identifies the content at `uri`, None when there is no object: here a hash of its bytes.
 
@@ -144,6 +157,31 @@ class LocalBackend(Backend):
     def exists(self, uri: str) -> bool:
         return os.path.isfile(local_path(uri))
 
+    def create_new(self, uri: str, data: bytes) -> bool:
+        # Written aside, then hard-linked into place: link() refuses an existing name, and the file
+        # is whole the moment its name appears.
+        directory, name = os.path.split(os.path.abspath(local_path(uri)))
+        aside = os.path.join(directory, f".{name}.{_temporary_suffix()}")
+        with self.atomic_writer(aside) as stream:
+            stream.write(data)
+        try:
+            os.link(aside, os.path.join(directory, name))
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot create {uri}: {short_error(exc)}") from exc
+        finally:
+            os.unlink(aside)
+        return True
+
+    def delete(self, uri: str) -> None:
+        try:
+            os.unlink(local_path(uri))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
+
     def version(self, uri: str) -> str | None:
         # A write renames a new file into place: a new inode and modification time, without reading it.
         try:
@@ -205,6 +243,24 @@ class S3Backend(Backend):
         ):
             keys.extend(item["Key"] for item in page.get("Contents", []))
         return sorted(f"s3://{bucket}/{key}" for key in keys)
+
+    def create_new(self, uri: str, data: bytes) -> bool:
+        bucket, key = _bucket_and_key(uri)
+        try:
+            self._client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except storage_errors() as exc:
+            # 412: the object exists; 409: a concurrent conditional write to the same key won.
+            if _error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return False
+            raise StorageError(f"cannot create {uri}: {short_error(exc)}") from exc
+        return True
+
+    def delete(self, uri: str) -> None:
+        bucket, key = _bucket_and_key(uri)
+        try:
+            self._client().delete_object(Bucket=bucket, Key=key)
+        except storage_errors() as exc:
+            raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
 
     def fingerprint(self, uri: str) -> str | None:
         # An ETag is the content's MD5 (or, for a multipart upload, the MD5 of its parts' MD5s).
@@ -287,6 +343,32 @@ class GcsBackend(Backend):
         blob = self._blob(uri)
         return None if blob is None else f"generation:{blob.generation}"
 
+    def create_new(self, uri: str, data: bytes) -> bool:
+        from google.api_core.exceptions import PreconditionFailed
+
+        try:
+            self._new_blob(uri).upload_from_string(data, if_generation_match=0)
+        except PreconditionFailed:
+            return False
+        except storage_errors() as exc:
+            raise StorageError(f"cannot create {uri}: {short_error(exc)}") from exc
+        return True
+
+    def delete(self, uri: str) -> None:
+        try:
+            self._new_blob(uri).delete()
+        except missing_errors():
+            pass
+        except storage_errors() as exc:
+            raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
+
+    def _new_blob(self, uri: str) -> Any:
+        from google.cloud import storage as gcs
+
+        bucket, key = _bucket_and_key(uri)
+        client = self.params.get("client") or gcs.Client()
+        return client.bucket(bucket).blob(key)
+
     def _blob(self, uri: str) -> Any:
         from google.cloud import storage as gcs
 
@@ -343,16 +425,37 @@ class AzureBackend(Backend):
         properties = self._properties(uri)
         return None if properties is None else f"etag:{properties.etag}"
 
-    def _properties(self, uri: str) -> Any:
+    def create_new(self, uri: str, data: bytes) -> bool:
+        from azure.core.exceptions import ResourceExistsError
+
+        try:
+            self._blob_client(uri).upload_blob(data, overwrite=False)
+        except ResourceExistsError:
+            return False
+        except storage_errors() as exc:
+            raise StorageError(f"cannot create {uri}: {short_error(exc)}") from exc
+        return True
+
+    def delete(self, uri: str) -> None:
+        try:
+            self._blob_client(uri).delete_blob()
+        except missing_errors():
+            pass
+        except storage_errors() as exc:
+            raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
+
+    def _blob_client(self, uri: str) -> Any:
         if "client" not in self.params:
             raise StorageError(
-                f"cannot check {uri}: Azure Blob needs a client (set {AZURE_CONNECTION_ENV} "
+                f"cannot reach {uri}: Azure Blob needs a client (set {AZURE_CONNECTION_ENV} "
                 "or pass wasb_conn_id)"
             )
         bucket, key = _bucket_and_key(uri)
-        blob = self.params["client"].get_blob_client(bucket, key)
+        return self.params["client"].get_blob_client(bucket, key)
+
+    def _properties(self, uri: str) -> Any:
         try:
-            return blob.get_blob_properties()
+            return self._blob_client(uri).get_blob_properties()
         except missing_errors():
             return None
         except storage_errors() as exc:
@@ -386,6 +489,11 @@ class HttpBackend(Backend):
 def _bucket_and_key(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
 
 
 def _s3_fingerprint(etag: str, size: int) -> str:
