@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from removebg_provider.errors import StorageError
@@ -104,3 +106,76 @@ def _write_then_fail(storage: Storage, uri: str, data: bytes) -> None:
     with storage.atomic_writer(uri) as stream:
         stream.write(data)
         raise RuntimeError("writer died")
+
+
+def test_create_new_writes_only_when_nothing_is_there(object_store: ObjectStore) -> None:
+    uri = object_store.uri("claims/k.json")
+
+    first = object_store.storage.create_new(uri, b"first")
+    second = object_store.storage.create_new(uri, b"second")
+
+    assert (first, second) == (True, False)
+    assert object_store.storage.read_bytes(uri) == b"first"
+
+
+def test_delete_removes_an_object_and_ignores_a_missing_one(object_store: ObjectStore) -> None:
+    uri = object_store.uri("claims/k.json")
+    object_store.storage.write_bytes(uri, b"x")
+
+    object_store.storage.delete(uri)
+    object_store.storage.delete(uri)
+
+    assert object_store.storage.exists(uri) is False
+
+
+def test_version_changes_when_an_object_is_written_again_and_is_none_when_missing(
+    object_store: ObjectStore,
+) -> None:
+    uri = object_store.uri("cutouts/a.png")
+    object_store.storage.write_bytes(uri, b"one")
+    before = object_store.storage.version(uri)
+
+    object_store.storage.write_bytes(uri, b"two")
+
+    assert before is not None
+    assert object_store.storage.version(uri) not in (None, before)
+    assert object_store.storage.version(object_store.uri("cutouts/missing.png")) is None
+
+
+def test_fingerprints_tell_changed_content_and_missing_objects(object_store: ObjectStore) -> None:
+    uri, missing = object_store.uri("photos/a.jpg"), object_store.uri("photos/gone.jpg")
+    object_store.storage.write_bytes(uri, b"first photo")
+    before = object_store.storage.fingerprints([uri, missing])
+
+    object_store.storage.write_bytes(uri, b"second photo")
+
+    after = object_store.storage.fingerprints([uri])
+    assert before[missing] is None
+    assert before[uri] is not None
+    assert after[uri] not in (None, before[uri])
+
+
+def test_fingerprints_of_many_objects_in_one_folder_match_each_object_s_own(
+    object_store: ObjectStore,
+) -> None:
+    uris = [object_store.uri(f"photos/p-{i:02d}.jpg") for i in range(20)]
+    for index, uri in enumerate(uris):
+        object_store.storage.write_bytes(uri, f"photo {index}".encode())
+    object_store.storage.write_bytes(object_store.uri("photos/p-99-not-asked.jpg"), b"other")
+
+    together = object_store.storage.fingerprints(uris)
+
+    assert together == {uri: object_store.storage.fingerprints([uri])[uri] for uri in uris}
+    assert len(set(together.values())) == 20
+
+
+def test_a_local_file_s_fingerprint_is_its_content_wherever_it_lies(tmp_path: Path) -> None:
+    first, second, other = tmp_path / "a.jpg", tmp_path / "copy" / "a.jpg", tmp_path / "b.jpg"
+    second.parent.mkdir()
+    first.write_bytes(b"same photo")
+    second.write_bytes(b"same photo")
+    other.write_bytes(b"another photo")
+
+    found = Storage().fingerprints([str(first), str(second), str(other)])
+
+    assert found[str(first)] == found[str(second)] != found[str(other)]
