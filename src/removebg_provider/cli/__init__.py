@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from removebg_provider import __version__
-from removebg_provider.cli import models, report, run, serve
+from removebg_provider.cli import cache, models, report, run, serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_parser(subcommands)
     report.add_parser(subcommands)
     models.add_parser(subcommands)
+    cache.add_parser(subcommands)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -70,6 +70,33 @@ def result_key(source_fingerprint: str, config: PipelineConfig) -> str:
 
 
 @dataclass(frozen=True)
+class StoreStats:
+    """What a store holds: entries (finished results) and claims (images being sent, or left by dead runs)."""
+
+    entries: int
+    claims: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"entries": self.entries, "claims": self.claims}
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What `ResultStore.prune` looked at and removed."""
+
+    entries_examined: int
+    entries_removed: int
+    claims_removed: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "entries_examined": self.entries_examined,
+            "entries_removed": self.entries_removed,
+            "claims_removed": self.claims_removed,
+        }
+
+
+@dataclass(frozen=True)
 class StoredOutput:
     """One output of a stored result: where it was written, that object's version, its bytes' SHA-256."""
 
@@ -207,6 +234,45 @@ class ResultStore:
                 return entry if entry is not None and self.is_current(entry) else None
             time.sleep(pause)
             pause = min(pause * 2, _WAIT_POLL_SECONDS[1])
+
+    def stats(self) -> StoreStats:
+        """How many entries and claims the store holds (one listing per key group, nothing read)."""
+        return StoreStats(len(self._listed("entries")), len(self._listed("claims")))
+
+    def prune(self, older_than: timedelta, *, even_if_current: bool = False) -> PruneReport:
+        """Remove entries stored more than `older_than` ago that can no longer be served, and dead claims.
+
+        An entry whose outputs were overwritten or deleted can never be served again: removing it
+        costs nothing. With `even_if_current`, old entries that could still be served are removed
+        too; their images are then sent (and billed) again by the next run that meets them.
+        """
+        cutoff = _now() - older_than
+        examined = removed = 0
+        for uri in self._listed("entries"):
+            examined += 1
+            try:
+                entry = StoredResult.from_json(json.loads(self.storage.read_bytes(uri)))
+            except (StorageError, ValueError, KeyError, TypeError):
+                entry = None
+            if entry is None or (
+                entry.stored_at < cutoff and (even_if_current or not self.is_current(entry))
+            ):
+                self.storage.delete(uri)
+                removed += 1
+        dead_claims = [
+            uri for uri in self._listed("claims") if (held := self._claim_at(uri)) and _abandoned(held)
+        ]
+        for uri in dead_claims:
+            self.storage.delete(uri)
+        return PruneReport(examined, removed, len(dead_claims))
+
+    def _listed(self, kind: str) -> list[str]:
+        return [
+            uri
+            for group in range(256)
+            for uri in self.storage.list_prefix(join_uri(self.prefix, f"{kind}/{group:02x}"))
+            if uri.endswith(".json")
+        ]
 
     def _claim_at(self, uri: str) -> dict[str, Any] | None:
         if not self.storage.exists(uri):
