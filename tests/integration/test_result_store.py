@@ -27,6 +27,7 @@ from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.pipeline.store import ResultStore, result_key
 from removebg_provider.storage import Storage
+from support.file_server import serve_files
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import MotoS3, ObjectStore, fresh_store
 
@@ -480,3 +481,21 @@ def test_an_image_claimed_by_a_process_that_died_is_sent_without_waiting_for_the
     billed = _billed(server, config)
 
     assert billed == 2
+
+
+def test_an_image_url_whose_body_changed_is_sent_again_and_an_unchanged_one_is_not(tmp_path: Path) -> None:
+    # This file server answers no HEAD (501), so the fingerprint falls back to a hash of the body.
+    photos = {"a.jpg": sample_photo(50, _HEIGHT, "JPEG"), "b.jpg": sample_photo(51, _HEIGHT, "JPEG")}
+    with (
+        serve_files(photos) as images,
+        start_api_server(tmp_path / "server", allow_private_urls=True) as server,
+    ):
+        catalog = {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
+        _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+        images.files["a.jpg"] = sample_photo(80, _HEIGHT, "JPEG")
+        day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog))
+
+        billed = _billed(server, day2)
+
+    assert billed == 1
+    assert _cutout_widths(day2) == {"sku-a": 80, "sku-b": 51}

@@ -139,7 +139,7 @@ class ShardWork:
         self.billed_earlier = checkpoints.billed_in_run
         prefix, holder = plan_.config.store_prefix, f"{plan_.run_id}/shard-{shard.index}"
         self.store = ResultStore(prefix, storage, holder) if prefix else None
-        self.sources = self._source_fingerprints()
+        self._sources: dict[int, str] | None = None
         self._stored: dict[int, StoredResult] | None = None
         self.billed = 0
         self._billed_lock = threading.Lock()
@@ -251,6 +251,13 @@ class ShardWork:
 
     def _fingerprint(self, row: Row) -> str:
         return self.config.fingerprint(row[REF], self.sources.get(row[ROW]))
+
+    @property
+    def sources(self) -> dict[int, str]:
+        """Each sendable row's source fingerprint, by row number (rows that have one), found on first use."""
+        if self._sources is None:
+            self._sources = self._source_fingerprints()
+        return self._sources
 
     def _source_fingerprints(self) -> dict[int, str]:
         """What identifies each sendable row's image: the catalog's column, else the store's metadata."""

@@ -466,11 +466,18 @@ class AzureBackend(Backend):
 class HttpBackend(Backend):
     """Images at http(s) URLs, read-only; described by a HEAD's validators when the server gives them."""
 
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        import requests
+
+        super().__init__(params)
+        # One session: its pooled connections serve every HEAD of a run to the same image host.
+        self._session = requests.Session()
+
     def fingerprint(self, uri: str) -> str | None:
         import requests
 
         try:
-            head = requests.head(uri, allow_redirects=True, timeout=30)
+            head = self._session.head(uri, allow_redirects=True, timeout=30)
         except requests.RequestException:
             # Unreachable: the API fetches the URL itself and reports the problem as the row's status.
             return None
