@@ -291,12 +291,21 @@ class ResultStore:
         """The entry of `key`, or None when there is none (an unreadable entry is a miss, with a warning)."""
         uri = self.entry_uri(key)
         try:
-            if not self.storage.exists(uri):
-                return None
+            # One GET for a hit (most rows of a daily run); a miss costs a failed GET and a check.
             return StoredResult.from_json(json.loads(self.storage.read_bytes(uri)))
-        except (StorageError, ValueError, KeyError, TypeError) as exc:
+        except StorageError as exc:
+            if self._exists(uri):
+                log.warning("result store entry %s is unreadable, treated as missing: %s", uri, exc)
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
             log.warning("result store entry %s is unreadable, treated as missing: %s", uri, exc)
             return None
+
+    def _exists(self, uri: str) -> bool:
+        try:
+            return self.storage.exists(uri)
+        except StorageError:
+            return True
 
     def is_current(self, entry: StoredResult) -> bool:
         """Whether every output of `entry` is still the object version it recorded."""
