@@ -46,9 +46,11 @@ def migrate(home: Path, dags: Path) -> None:
     )
 
 
-def dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`airflow dags test DAG 2024-06-01 -c CONF`, its console output in `stdout`."""
-    command = [str(BIN / "airflow"), "dags", "test", dag_id, "2024-06-01", "-c", json.dumps(conf)]
+def dags_test(
+    dag_id: str, conf: dict[str, Any], env: dict[str, str], logical_date: str = "2024-06-01"
+) -> subprocess.CompletedProcess[str]:
+    """`airflow dags test DAG LOGICAL_DATE -c CONF`, its console output in `stdout`."""
+    command = [str(BIN / "airflow"), "dags", "test", dag_id, logical_date, "-c", json.dumps(conf)]
     return subprocess.run(
         command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900
     )

@@ -18,11 +18,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from removebg_provider.samples import write_sample_photos
 from support import REPO_ROOT
 from support.airflow_cli import airflow_env, dags_test, migrate
-from support.servers import LocalApiServer, start_api_server
+from support.servers import LocalApiServer, sample_photo, start_api_server
 
 ROOT = REPO_ROOT
 BIN = Path(sys.executable).parent
@@ -213,6 +214,51 @@ def test_retried_shard_resumes_without_billing_finished_batches(
     assert billed == PHOTOS
     statuses = [row["removebg_status_code"] for row in pq.read_table(conf["output_manifest_uri"]).to_pylist()]
     assert statuses.count(200) == PHOTOS
+
+
+def test_day_two_of_the_dag_bills_only_the_changed_and_new_images_into_its_own_dated_prefix(
+    tmp_path: Path, airflow_home: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(6):
+        (photos / f"p{index}.jpg").write_bytes(sample_photo(60 + index, 40, "JPEG"))
+    _daily_manifest(tmp_path / "manifests" / "2024-06-01" / "products.csv", photos, 6)
+    _daily_manifest(tmp_path / "manifests" / "2024-06-02" / "products.csv", photos, 7)
+    conf = {
+        "manifest_uri": str(tmp_path / "manifests" / "{{ ds }}" / "products.csv"),
+        "output_prefix": str(tmp_path / "cutouts" / "{{ ds }}"),
+        "output_manifest_uri": str(tmp_path / "enriched" / "{{ ds }}.parquet"),
+        "id_column": "sku",
+        "cache_prefix": str(tmp_path / "removebg_cache"),
+    }
+    with start_api_server(tmp_path / "server") as server:
+        env = airflow_env(airflow_home, ROOT / "dags", server)
+        dags_test("catalog_remove_background", conf, env, logical_date="2024-06-01")
+        (photos / "p2.jpg").write_bytes(sample_photo(99, 40, "JPEG"))
+        (photos / "p6.jpg").write_bytes(sample_photo(98, 40, "JPEG"))
+        server.reset_stats()
+        result = dags_test("catalog_remove_background", conf, env, logical_date="2024-06-02")
+        billed = server.stats()["records_billed"]
+
+    assert "state=success" in result.stdout, result.stdout[-3000:]
+    assert billed == 2
+    rows = {
+        row["sku"]: row for row in pq.read_table(tmp_path / "enriched" / "2024-06-02.parquet").to_pylist()
+    }
+    assert {row["removebg_status_code"] for row in rows.values()} == {200}
+    assert rows["SKU-0"]["removebg_output_url"] == str(tmp_path / "cutouts" / "2024-06-02" / "SKU-0.png")
+    widths = {sku: Image.open(row["removebg_output_url"]).width for sku, row in rows.items()}
+    assert (widths["SKU-0"], widths["SKU-2"], widths["SKU-6"]) == (60, 99, 98)
+
+
+def _daily_manifest(path: Path, photos: Path, count: int) -> None:
+    path.parent.mkdir(parents=True)
+    with path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["sku", "image_url"])
+        for index in range(count):
+            writer.writerow([f"SKU-{index}", str(photos / f"p{index}.jpg")])
 
 
 def _comparable(rows: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
