@@ -499,3 +499,24 @@ def test_an_image_url_whose_body_changed_is_sent_again_and_an_unchanged_one_is_n
 
     assert billed == 1
     assert _cutout_widths(day2) == {"sku-a": 80, "sku-b": 51}
+
+
+def test_an_image_url_is_described_by_the_etag_of_a_head_request_when_the_server_gives_one(
+    tmp_path: Path,
+) -> None:
+    photos = {"a.jpg": sample_photo(50, _HEIGHT, "JPEG"), "b.jpg": sample_photo(51, _HEIGHT, "JPEG")}
+    with (
+        serve_files(photos, etags=True) as images,
+        start_api_server(tmp_path / "server", allow_private_urls=True) as server,
+    ):
+        catalog = {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
+        _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+        images.files["b.jpg"] = sample_photo(81, _HEIGHT, "JPEG")
+        day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog))
+
+        billed = _billed(server, day2)
+
+    assert billed == 1
+    assert sorted(images.heads) == ["/a.jpg", "/a.jpg", "/b.jpg", "/b.jpg"]
+    assert str(_rows(day2)["sku-a"]["removebg_source_fingerprint"]).startswith("etag:")
+    assert _cutout_widths(day2) == {"sku-a": 50, "sku-b": 81}

@@ -6,12 +6,15 @@
 
 `cut_after=N` makes the first full-body answer announce the whole length, send N bytes and close
 the connection, as a dropped link does. `honour_range=False` answers every Range request with the
-whole file (200), as some servers and proxies do.
+whole file (200), as some servers and proxies do. `etags=True` answers HEAD requests with an
+`ETag` (an MD5 of the file) and records them in `heads`; without it a HEAD gets 501, as a bare
+server gives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import threading
 from collections.abc import Iterator
@@ -27,17 +30,33 @@ class FileServer:
     files: dict[str, bytes]
     cut_after: int | None = None
     honour_range: bool = True
+    etags: bool = False
     ranges: list[str | None] = field(default_factory=list)  # the Range header of every GET, in order
+    heads: list[str] = field(default_factory=list)  # the path of every HEAD, in order
 
 
 @contextlib.contextmanager
 def serve_files(
-    files: dict[str, bytes], cut_after: int | None = None, honour_range: bool = True
+    files: dict[str, bytes], cut_after: int | None = None, honour_range: bool = True, etags: bool = False
 ) -> Iterator[FileServer]:
     """Serve `files` (name -> bytes) at http://127.0.0.1:PORT/NAME until the `with` block ends."""
-    state = FileServer("", dict(files), cut_after, honour_range)
+    state = FileServer("", dict(files), cut_after, honour_range, etags)
 
     class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            data = state.files.get(self.path.lstrip("/"))
+            if not state.etags:
+                self.send_error(501)
+                return
+            state.heads.append(self.path)
+            if data is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+
         def do_GET(self) -> None:
             requested = self.headers.get("Range")
             state.ranges.append(requested)
