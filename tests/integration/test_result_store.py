@@ -520,3 +520,26 @@ def test_an_image_url_is_described_by_the_etag_of_a_head_request_when_the_server
     assert sorted(images.heads) == ["/a.jpg", "/a.jpg", "/b.jpg", "/b.jpg"]
     assert str(_rows(day2)["sku-a"]["removebg_source_fingerprint"]).startswith("etag:")
     assert _cutout_widths(day2) == {"sku-a": 50, "sku-b": 81}
+
+
+def test_a_device_or_an_oversized_image_gets_no_fingerprint_and_fails_alone_with_422(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _catalog(tmp_path / "photos", 1)
+    big = tmp_path / "photos" / "big.jpg"
+    big.write_bytes(sample_photo(50, _HEIGHT, "JPEG") + b"\0" * 200_000)
+    catalog.update({"sku-device": "/dev/zero", "sku-big": str(big)})
+    config = _config(
+        tmp_path, _manifest(tmp_path / "m.parquet", catalog), max_image_bytes=100_000, max_failed_fraction=1.0
+    )
+
+    _billed(server, config)
+
+    rows = _rows(config)
+    assert {sku: row["removebg_status_code"] for sku, row in rows.items()} == {
+        "sku-0": 200,
+        "sku-device": 422,
+        "sku-big": 422,
+    }
+    assert rows["sku-device"]["removebg_source_fingerprint"] is None
+    assert rows["sku-big"]["removebg_source_fingerprint"] is None

@@ -272,7 +272,7 @@ class ShardWork:
                 found[row[ROW]] = "column:" + hashlib.sha256(spelled.encode()).hexdigest()[:32]
             else:
                 to_describe[row[ROW]] = row[REF]
-        described = self.storage.fingerprints(list(to_describe.values()))
+        described = self.storage.fingerprints(list(to_describe.values()), limit=self.config.max_image_bytes)
         for row_number, reference in to_describe.items():
             if (fingerprint := described.get(reference)) is not None:
                 found[row_number] = fingerprint

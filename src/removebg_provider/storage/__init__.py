@@ -104,18 +104,19 @@ class Storage:
         """A token that changes whenever the object at `uri` is written again; None when it is missing."""
         return self._backend(uri).version(uri)
 
-    def fingerprints(self, uris: Sequence[str]) -> dict[str, str | None]:
+    def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
         """What identifies the content of each object (its scheme's metadata, else a hash of its bytes).
 
-        None for an object that is missing or cannot be described. Each scheme describes its URIs
-        at once, so an object store can answer many from one listing.
+        None for an object that is missing, cannot be described, or (when its bytes are hashed) is
+        over `limit` bytes. Each scheme describes its URIs at once, so an object store can answer
+        many from one listing.
         """
         by_backend: dict[Backend, list[str]] = defaultdict(list)
         for uri in dict.fromkeys(uris):
             by_backend[self._backend(uri)].append(uri)
         found: dict[str, str | None] = {}
         for backend, group in by_backend.items():
-            found.update(backend.fingerprints(group))
+            found.update(backend.fingerprints(group, limit))
         return found
 
     def _backend(self, uri: str) -> Backend:

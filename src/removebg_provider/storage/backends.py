@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import posixpath
+import stat
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -90,18 +91,24 @@ class Backend:
         """Remove the object at `uri`; a missing object is not an error."""
         raise StorageError(f"cannot delete {uri}: not supported for {urlparse(uri).scheme}://")
 
-    def fingerprint(self, uri: str) -> str | None:
+    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         """What identifies the content at `uri`, None when there is no object: here a hash of its bytes.
+
+        None too for an object over `limit` bytes: it is never sent, so it needs no fingerprint.
 
         Schemes whose metadata identifies the content (an ETag, an MD5, a generation) override this
         so that nothing is downloaded; a metadata value that names one object's version, not its
         bytes, carries the URI with it, so two objects never share it.
         """
         digest = hashlib.blake2b(digest_size=16)
+        size = 0
         try:
             with self.open(uri, "rb") as stream:
                 for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
                     digest.update(chunk)
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        return None
         except missing_errors():
             return None
         except storage_errors() as exc:
@@ -114,17 +121,18 @@ class Backend:
         """A token that changes whenever the object at `uri` is written again; None when it is missing."""
         return self.fingerprint(uri)
 
-    def fingerprints(self, uris: Sequence[str]) -> dict[str, str | None]:
+    def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
         """`fingerprint` of each URI (None also for one that cannot be described), side by side."""
-        with ThreadPoolExecutor(_DESCRIBE_WORKERS, thread_name_prefix="removebg-describe") as pool:
-            return dict(zip(uris, pool.map(self._fingerprint_or_none, uris), strict=True))
 
-    def _fingerprint_or_none(self, uri: str) -> str | None:
-        # An object that cannot be described is sent without one: reading it then reports the problem.
-        try:
-            return self.fingerprint(uri)
-        except StorageError:
-            return None
+        def described(uri: str) -> str | None:
+            # An object that cannot be described is sent without one: reading it reports the problem.
+            try:
+                return self.fingerprint(uri, limit)
+            except StorageError:
+                return None
+
+        with ThreadPoolExecutor(_DESCRIBE_WORKERS, thread_name_prefix="removebg-describe") as pool:
+            return dict(zip(uris, pool.map(described, uris), strict=True))
 
 
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -181,6 +189,15 @@ class LocalBackend(Backend):
             pass
         except OSError as exc:
             raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
+
+    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
+        # Only a regular file is hashed: a device or a pipe never ends (and is refused when read).
+        try:
+            if not stat.S_ISREG(os.stat(local_path(uri)).st_mode):
+                return None
+        except OSError:
+            return None
+        return super().fingerprint(uri, limit)
 
     def version(self, uri: str) -> str | None:
         # A write renames a new file into place: a new inode and modification time, without reading it.
@@ -262,7 +279,7 @@ class S3Backend(Backend):
         except storage_errors() as exc:
             raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
 
-    def fingerprint(self, uri: str) -> str | None:
+    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         # An ETag is the content's MD5 (or, for a multipart upload, the MD5 of its parts' MD5s).
         bucket, key = _bucket_and_key(uri)
         try:
@@ -273,7 +290,7 @@ class S3Backend(Backend):
             raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
         return _s3_fingerprint(head["ETag"], head["ContentLength"])
 
-    def fingerprints(self, uris: Sequence[str]) -> dict[str, str | None]:
+    def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
         """One listing per folder holding many of `uris`, over their range of keys; a HEAD for the rest."""
         by_folder: dict[tuple[str, str], list[str]] = defaultdict(list)
         for uri in uris:
@@ -287,7 +304,7 @@ class S3Backend(Backend):
                 continue
             listed = self._listed(bucket, folder, min(keys), max(keys))
             found.update({f"s3://{bucket}/{key}": listed.get(key) for key in keys})
-        return found | super().fingerprints(alone)
+        return found | super().fingerprints(alone, limit)
 
     def _listed(self, bucket: str, folder: str, first: str, last: str) -> dict[str, str]:
         """Fingerprints of the objects of `folder` from key `first` to key `last`, from its listing."""
@@ -330,7 +347,7 @@ class GcsBackend(Backend):
         blobs = client.list_blobs(bucket, prefix=key_prefix, delimiter="/")
         return sorted(f"gs://{bucket}/{blob.name}" for blob in blobs)
 
-    def fingerprint(self, uri: str) -> str | None:
+    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         # The MD5 names the content; a composite object has none, and its generation names one version.
         blob = self._blob(uri)
         if blob is None:
@@ -411,7 +428,7 @@ class AzureBackend(Backend):
         scheme = urlparse(prefix).scheme
         return sorted(f"{scheme}://{bucket}/{name}" for name in names if not name.endswith("/"))
 
-    def fingerprint(self, uri: str) -> str | None:
+    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         # Content-MD5 names the content when the uploader set it; an ETag names one version of one blob.
         properties = self._properties(uri)
         if properties is None:
@@ -473,7 +490,7 @@ class HttpBackend(Backend):
         # One session: its pooled connections serve every HEAD of a run to the same image host.
         self._session = requests.Session()
 
-    def fingerprint(self, uri: str) -> str | None:
+    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         import requests
 
         try:
@@ -490,7 +507,7 @@ class HttpBackend(Backend):
         if head.ok and modified and length:
             return f"modified:{uri}:{modified}:{length}"
         # No validators: only the body says what the image is.
-        return super().fingerprint(uri)
+        return super().fingerprint(uri, limit)
 
 
 def _bucket_and_key(uri: str) -> tuple[str, str]:
