@@ -104,17 +104,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         # Liveness needs no token; a caller that sends one learns whether it is valid (a connection test).
         if request.headers.get("authorization") is not None and not service.authorized(request):
             return _error_response(401, _AUTH_HELP)
-        return JSONResponse(
-            {
-                "status": {"code": 200, "text": "OK"},
-                "engine": _engine_summary(service.engines),
-                "engines": {mode: engine_details(service.engines[mode]) for mode in MODES},
-                "workers": service.pool.workers,
-                "auth": "token" if settings.token else "off",
-                "queue": {"admitted_records": service.pool.admitted, "capacity": service.pool.capacity},
-                "pixels": {"in_flight": service.pixels.in_use, "capacity": service.pixels.capacity},
-            }
-        )
+        return JSONResponse(_health(service, settings))
 
     @app.get("/account/v2/user/")
     async def account(request: Request) -> JSONResponse:
@@ -139,6 +129,19 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         return JSONResponse(asdict(service.counters))
 
     return app
+
+
+def _health(service: _Service, settings: ServerSettings) -> dict[str, Any]:
+    """The /health body: the engines, the workers, whether a token is needed, how full the queue is."""
+    return {
+        "status": {"code": 200, "text": "OK"},
+        "engine": _engine_summary(service.engines),
+        "engines": {mode: engine_details(service.engines[mode]) for mode in MODES},
+        "workers": service.pool.workers,
+        "auth": "token" if settings.token else "off",
+        "queue": {"admitted_records": service.pool.admitted, "capacity": service.pool.capacity},
+        "pixels": {"in_flight": service.pixels.in_use, "capacity": service.pixels.capacity},
+    }
 
 
 # The engines model the backdrop from a border band; below this there is no photo to cut out.
