@@ -104,13 +104,59 @@ def read_schema(uri: str, storage: Storage, fmt: str | None = None) -> pa.Schema
 
 
 def require_columns(uri: str, schema: pa.Schema, columns: Sequence[str]) -> None:
-    """Raise ManifestError naming the manifest when any of `columns` is missing."""
+    """Raise ManifestError naming the manifest when a column name repeats or any of `columns` is
+    missing or holds nested values (lists, structs, maps) instead of text or numbers."""
+    repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if repeated:
+        raise ManifestError(
+            f"manifest {uri} has more than one column named {', '.join(repr(n) for n in repeated)}; "
+            "give every column its own name"
+        )
     missing = [name for name in columns if name not in schema.names]
     if missing:
         raise ManifestError(
             f"manifest {uri} has no column {', '.join(repr(m) for m in missing)}; "
             f"its columns are {schema.names}"
         )
+    for name in columns:
+        kind = schema.field(name).type
+        if pa.types.is_nested(kind):
+            raise ManifestError(
+                f"column {name!r} of manifest {uri} holds {kind} values; it must hold text (or numbers)"
+            )
+
+
+def require_representable(uri: str, schema: pa.Schema, fmt: str | None = None) -> None:
+    """Raise ManifestError when a manifest in `uri`'s format could not hold or give back `schema`'s columns.
+
+    CSV has no nested values (lists of plain values are written joined, as text); JSON Lines
+    writes a map column as a list of pairs that reads back as something else.
+    """
+    resolved = manifest_format(uri, fmt)
+    if resolved == "parquet":
+        return
+    for item in schema:
+        kind = item.type
+        if resolved == "csv" and pa.types.is_nested(kind) and not _is_plain_list(kind):
+            raise ManifestError(
+                f"column {item.name!r} ({kind}) cannot be written to the CSV manifest {uri}; "
+                "write a .parquet manifest instead"
+            )
+        if resolved == "jsonl" and (pa.types.is_map(kind) or _holds_map(kind)):
+            raise ManifestError(
+                f"column {item.name!r} ({kind}) cannot be read back from the JSON Lines manifest {uri}; "
+                "write a .parquet manifest instead"
+            )
+
+
+def _is_plain_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) and not pa.types.is_nested(kind.value_type)
+
+
+def _holds_map(kind: pa.DataType) -> bool:
+    return any(
+        pa.types.is_map(kind.field(i).type) or _holds_map(kind.field(i).type) for i in range(kind.num_fields)
+    )
 
 
 class ManifestWriter:
