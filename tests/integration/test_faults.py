@@ -27,18 +27,20 @@ import pytest
 from PIL import Image
 
 from removebg_provider import pipeline
-from removebg_provider.client import RemoveBgClient, RetryPolicy
+from removebg_provider.client import RetryPolicy
 from removebg_provider.errors import StorageError
 from removebg_provider.outputs import looks_like_image
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
 from support.faults import ANSWERED, FaultRates, start_fault_proxy
+from support.runs import pipeline_config, run_through
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
-_FAST_RETRIES = RetryPolicy(max_retries=4, backoff_base=0.01, backoff_cap=0.05, deadline=60)
-# The read timeout leaves a wide margin over an ordinary answer of the local server, even with both
-# cores busy (a batch of ten 32x32 photos); an injected `slow` answer comes after it.
-_READ_TIMEOUT = 10.0
+_FAST_RETRIES = RetryPolicy(max_retries=4, backoff_base=0.01, backoff_cap=0.05, deadline=240)
+# The read timeout leaves a wide margin over an ordinary answer of the local server (a batch of ten
+# 32x32 photos) even on an overloaded machine: at a load average of 14 on 2 cores one took 18 s.
+# An injected `slow` answer comes after it.
+_READ_TIMEOUT = 30.0
 _SLOW_ANSWER = _READ_TIMEOUT + 2.0
 _BATCH = 10
 _CONCURRENCY = 8
@@ -68,35 +70,6 @@ def _manifest(folder: Path, rows: int) -> tuple[str, list[str]]:
     manifest = folder / "manifest.parquet"
     pq.write_table(pa.table({"sku": ids, "image_url": paths}), manifest)
     return str(manifest), ids
-
-
-def _config(folder: Path, manifest: str, **overrides: Any) -> pipeline.PipelineConfig:
-    options: dict[str, Any] = {
-        "manifest_uri": manifest,
-        "output_prefix": str(folder / "cutouts"),
-        "output_manifest_uri": str(folder / "enriched.parquet"),
-        "id_column": "sku",
-        "shard_size": 500,
-        "max_records_per_request": _BATCH,
-        "concurrency": _CONCURRENCY,
-        "max_failed_fraction": 1.0,
-    }
-    options.update(overrides)
-    return pipeline.PipelineConfig(**options)
-
-
-def _run(
-    base_url: str, token: str | None, config: pipeline.PipelineConfig, storage: Storage | None = None
-) -> pipeline.RunSummary:
-    with RemoveBgClient(
-        base_url,
-        token,
-        timeout=(5.0, _READ_TIMEOUT),
-        max_records_per_request=_BATCH,
-        concurrency=_CONCURRENCY,
-        retry_policy=_FAST_RETRIES,
-    ) as client:
-        return pipeline.run(config, client, storage or Storage())
 
 
 def _rows(config: pipeline.PipelineConfig) -> list[dict[str, Any]]:
@@ -140,11 +113,11 @@ def faulted(server: LocalApiServer, tmp_path_factory: pytest.TempPathFactory) ->
     """2,000 rows through a 20% request fault rate and 2% expired downloads, then a fault-free rerun."""
     folder = tmp_path_factory.mktemp("faulted")
     manifest, ids = _manifest(folder, 2000)
-    config = _config(folder, manifest)
+    config = pipeline_config(folder, manifest, settings=_FAULT_RUN)
     rates = FaultRates.uniform(0.20, expired_download=0.02, slow_seconds=_SLOW_ANSWER, retry_after="0.1")
     server.reset_stats()
     with start_fault_proxy(server.base_url, rates, seed=20) as proxy:
-        _run(proxy.base_url, server.token, config)
+        run_through(proxy.base_url, server.token, config, **_FAULT_CLIENT)
         run = _FaultedRun(
             ids=ids,
             config=config,
@@ -160,7 +133,7 @@ def faulted(server: LocalApiServer, tmp_path_factory: pytest.TempPathFactory) ->
         proxy.set_rates(FaultRates())
         proxy.reset_counters()
         server.reset_stats()
-        _run(proxy.base_url, server.token, config)
+        run_through(proxy.base_url, server.token, config, **_FAULT_CLIENT)
         run.billed_rerun = server.stats()["records_billed"]
         run.forwarded_rerun = dict(proxy.counters.forwarded_ids)
     return run
@@ -250,6 +223,17 @@ def _checkpointed_ok_ids(config: pipeline.PipelineConfig) -> set[str]:
     return done
 
 
+# Ids in a column, shards of 500, and no failure policy: the faults decide which rows fail.
+_FAULT_RUN = {
+    "id_column": "sku",
+    "shard_size": 500,
+    "max_records_per_request": _BATCH,
+    "concurrency": _CONCURRENCY,
+    "max_failed_fraction": 1.0,
+}
+_FAULT_CLIENT: dict[str, Any] = {"timeout": (5.0, _READ_TIMEOUT), "retry_policy": _FAST_RETRIES}
+
+
 def _removebg_run(base_url: str, token: str, config: pipeline.PipelineConfig) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
@@ -306,7 +290,7 @@ def test_a_run_killed_with_sigkill_resumes_without_billing_any_checkpointed_reco
     """
     rows = 400
     manifest, ids = _manifest(tmp_path, rows)
-    config = _config(tmp_path, manifest, shard_size=100)
+    config = pipeline_config(tmp_path, manifest, shard_size=100, settings=_FAULT_RUN)
     assert server.token is not None
     server.reset_stats()
     # A slower API (50 ms a request) keeps the run going long enough to be killed in the middle.
@@ -371,12 +355,12 @@ def test_failed_output_writes_are_retried_or_reported_507_and_never_marked_done(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest, ids = _manifest(tmp_path, 200)
-    config = _config(tmp_path, manifest)
+    config = pipeline_config(tmp_path, manifest, settings=_FAULT_RUN)
     storage = _FlakyStorage(
         flaky_prefix=config.output_prefix + "/sku-", failure_rate=0.4, seed=3, write_attempts=2
     )
 
-    _run(server.base_url, server.token, config, storage)
+    run_through(server.base_url, server.token, config, storage, **_FAULT_CLIENT)
 
     codes = [row["removebg_status_code"] for row in _rows(config)]
     assert [row["sku"] for row in _rows(config)] == ids
@@ -388,15 +372,15 @@ def test_rows_reported_507_succeed_on_a_rerun_with_a_healthy_store(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest, _ = _manifest(tmp_path, 100)
-    config = _config(tmp_path, manifest)
+    config = pipeline_config(tmp_path, manifest, settings=_FAULT_RUN)
     flaky = _FlakyStorage(
         flaky_prefix=config.output_prefix + "/sku-", failure_rate=0.5, seed=4, write_attempts=1
     )
-    _run(server.base_url, server.token, config, flaky)
+    run_through(server.base_url, server.token, config, flaky, **_FAULT_CLIENT)
     failed = _failed_ids(config)
     server.reset_stats()
 
-    _run(server.base_url, server.token, config)
+    run_through(server.base_url, server.token, config, **_FAULT_CLIENT)
 
     assert failed
     assert server.stats()["records_billed"] == len(failed)
@@ -411,15 +395,15 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_a_rerun_finishes_
     that batch's records again; after a failed final checkpoint the rerun copies the outputs from the
     stored answer and bills nothing."""
     manifest, ids = _manifest(tmp_path, 100)
-    config = _config(tmp_path, manifest, concurrency=1)
+    config = pipeline_config(tmp_path, manifest, concurrency=1, settings=_FAULT_RUN)
     flaky = _FlakyStorage(
         flaky_prefix=config.staging + "/checkpoints/", failure_rate=0.3, seed=5, write_attempts=1
     )
     server.reset_stats()
 
     with pytest.raises(StorageError, match="checkpoints/shard-"):
-        _run(server.base_url, server.token, config, flaky)
-    summary = _run(server.base_url, server.token, config)
+        run_through(server.base_url, server.token, config, flaky, **_FAULT_CLIENT)
+    summary = run_through(server.base_url, server.token, config, **_FAULT_CLIENT)
 
     failed_answers = [uri for uri in flaky.failures if "/answer-" in uri]
     assert summary.succeeded == len(ids)
