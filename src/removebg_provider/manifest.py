@@ -182,9 +182,13 @@ class ManifestWriter:
         return self
 
     def write(self, batch: pa.RecordBatch) -> None:
-        """Append `batch` (which must have the writer's schema); CSV joins list cells with ';'."""
+        """Append `batch` (which must have the writer's schema).
+
+        CSV joins list cells with ';' and defuses text a spreadsheet would run as a formula (see
+        `_without_formulas`).
+        """
         if self.format == "csv":
-            batch = _joined_lists(batch)
+            batch = _without_formulas(_joined_lists(batch))
         if self._writer is not None:
             self._writer.write_batch(batch)
         else:
@@ -228,6 +232,26 @@ def _joined_lists(batch: pa.RecordBatch) -> pa.RecordBatch:
         for column in batch.columns
     ]
     return pa.RecordBatch.from_arrays(columns, schema=_csv_schema(batch.schema))
+
+
+# A spreadsheet opening the CSV runs a cell starting with one of these as a formula (CSV injection);
+# a leading apostrophe makes it text. Signed numbers are left alone: they are numbers, not formulas.
+_FORMULA_START = r"^[=+\-@\t\r]"
+_SIGNED_NUMBER = r"^[+-]?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$"
+
+
+def _without_formulas(batch: pa.RecordBatch) -> pa.RecordBatch:
+    columns = []
+    for column in batch.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            risky = pc.and_(
+                pc.match_substring_regex(column, _FORMULA_START),
+                pc.invert(pc.match_substring_regex(column, _SIGNED_NUMBER)),
+            )
+            defused = pc.binary_join_element_wise("'", column, "")
+            column = pc.if_else(pc.fill_null(risky, False), defused, column)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
 
 
 def _parquet_batches(

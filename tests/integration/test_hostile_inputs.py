@@ -9,6 +9,7 @@ each get their own run.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import zlib
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -304,6 +306,49 @@ def test_csv_with_bom_and_embedded_newlines_runs_every_row(server: LocalApiServe
         ("2", 'say "hi"'),
     ]
     assert [row["removebg_status_code"] for row in rows] == [200, 200]
+
+
+def test_text_a_spreadsheet_would_run_as_a_formula_is_defused_in_an_enriched_csv(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(sample_photo(40, 30, "JPEG"))
+    titles = ['=HYPERLINK("https://evil.example","sale")', "@SUM(A1:A9)", "-A12 red", "-5", "+1.5", "plain"]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"title": titles, "image_url": [str(photo)] * len(titles)}), manifest)
+    enriched = tmp_path / "enriched.csv"
+    config = pipeline_config(tmp_path, str(manifest), output_manifest_uri=str(enriched))
+
+    run_pipeline(server, config)
+
+    written = pa_csv.read_csv(
+        enriched, convert_options=pa_csv.ConvertOptions(column_types={"title": pa.string()})
+    )
+    assert written.column("title").to_pylist() == [
+        '\'=HYPERLINK("https://evil.example","sale")',
+        "'@SUM(A1:A9)",
+        "'-A12 red",
+        "-5",
+        "+1.5",
+        "plain",
+    ]
+
+
+def test_result_columns_already_in_the_input_are_replaced_with_a_warning(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(sample_photo(40, 30, "JPEG"))
+    manifest = tmp_path / "yesterday-enriched.parquet"
+    pq.write_table(pa.table({"image_url": [str(photo)], "removebg_status_code": [504]}), manifest)
+    config = pipeline_config(tmp_path, str(manifest))
+
+    with caplog.at_level(logging.WARNING, logger="removebg_provider"):
+        run_pipeline(server, config)
+
+    assert pq.read_table(config.output_manifest_uri).column("removebg_status_code").to_pylist() == [200]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("removebg_status_code" in message and str(manifest) in message for message in warnings)
 
 
 def test_numbers_in_the_image_and_id_columns_are_read_as_text(server: LocalApiServer, tmp_path: Path) -> None:

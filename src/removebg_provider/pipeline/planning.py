@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from removebg_provider.errors import ConfigurationError, ManifestError, StorageError
 from removebg_provider.manifest import (
+    RESULT_SCHEMA,
     derive_id,
     iter_batches,
     read_schema,
@@ -95,6 +96,14 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
     schema = read_schema(config.manifest_uri, storage, config.manifest_format)
     wanted = [config.image_column] + ([config.id_column] if config.id_column else [])
     require_columns(config.manifest_uri, schema, wanted)
+    replaced = [name for name in schema.names if name in RESULT_SCHEMA.names]
+    if replaced:
+        # An enriched manifest fed back in (the daily catalog run) is expected; silently is not.
+        log.warning(
+            "%s already has result columns %s (an earlier run's?): this run's results replace them",
+            config.manifest_uri,
+            ", ".join(replaced),
+        )
     require_representable(config.output_manifest_uri, schema)
     _require_writable(config.output_manifest_uri)
     total_rows, canonical_ids, duplicate_rows = _validate_ids(config, storage)
