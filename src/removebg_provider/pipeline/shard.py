@@ -48,6 +48,9 @@ WORKERS_PER_SLOT = 2
 
 Row = dict[str, Any]
 
+STOPPED_TEXT = "not processed: the run was stopped"
+STOPPED_ERROR = "not sent: the run was stopped before this row's request; run again to finish it"
+
 
 class Budget:
     """A thread-safe cap on the records one process may send to the API."""
@@ -76,6 +79,7 @@ def process_shard(
     budget: Budget | None = None,
     on_progress: ProgressCallback | None = None,
     request_slots: threading.Semaphore | None = None,
+    stop: threading.Event | None = None,
 ) -> RunSummary:
     """Remove the backgrounds of one shard's rows, copy the outputs and store the shard's results.
 
@@ -86,7 +90,9 @@ def process_shard(
     Authentication and out-of-credits errors stop the shard at once; every other problem becomes
     the row's status. Raises FailurePolicyError, after storing the results, when more than
     `max_failed_fraction` of the shard's rows failed. `request_slots`, shared by shards processed
-    side by side, caps their requests in flight together (`concurrency` when not given).
+    side by side, caps their requests in flight together (`concurrency` when not given). Once
+    `stop` is set no new request starts: requests in flight finish and are checkpointed, and the
+    rows not reached get status 499 (`RowStatus.STOPPED`) in the stored results.
     """
     config = plan_.config
     check_client_agrees(config, client)
@@ -95,7 +101,7 @@ def process_shard(
     copier = copier or OutputCopier(storage, pool_size=WORKERS_PER_SLOT * config.requests_in_flight)
     budget = budget or Budget(config.max_billable_records)
     try:
-        results = work.run(client, copier, budget, on_progress, request_slots)
+        results = work.run(client, copier, budget, on_progress, request_slots, stop=stop)
     finally:
         if owned_copier:
             copier.close()
@@ -175,8 +181,10 @@ class ShardWork:
         budget: Budget,
         on_progress: ProgressCallback | None,
         request_slots: threading.Semaphore | None,
+        *,
+        stop: threading.Event | None = None,
     ) -> dict[int, RowResult]:
-        """Finish every row that still needs work; results by row number."""
+        """Finish every row that still needs work; results by row number (499 for rows `stop` kept back)."""
         results: dict[int, RowResult] = {}
         todo: list[Row] = []
         copy_only: list[Row] = []
@@ -204,12 +212,13 @@ class ShardWork:
         to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
         to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
         slots = request_slots or threading.Semaphore(concurrency)
+        stop = stop or threading.Event()
         with ThreadPoolExecutor(WORKERS_PER_SLOT * concurrency, thread_name_prefix="removebg") as pool:
             # Answered rows first: their temporary URLs are the ones closest to expiring.
             futures: list[Future[list[RowResult | None]]] = [
-                pool.submit(self._copy_answered, batch, copier, progress) for batch in to_copy
+                pool.submit(self._copy_answered, batch, copier, progress, stop) for batch in to_copy
             ] + [
-                pool.submit(self._process_batch, batch, client, copier, budget, progress, slots)
+                pool.submit(self._process_batch, batch, client, copier, budget, progress, slots, stop)
                 for batch in to_send
             ]
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
@@ -257,9 +266,12 @@ class ShardWork:
         budget: Budget,
         progress: Progress,
         request_slots: threading.Semaphore,
+        stop: threading.Event,
     ) -> list[RowResult | None]:
         """Send a batch and copy its outputs; None for rows whose bytes an earlier row owns."""
         outcomes: dict[str, RowResult] = {}
+        if stop.is_set():
+            return self._stopped(batch, outcomes, progress)
         records: list[ImageRecord] = []
         for row in batch:
             record = self._record(row)
@@ -275,6 +287,9 @@ class ShardWork:
         api_results: list[RecordResult] = []
         if records:
             with request_slots:
+                # Checked again once a slot is free: batches wait here while the requests before them run.
+                if stop.is_set():
+                    return self._stopped(batch, outcomes, progress)
                 api_results, billed = self._call_api(records, client)
                 if billed:
                     # Durable before the slot is released: only requests holding a slot can be
@@ -299,10 +314,12 @@ class ShardWork:
             return True
 
     def _copy_answered(
-        self, batch: list[Row], copier: OutputCopier, progress: Progress
+        self, batch: list[Row], copier: OutputCopier, progress: Progress, stop: threading.Event
     ) -> list[RowResult | None]:
         """Finish rows the API answered in an interrupted attempt, from the stored temporary URLs."""
         outcomes: dict[str, RowResult] = {}
+        if stop.is_set():
+            return self._stopped(batch, outcomes, progress)
         for row in batch:
             copied = self._copy_outputs(self.answers[self._key(row)], copier)
             if copied.ok:
@@ -322,6 +339,17 @@ class ShardWork:
         self.staging.write_finished(list(stamped.values()))
         progress.advance(len(batch), sum(1 for r in stamped.values() if not r.ok))
         return [stamped.get(row[ID]) for row in batch]
+
+    def _stopped(
+        self, batch: list[Row], outcomes: dict[str, RowResult], progress: Progress
+    ) -> list[RowResult | None]:
+        """Finish a batch a stop kept from its request: rows without an outcome yet get 499."""
+        for row in batch:
+            if row[ID] not in outcomes:
+                outcomes[row[ID]] = dataclasses.replace(
+                    self._failed(row[ID], RowStatus.STOPPED, STOPPED_ERROR), status_text=STOPPED_TEXT
+                )
+        return self._finish(batch, outcomes, progress)
 
     def _call_api(self, records: list[ImageRecord], client: RemoveBgClient) -> tuple[list[RecordResult], int]:
         """The API's answer for each record, and how many records the API billed for it."""
