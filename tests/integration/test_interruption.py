@@ -151,6 +151,9 @@ def _catalog(folder: Path) -> list[str]:
         "--shard-size",
         "20",
         "--no-report",
+        # Longer than any hold: a request timed out in the proxy would be retried and billed twice.
+        "--timeout",
+        "900",
     ]
 
 

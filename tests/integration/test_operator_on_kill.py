@@ -71,6 +71,8 @@ def test_killing_a_shard_task_stops_new_requests_and_fails_it_with_the_rows_not_
         host, port = proxy.base_url.removeprefix("http://").split(":")
         connection = {"conn_type": "removebg", "host": host, "port": int(port), "schema": "http"}
         connection["password"] = "kill-token"
+        # A read timeout longer than any hold: a request timed out in the proxy would be billed twice.
+        connection["extra"] = {"timeout": [10, 900]}
         monkeypatch.setenv("AIRFLOW_CONN_REMOVEBG_DEFAULT", json.dumps(connection))
         task = ProcessManifestShardOperator(task_id="process_shard", shard=planned.shards[0].to_dict())
         raised: list[BaseException] = []
