@@ -21,9 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
@@ -294,19 +296,24 @@ def test_a_second_ctrl_c_aborts_without_waiting_for_the_requests_in_flight(tmp_p
 # The core without the command line: the stop event is the whole interface.
 
 
-def _config(folder: Path, count: int) -> pipeline.PipelineConfig:
+def _photos(folder: Path, count: int) -> list[str]:
     folder.mkdir()
     paths = []
     for index in range(count):
         path = folder / f"p{index}.png"
         path.write_bytes(sample_photo(48 + index, 40))
         paths.append(str(path))
-    pq.write_table(pa.table({"image_url": paths}), folder / "manifest.parquet")
+    return paths
+
+
+def _config(folder: Path, photos: list[str]) -> pipeline.PipelineConfig:
+    """One request for all `photos`; outputs and the enriched manifest under `folder`."""
+    pq.write_table(pa.table({"image_url": photos}), folder / "manifest.parquet")
     return pipeline.PipelineConfig(
         manifest_uri=str(folder / "manifest.parquet"),
         output_prefix=str(folder / "cutouts"),
         output_manifest_uri=str(folder / "enriched.parquet"),
-        max_records_per_request=count,
+        max_records_per_request=len(photos),
         report=False,
     )
 
@@ -321,7 +328,7 @@ class _CopierKilled(OutputCopier):
 def test_a_run_whose_stop_is_set_sends_nothing_and_lists_every_row_as_stopped(
     api_server: LocalApiServer, tmp_path: Path
 ) -> None:
-    config = _config(tmp_path / "catalog", 3)
+    config = _config(tmp_path, _photos(tmp_path / "photos", 3))
     stop = threading.Event()
     stop.set()
 
@@ -339,7 +346,7 @@ def test_a_run_whose_stop_is_set_sends_nothing_and_lists_every_row_as_stopped(
 def test_a_stop_keeps_earlier_answers_usable_so_the_rerun_copies_them_without_billing(
     api_server: LocalApiServer, tmp_path: Path
 ) -> None:
-    config = _config(tmp_path / "catalog", 3)
+    config = _config(tmp_path, _photos(tmp_path / "photos", 3))
     storage = Storage()
     planned = pipeline.plan(config, storage)
     with RemoveBgClient(api_server.base_url, api_server.token) as client:
@@ -359,3 +366,49 @@ def test_a_stop_keeps_earlier_answers_usable_so_the_rerun_copies_them_without_bi
 def _statuses(config: pipeline.PipelineConfig) -> list[int]:
     codes: list[int] = pq.read_table(config.output_manifest_uri).column("removebg_status_code").to_pylist()
     return codes
+
+
+def _noise_photo(path: Path, seed: int) -> str:
+    """About 40 kB of PNG: one fits a 64 kB request body, two do not."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (110, 120, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path, "PNG")
+    return str(path)
+
+
+def test_a_stop_while_a_refused_batch_is_resent_record_by_record_sends_no_further_record(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path, [_noise_photo(tmp_path / f"noise{seed}.png", seed) for seed in range(2)])
+    stop = threading.Event()
+    raised: list[BaseException] = []
+    with (
+        start_api_server(tmp_path / "server", token="split-token", max_body_bytes=64 * 1024) as server,
+        start_fault_proxy(server.base_url, FaultRates()) as proxy,
+    ):
+        # The batch passes (and is refused with 413, unbilled); its first record alone is held.
+        proxy.hold_requests(after=1)
+
+        def run() -> None:
+            with RemoveBgClient(
+                proxy.base_url, "split-token", timeout=(10, 900), max_records_per_request=2
+            ) as client:
+                try:
+                    pipeline.run(config, client, Storage(), stop=stop)
+                except RunStoppedError as exc:
+                    raised.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        try:
+            deadline = time.monotonic() + DEADLINE_SECONDS
+            while proxy.held_requests < 1 and time.monotonic() < deadline and worker.is_alive():
+                time.sleep(0.05)
+            stop.set()
+        finally:
+            proxy.release_held()
+            worker.join(timeout=DEADLINE_SECONDS)
+        billed = server.stats()["records_billed"]
+
+    assert [type(exc) for exc in raised] == [RunStoppedError]
+    assert billed == 1
+    assert _statuses(config) == [RowStatus.OK, RowStatus.STOPPED]

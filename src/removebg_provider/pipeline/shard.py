@@ -145,6 +145,8 @@ class ShardWork:
         self._byte_owners: dict[bytes, tuple[str, int]] = {}
         self._byte_duplicates: dict[int, tuple[str, int]] = {}
         self._owners_lock = threading.Lock()
+        # Set by the caller of `run` to stop new requests (signals, Airflow's on_kill).
+        self._stop = threading.Event()
 
     @classmethod
     def load(cls, shard: ShardDescriptor, plan_: Plan, storage: Storage) -> ShardWork:
@@ -212,13 +214,13 @@ class ShardWork:
         to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
         to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
         slots = request_slots or threading.Semaphore(concurrency)
-        stop = stop or threading.Event()
+        self._stop = stop or threading.Event()
         with ThreadPoolExecutor(WORKERS_PER_SLOT * concurrency, thread_name_prefix="removebg") as pool:
             # Answered rows first: their temporary URLs are the ones closest to expiring.
             futures: list[Future[list[RowResult | None]]] = [
-                pool.submit(self._copy_answered, batch, copier, progress, stop) for batch in to_copy
+                pool.submit(self._copy_answered, batch, copier, progress) for batch in to_copy
             ] + [
-                pool.submit(self._process_batch, batch, client, copier, budget, progress, slots, stop)
+                pool.submit(self._process_batch, batch, client, copier, budget, progress, slots)
                 for batch in to_send
             ]
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
@@ -266,11 +268,10 @@ class ShardWork:
         budget: Budget,
         progress: Progress,
         request_slots: threading.Semaphore,
-        stop: threading.Event,
     ) -> list[RowResult | None]:
         """Send a batch and copy its outputs; None for rows whose bytes an earlier row owns."""
         outcomes: dict[str, RowResult] = {}
-        if stop.is_set():
+        if self._stop.is_set():
             return self._stopped(batch, outcomes, progress)
         records: list[ImageRecord] = []
         for row in batch:
@@ -288,7 +289,7 @@ class ShardWork:
         if records:
             with request_slots:
                 # Checked again once a slot is free: batches wait here while the requests before them run.
-                if stop.is_set():
+                if self._stop.is_set():
                     return self._stopped(batch, outcomes, progress)
                 api_results, billed = self._call_api(records, client)
                 if billed:
@@ -314,11 +315,11 @@ class ShardWork:
             return True
 
     def _copy_answered(
-        self, batch: list[Row], copier: OutputCopier, progress: Progress, stop: threading.Event
+        self, batch: list[Row], copier: OutputCopier, progress: Progress
     ) -> list[RowResult | None]:
         """Finish rows the API answered in an interrupted attempt, from the stored temporary URLs."""
         outcomes: dict[str, RowResult] = {}
-        if stop.is_set():
+        if self._stop.is_set():
             return self._stopped(batch, outcomes, progress)
         for row in batch:
             copied = self._copy_outputs(self.answers[self._key(row)], copier)
@@ -364,7 +365,7 @@ class ShardWork:
         except ApiRequestError as exc:
             if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE and len(records) > 1:
                 # One oversized image must not sink its batch mates on every rerun: send each alone.
-                alone = [self._call_api([record], client) for record in records]
+                alone = [self._call_api_unless_stopped(record, client) for record in records]
                 answers = [answer for answered, _ in alone for answer in answered]
                 return answers, sum(billed for _, billed in alone)
             failures = [
@@ -372,6 +373,15 @@ class ShardWork:
                 for record in records
             ]
             return failures, 0
+
+    def _call_api_unless_stopped(
+        self, record: ImageRecord, client: RemoveBgClient
+    ) -> tuple[list[RecordResult], int]:
+        if self._stop.is_set():
+            return [
+                RecordResult.failure(record.id, RowStatus.STOPPED, STOPPED_TEXT, STOPPED_ERROR, attempts=0)
+            ], 0
+        return self._call_api([record], client)
 
     def _record(self, row: Row) -> ImageRecord | RowResult:
         reference: str = row[REF]
