@@ -53,6 +53,18 @@ class FailurePolicyError(RemoveBgError):
         self.summary = summary
 
 
+class RunStoppedError(RemoveBgError):
+    """A stop was requested (Ctrl-C, SIGTERM, Airflow's `on_kill`): no new request was sent after it.
+
+    Raised once the requests in flight have finished and what was done is stored; `summary` counts
+    it (the rows not reached have status 499).
+    """
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 class CopyError(StorageError):
     """An API output could not be copied into storage; its row shows `status_code` and `status_text`."""
 

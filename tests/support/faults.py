@@ -13,6 +13,10 @@ or `answered` when the earlier forwarding was answered normally and the client s
 Output URLs in responses are rewritten to point through the proxy, so downloads can fail too
 (`expired_download`: a 404 as for an output past its 24 h lifetime).
 
+`hold_requests(after=n)` lets n more removal requests through, then holds every later one before it
+is forwarded (nothing billed) until `release_held()`: a test can freeze a run with a known set of
+requests in flight, whatever the machine's speed.
+
     with start_fault_proxy(server.base_url, FaultRates.uniform(0.2), seed=7) as proxy:
         client = RemoveBgClient(proxy.base_url, token, ...)
 """
@@ -110,6 +114,33 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._active = 0
         self._pool = urllib3.PoolManager(maxsize=128, retries=False, timeout=urllib3.Timeout(total=120))
+        self._gate = threading.Event()
+        self._gate.set()
+        self._passes_left: int | None = None
+        self.held_requests = 0
+
+    def hold_requests(self, after: int) -> None:
+        """Let `after` more removal requests through, then hold each later one before forwarding it."""
+        with self._lock:
+            self._passes_left = after
+            self._gate.clear()
+
+    def release_held(self) -> None:
+        """Forward the held requests and every later one."""
+        with self._lock:
+            self._passes_left = None
+            self._gate.set()
+
+    def pass_gate(self) -> None:
+        """Return when this removal request may be forwarded (at once unless requests are held)."""
+        with self._lock:
+            if self._passes_left is None:
+                return
+            if self._passes_left > 0:
+                self._passes_left -= 1
+                return
+            self.held_requests += 1
+        self._gate.wait()
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Block until no removal request is inside the proxy (e.g. after the client was killed)."""
@@ -227,6 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
             upstream = self.proxy.forward("POST", self.path, self._forward_headers(), body)
             self._send(upstream.status, dict(upstream.headers), upstream.data)
             return
+        self.proxy.pass_gate()
         fault = self.proxy.draw(REQUEST_FAULTS_BEFORE + REQUEST_FAULTS_AFTER)
         if fault is not None:
             self.proxy.record_fault(fault)

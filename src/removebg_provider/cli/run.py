@@ -7,7 +7,12 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from tqdm import tqdm
@@ -20,6 +25,7 @@ from removebg_provider.errors import (
     FailurePolicyError,
     OutOfCreditsError,
     RemoveBgError,
+    RunStoppedError,
 )
 from removebg_provider.pipeline.config import FIELDS, PipelineConfig, field_type
 from removebg_provider.storage import Storage
@@ -33,7 +39,13 @@ _EPILOG = f"""
 The API token is read from the environment variable {TOKEN_ENV}, never from the command line.
 Exit codes: 0 the run met the failure policy; 1 more rows failed than --max-failed-fraction;
 2 bad input or configuration; 3 the run would pass --max-billable-records (nothing was sent);
-4 the API refused the token or the account is out of credits.
+4 the API refused the token or the account is out of credits; 130 stopped by Ctrl-C (SIGINT),
+143 by SIGTERM.
+
+Ctrl-C (or SIGTERM) stops the run: no new request is sent, the requests in flight finish and are
+checkpointed, and the enriched manifest is written with every row, those not reached with status
+499. Run the same command again to finish: rows already done are not billed again. A second Ctrl-C
+aborts at once (nothing is lost that was checkpointed; no manifest is written).
 """
 
 log = logging.getLogger(__name__)
@@ -145,14 +157,19 @@ def run(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        with client:
+        with client, _stop_on_signals() as stop:
             summary = pipeline.run(
                 config,
                 client,
                 storage,
                 on_progress=lambda rows, _done, _total: bar.update(rows),
                 on_plan=on_plan,
+                stop=stop.requested,
             )
+    except RunStoppedError as exc:
+        bar.close()
+        print(json.dumps(exc.summary.to_dict(), indent=2))
+        return _fail(128 + (stop.signal or signal.SIGINT), str(exc))
     except FailurePolicyError as exc:
         return _fail(EXIT_FAILED_ROWS, str(exc))
     except BudgetExceededError as exc:
@@ -165,6 +182,45 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     print(json.dumps(summary.to_dict(), indent=2))
     return EXIT_OK
+
+
+class _SignalStop:
+    """What the signal handlers share with the run: the stop request and the signal that made it."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.signal: int | None = None
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            sys.stderr.write(f"removebg run: {name} again: aborting now\n")
+            sys.stderr.flush()
+            # At once, without waiting for the worker threads: every checkpoint is already atomic.
+            os._exit(128 + signum)
+        self.signal = signum
+        self.requested.set()
+        sys.stderr.write(
+            f"removebg run: {name} received: stopping; no new request is sent, the requests in flight "
+            "finish, then the enriched manifest is written (Ctrl-C again aborts at once)\n"
+        )
+        sys.stderr.flush()
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_SignalStop]:
+    """SIGINT and SIGTERM stop the run gracefully while the block runs; a second one aborts."""
+    stop = _SignalStop()
+    if threading.current_thread() is not threading.main_thread():
+        # Python delivers signals to the main thread only; elsewhere the caller's handlers stay.
+        yield stop
+        return
+    previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _dry_run(config: pipeline.PipelineConfig, storage: Storage) -> int:

@@ -48,6 +48,9 @@ WORKERS_PER_SLOT = 2
 
 Row = dict[str, Any]
 
+STOPPED_TEXT = "not processed: the run was stopped"
+STOPPED_ERROR = "not sent: the run was stopped before this row's request; run again to finish it"
+
 
 class Budget:
     """A thread-safe cap on the records one process may send to the API."""
@@ -76,6 +79,7 @@ def process_shard(
     budget: Budget | None = None,
     on_progress: ProgressCallback | None = None,
     request_slots: threading.Semaphore | None = None,
+    stop: threading.Event | None = None,
 ) -> RunSummary:
     """Remove the backgrounds of one shard's rows, copy the outputs and store the shard's results.
 
@@ -86,7 +90,9 @@ def process_shard(
     Authentication and out-of-credits errors stop the shard at once; every other problem becomes
     the row's status. Raises FailurePolicyError, after storing the results, when more than
     `max_failed_fraction` of the shard's rows failed. `request_slots`, shared by shards processed
-    side by side, caps their requests in flight together (`concurrency` when not given).
+    side by side, caps their requests in flight together (`concurrency` when not given). Once
+    `stop` is set no new request starts: requests in flight finish and are checkpointed, and the
+    rows not reached get status 499 (`RowStatus.STOPPED`) in the stored results.
     """
     config = plan_.config
     check_client_agrees(config, client)
@@ -95,7 +101,7 @@ def process_shard(
     copier = copier or OutputCopier(storage, pool_size=WORKERS_PER_SLOT * config.requests_in_flight)
     budget = budget or Budget(config.max_billable_records)
     try:
-        results = work.run(client, copier, budget, on_progress, request_slots)
+        results = work.run(client, copier, budget, on_progress, request_slots, stop=stop)
     finally:
         if owned_copier:
             copier.close()
@@ -139,6 +145,8 @@ class ShardWork:
         self._byte_owners: dict[bytes, tuple[str, int]] = {}
         self._byte_duplicates: dict[int, tuple[str, int]] = {}
         self._owners_lock = threading.Lock()
+        # Set by the caller of `run` to stop new requests (signals, Airflow's on_kill).
+        self._stop = threading.Event()
 
     @classmethod
     def load(cls, shard: ShardDescriptor, plan_: Plan, storage: Storage) -> ShardWork:
@@ -175,8 +183,10 @@ class ShardWork:
         budget: Budget,
         on_progress: ProgressCallback | None,
         request_slots: threading.Semaphore | None,
+        *,
+        stop: threading.Event | None = None,
     ) -> dict[int, RowResult]:
-        """Finish every row that still needs work; results by row number."""
+        """Finish every row that still needs work; results by row number (499 for rows `stop` kept back)."""
         results: dict[int, RowResult] = {}
         todo: list[Row] = []
         copy_only: list[Row] = []
@@ -204,6 +214,7 @@ class ShardWork:
         to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
         to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
         slots = request_slots or threading.Semaphore(concurrency)
+        self._stop = stop or threading.Event()
         with ThreadPoolExecutor(WORKERS_PER_SLOT * concurrency, thread_name_prefix="removebg") as pool:
             # Answered rows first: their temporary URLs are the ones closest to expiring.
             futures: list[Future[list[RowResult | None]]] = [
@@ -260,6 +271,8 @@ class ShardWork:
     ) -> list[RowResult | None]:
         """Send a batch and copy its outputs; None for rows whose bytes an earlier row owns."""
         outcomes: dict[str, RowResult] = {}
+        if self._stop.is_set():
+            return self._stopped(batch, outcomes, progress)
         records: list[ImageRecord] = []
         for row in batch:
             record = self._record(row)
@@ -275,6 +288,9 @@ class ShardWork:
         api_results: list[RecordResult] = []
         if records:
             with request_slots:
+                # Checked again once a slot is free: batches wait here while the requests before them run.
+                if self._stop.is_set():
+                    return self._stopped(batch, outcomes, progress)
                 api_results, billed = self._call_api(records, client)
                 if billed:
                     # Durable before the slot is released: only requests holding a slot can be
@@ -303,6 +319,8 @@ class ShardWork:
     ) -> list[RowResult | None]:
         """Finish rows the API answered in an interrupted attempt, from the stored temporary URLs."""
         outcomes: dict[str, RowResult] = {}
+        if self._stop.is_set():
+            return self._stopped(batch, outcomes, progress)
         for row in batch:
             copied = self._copy_outputs(self.answers[self._key(row)], copier)
             if copied.ok:
@@ -323,6 +341,17 @@ class ShardWork:
         progress.advance(len(batch), sum(1 for r in stamped.values() if not r.ok))
         return [stamped.get(row[ID]) for row in batch]
 
+    def _stopped(
+        self, batch: list[Row], outcomes: dict[str, RowResult], progress: Progress
+    ) -> list[RowResult | None]:
+        """Finish a batch a stop kept from its request: rows without an outcome yet get 499."""
+        for row in batch:
+            if row[ID] not in outcomes:
+                outcomes[row[ID]] = dataclasses.replace(
+                    self._failed(row[ID], RowStatus.STOPPED, STOPPED_ERROR), status_text=STOPPED_TEXT
+                )
+        return self._finish(batch, outcomes, progress)
+
     def _call_api(self, records: list[ImageRecord], client: RemoveBgClient) -> tuple[list[RecordResult], int]:
         """The API's answer for each record, and how many records the API billed for it."""
         try:
@@ -336,7 +365,7 @@ class ShardWork:
         except ApiRequestError as exc:
             if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE and len(records) > 1:
                 # One oversized image must not sink its batch mates on every rerun: send each alone.
-                alone = [self._call_api([record], client) for record in records]
+                alone = [self._call_api_unless_stopped(record, client) for record in records]
                 answers = [answer for answered, _ in alone for answer in answered]
                 return answers, sum(billed for _, billed in alone)
             failures = [
@@ -344,6 +373,15 @@ class ShardWork:
                 for record in records
             ]
             return failures, 0
+
+    def _call_api_unless_stopped(
+        self, record: ImageRecord, client: RemoveBgClient
+    ) -> tuple[list[RecordResult], int]:
+        if self._stop.is_set():
+            return [
+                RecordResult.failure(record.id, RowStatus.STOPPED, STOPPED_TEXT, STOPPED_ERROR, attempts=0)
+            ], 0
+        return self._call_api([record], client)
 
     def _record(self, row: Row) -> ImageRecord | RowResult:
         reference: str = row[REF]
