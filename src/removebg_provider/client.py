@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
@@ -46,6 +46,7 @@ from removebg_provider.vocabulary import (
 )
 
 __all__ = [
+    "DEFAULT_BACKPRESSURE_DEADLINE",
     "DEFAULT_BASE_URL",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_MAX_RECORDS_PER_REQUEST",
@@ -61,6 +62,8 @@ DEFAULT_BASE_URL = "https://api.ximilar.com"
 DEFAULT_MAX_RECORDS_PER_REQUEST = 10
 DEFAULT_CONCURRENCY = 8
 RETRYABLE_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
+# How long one request may wait out "busy, retry later" answers in total, by default.
+DEFAULT_BACKPRESSURE_DEADLINE = 900.0
 # The public API documents no side-effect-free endpoint for the removal service; the account
 # details endpoint (the one ximilar-client's `get_user_details` calls) checks the token for free.
 ACCOUNT_CHECK_PATH = "/account/v2/user/"
@@ -78,12 +81,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How long one request may keep retrying: attempts, backoff (seconds) and an overall deadline."""
+    """How long one request may keep retrying: attempts, backoff (seconds) and deadlines.
+
+    Failures (5xx, resets, timeouts, unreadable bodies) spend `max_retries` and `deadline`.
+    Backpressure (a 429, or a 503 with Retry-After: the API is busy, not broken) spends neither:
+    it is waited out, as long as the server asks, for up to `backpressure_deadline` seconds in
+    total per request.
+    """
 
     max_retries: int = 5
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
     deadline: float = 300.0
+    backpressure_deadline: float = DEFAULT_BACKPRESSURE_DEADLINE
 
     def __post_init__(self) -> None:
         if (
@@ -92,7 +102,7 @@ class RetryPolicy:
             or self.max_retries < 0
         ):
             raise ConfigurationError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
-        for name in ("backoff_base", "backoff_cap", "deadline"):
+        for name in ("backoff_base", "backoff_cap", "deadline", "backpressure_deadline"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -112,6 +122,7 @@ class RemoveBgClient:
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         max_records_per_request: int = DEFAULT_MAX_RECORDS_PER_REQUEST,
         max_retries: int = 5,
+        backpressure_deadline: float = DEFAULT_BACKPRESSURE_DEADLINE,
         retry_policy: RetryPolicy | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         requests_per_minute: float | None = None,
@@ -119,7 +130,10 @@ class RemoveBgClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Validate the settings and open the session; `retry_policy`, when given, wins over `max_retries`.
+        """Validate the settings and open the session.
+
+        `retry_policy`, when given, wins over `max_retries` and `backpressure_deadline` (see
+        RetryPolicy). `sleep` and `clock` are injectable so tests need not wait.
 
         `requests_per_minute` is kept by this client alone, or, with `rate_limit_redis_url`, shared
         with every client of the same base URL and token that uses that Redis (see `ratelimit`).
@@ -131,7 +145,9 @@ class RemoveBgClient:
         self.timeout = _validated_timeout(timeout)
         self.max_records_per_request = _positive_int("max_records_per_request", max_records_per_request)
         self.concurrency = _positive_int("concurrency", concurrency)
-        self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy(max_retries=max_retries)
+        self.retry_policy = retry_policy or RetryPolicy(
+            max_retries=max_retries, backpressure_deadline=backpressure_deadline
+        )
         if requests_per_minute is not None and not (
             isinstance(requests_per_minute, int | float) and requests_per_minute > 0
         ):
@@ -271,38 +287,23 @@ class RemoveBgClient:
         )
 
     def _post_with_retries(self, body: Mapping[str, Any], n_records: int) -> tuple[dict[str, Any], int]:
-        policy = self.retry_policy
-        started = self._clock()
+        budget = _RetryBudget(self._clock, self.retry_policy)
 
         def give_up(retry_state: RetryCallState) -> None:
             failure = retry_state.outcome.exception() if retry_state.outcome else None
-            attempts = retry_state.attempt_number
-            wait = retry_state.upcoming_sleep
-            if attempts > policy.max_retries:
-                why = f"gave up after {attempts} attempts (max_retries={policy.max_retries})"
-            elif isinstance(failure, _RetryableFailure) and failure.retry_after == wait:
-                why = (
-                    f"the API asked to wait {wait:.0f}s (Retry-After), which would pass the "
-                    f"{policy.deadline:.0f}s deadline after {attempts} attempt(s)"
-                )
-            else:
-                why = (
-                    f"the next wait of {wait:.1f}s would pass the {policy.deadline:.0f}s deadline "
-                    f"after {attempts} attempt(s)"
-                )
             raise TransientApiError(
-                f"Request of {n_records} record(s) to {self.endpoint} failed: {why}, "
-                f"{self._clock() - started:.1f}s after the first attempt; last error: {failure}. "
+                f"Request of {n_records} record(s) to {self.endpoint} failed: {budget.why}, "
+                f"{budget.elapsed():.1f}s after the first attempt; last error: {failure}. "
                 "The API may be overloaded or rate limiting: rerun later, lower concurrency or "
                 "requests_per_minute, or raise the retry policy's max_retries/deadline."
             ) from failure
 
         retrying = Retrying(
             sleep=self._sleep,
-            stop=stop_after_attempt(policy.max_retries + 1) | _StopAtDeadline(self._clock, started, policy),
-            wait=_RetryAfterOrJitter(policy),
+            stop=budget,
+            wait=_RetryAfterOrJitter(self.retry_policy),
             retry=retry_if_exception_type(_RetryableFailure),
-            before_sleep=_log_wait,
+            before_sleep=budget.spend,
             retry_error_callback=give_up,
         )
         payload: dict[str, Any] = {}
@@ -384,7 +385,8 @@ class RemoveBgClient:
                 "Top up the Ximilar account, then rerun."
             )
         if code in RETRYABLE_STATUS_CODES:
-            raise _RetryableFailure(f"{described} {context}", retry_after)
+            busy = code == 429 or (code == 503 and retry_after is not None)
+            raise _RetryableFailure(f"{described} {context}", retry_after, backpressure=busy)
         raise ApiRequestError(
             f"The API at {self.endpoint} rejected the request ({described}). "
             "Check the records and options sent; retrying the same request will not help.",
@@ -407,21 +409,85 @@ class RemoveBgClient:
 class _RetryableFailure(Exception):
     """One failed attempt worth retrying; it stays inside the client, wrapped by TransientApiError."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, *, backpressure: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.backpressure = backpressure
 
 
-class _StopAtDeadline(stop_base):
-    """Stop when the wait before the next attempt would end past the overall deadline."""
+class _RetryBudget(stop_base):
+    """What one request may still spend on retries; tenacity asks it whether to stop after each failure.
 
-    def __init__(self, clock: Callable[[], float], started: float, policy: RetryPolicy) -> None:
+    A failure spends one of `max_retries` and its time counts against `deadline`; backpressure
+    spends only the `backpressure_deadline`, by the time waited. `why` says why it stopped.
+    """
+
+    def __init__(self, clock: Callable[[], float], policy: RetryPolicy) -> None:
         self._clock = clock
-        self._started = started
-        self._deadline = policy.deadline
+        self._policy = policy
+        self._started = clock()
+        self._failures = 0
+        self._busy_answers = 0
+        self._busy_waited = 0.0
+        self.why = ""
+
+    def elapsed(self) -> float:
+        """Seconds since the first attempt."""
+        return self._clock() - self._started
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        return self._clock() - self._started + retry_state.upcoming_sleep > self._deadline
+        policy = self._policy
+        failure = _failure_of(retry_state)
+        wait = retry_state.upcoming_sleep
+        attempts = retry_state.attempt_number
+        if failure is not None and failure.backpressure:
+            if self._busy_waited + wait <= policy.backpressure_deadline:
+                return False
+            self.why = (
+                f"the API answered busy {self._busy_answers + 1} time(s); waiting {wait:.0f}s more "
+                f"would pass the {policy.backpressure_deadline:.0f}s backpressure deadline "
+                f"({self._busy_waited:.0f}s waited)"
+            )
+            return True
+        busy = f", {self._busy_answers} of them busy answers" if self._busy_answers else ""
+        if self._failures + 1 > policy.max_retries:
+            self.why = f"gave up after {attempts} attempts (max_retries={policy.max_retries}{busy})"
+        elif self.elapsed() - self._busy_waited + wait > policy.deadline:
+            asked = failure is not None and failure.retry_after == wait
+            self.why = (
+                f"the API asked to wait {wait:.0f}s (Retry-After), which would pass the "
+                f"{policy.deadline:.0f}s deadline after {attempts} attempt(s)"
+                if asked
+                else f"the next wait of {wait:.1f}s would pass the {policy.deadline:.0f}s deadline "
+                f"after {attempts} attempt(s)"
+            )
+        else:
+            return False
+        return True
+
+    def spend(self, retry_state: RetryCallState) -> None:
+        """Charge the wait about to start to the budget it belongs to, and log it."""
+        failure = _failure_of(retry_state)
+        if failure is not None and failure.backpressure:
+            self._busy_answers += 1
+            self._busy_waited += retry_state.upcoming_sleep
+        else:
+            self._failures += 1
+        log.info(
+            "waiting %.2fs before attempt %d after: %s",
+            retry_state.upcoming_sleep,
+            retry_state.attempt_number + 1,
+            failure if failure is not None else _outcome_error(retry_state),
+        )
+
+
+def _failure_of(retry_state: RetryCallState) -> _RetryableFailure | None:
+    failure = _outcome_error(retry_state)
+    return failure if isinstance(failure, _RetryableFailure) else None
+
+
+def _outcome_error(retry_state: RetryCallState) -> BaseException | None:
+    return retry_state.outcome.exception() if retry_state.outcome else None
 
 
 class _RetryAfterOrJitter(wait_base):
@@ -431,20 +497,10 @@ class _RetryAfterOrJitter(wait_base):
         self._jitter = wait_random_exponential(multiplier=policy.backoff_base, max=policy.backoff_cap)
 
     def __call__(self, retry_state: RetryCallState) -> float:
-        failure = retry_state.outcome.exception() if retry_state.outcome else None
-        if isinstance(failure, _RetryableFailure) and failure.retry_after is not None:
+        failure = _failure_of(retry_state)
+        if failure is not None and failure.retry_after is not None:
             return failure.retry_after
         return self._jitter(retry_state)
-
-
-def _log_wait(retry_state: RetryCallState) -> None:
-    failure = retry_state.outcome.exception() if retry_state.outcome else None
-    log.info(
-        "waiting %.2fs before attempt %d after: %s",
-        retry_state.upcoming_sleep,
-        retry_state.attempt_number + 1,
-        failure,
-    )
 
 
 def _validated_base_url(base_url: str) -> str:

@@ -67,6 +67,13 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument(
         "--max-retries", type=int, default=RetryPolicy().max_retries, help="retries of one API request"
     )
+    parser.add_argument(
+        "--backpressure-deadline",
+        type=float,
+        default=RetryPolicy().backpressure_deadline,
+        help="seconds one API request may wait out 'busy, retry later' answers (429, or 503 with "
+        "Retry-After) in total; such answers do not count against --max-retries",
+    )
     parser.add_argument("--requests-per-minute", type=float, help="client-side rate limit for the account")
     parser.add_argument(
         "--rate-limit-redis-url",
@@ -127,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             "base_url": args.endpoint,
             "timeout": args.timeout,
             "max_retries": args.max_retries,
+            "backpressure_deadline": args.backpressure_deadline,
             "requests_per_minute": args.requests_per_minute,
             "rate_limit_redis_url": args.rate_limit_redis_url,
         }

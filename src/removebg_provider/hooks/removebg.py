@@ -25,6 +25,7 @@ class RemoveBgHook(BaseHook):
     Connection fields: host = API base URL (empty for the public Ximilar API; with or without a
     scheme; schema and port are used when the host does not carry them), password = API token.
     Extras: `mode` (fast|precise), `timeout` (seconds or [connect, read]), `max_retries`,
+    `backpressure_deadline` (seconds a request may wait out "busy" answers in total),
     `max_records_per_request`, `requests_per_minute`, `concurrency`, `rate_limit_redis_url` (every
     task on every worker then shares the one `requests_per_minute` budget kept in that Redis).
     Keyword arguments given to the hook (or to `get_conn`) are passed to RemoveBgClient and win over
@@ -163,6 +164,7 @@ CONNECTION_EXTRAS: dict[str, Callable[[Any], Any]] = {
     "mode": _mode,
     "timeout": _timeout,
     "max_retries": _integer(0),
+    "backpressure_deadline": _number,
     "max_records_per_request": _integer(1),
     "requests_per_minute": _number,
     "concurrency": _integer(1),
