@@ -62,5 +62,9 @@ class CopyError(StorageError):
         self.status_text = status_text
 
 
+class OutputGoneError(CopyError):
+    """An output URL answered 403, 404 or 410: the file is gone (or, just after the answer, not yet there)."""
+
+
 class ConfigurationError(RemoveBgError, ValueError):
     """An argument, record, option or connection setting is invalid; the message names it and what fits."""

@@ -123,7 +123,8 @@ def add_parser(subcommands: Any) -> None:
         "--queue-records",
         type=int,
         default=_DEFAULTS.queue_records,
-        help="most records admitted at once (running or waiting); beyond it requests get 429 + Retry-After",
+        help="most records admitted at once (running or waiting); beyond it requests get 429 + Retry-After; "
+        "the default admits what `removebg run` sends at its defaults (concurrency x batch size)",
     )
     parser.add_argument(
         "--max-body-mb", type=float, default=_DEFAULTS.max_body_bytes / MIB, help="largest request body (413)"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PER_REQUEST
 from removebg_provider.engines import ENGINE_NAMES, MODES, Mode
 
 MIB = 1024 * 1024
@@ -35,7 +36,9 @@ class ServerSettings:
     max_body_bytes: int = 64 * MIB
     max_image_bytes: int = 20 * MIB
     max_image_pixels: int = 50_000_000
-    queue_records: int = 40
+    # Admit at once everything a client at its defaults has in flight (requests x records each), so a
+    # run at defaults against a server at defaults is never told it is busy.
+    queue_records: int = DEFAULT_CONCURRENCY * DEFAULT_MAX_RECORDS_PER_REQUEST
     retry_after_seconds: int = 5
     fetch_timeout_seconds: float = 20.0
     max_redirects: int = 5
