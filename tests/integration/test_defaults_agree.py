@@ -44,9 +44,10 @@ def test_a_run_at_the_cli_defaults_against_the_server_at_its_defaults_is_never_r
     manifest = _manifest(tmp_path)
     out = tmp_path / "enriched.parquet"
     with serve_process() as server:
+        command = [sys.executable, "-m", "removebg_provider", "run", "--endpoint", server.base_url]
+        outputs = ["--output-prefix", str(tmp_path / "cutouts"), "--output-manifest", str(out)]
         done = subprocess.run(
-            [sys.executable, "-m", "removebg_provider", "run", "--endpoint", server.base_url, "--no-progress"]
-            + [manifest, "--output-prefix", str(tmp_path / "cutouts"), "--output-manifest", str(out)],
+            [*command, "--no-progress", manifest, *outputs],
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONPATH": str(REPO / "src"), "REMOVEBG_API_TOKEN": TOKEN},
