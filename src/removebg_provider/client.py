@@ -26,6 +26,7 @@ from removebg_provider.errors import (
     AuthenticationError,
     ConfigurationError,
     OutOfCreditsError,
+    PaymentRequiredError,
     TransientApiError,
 )
 from removebg_provider.progress import Progress
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_MAX_RECORDS_PER_REQUEST",
     "DEFAULT_TIMEOUT",
+    "AccountStatus",
     "ImageRecord",
     "RecordResult",
     "RemovalOptions",
@@ -67,6 +69,11 @@ DEFAULT_BACKPRESSURE_DEADLINE = 900.0
 # The public API documents no side-effect-free endpoint for the removal service; the account
 # details endpoint (the one ximilar-client's `get_user_details` calls) checks the token for free.
 ACCOUNT_CHECK_PATH = "/account/v2/user/"
+# Credits left (read by `account_status`, free of charge).
+ACCOUNT_DETAILS_PATH = "/account/v2/details/"
+# ximilar-client's resource check: whether the token's account has the service activated.
+AUTHORIZE_PATH = "/authorization/v2/authorize"
+SERVICE_NAME = "remove-bg"
 
 # (connect, read) seconds. A read timeout is retried and re-bills every record of the request if the
 # API had processed it, so the read timeout is a wide margin over an ordinary answer: the API
@@ -106,6 +113,29 @@ class RetryPolicy:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AccountStatus:
+    """What the API says about the account, asked without spending credits.
+
+    `service_active` is None when the API has no authorization endpoint to ask; `credits_left` is
+    None when the account details do not report a number (unlimited, or an API without them);
+    `notes` say what could not be checked and why.
+    """
+
+    token_accepted: bool
+    service_active: bool | None
+    credits_left: float | None
+    notes: tuple[str, ...] = ()
+
+    def covers(self, records: int) -> bool:
+        """Whether `records` billed records fit the credits left (one credit per record; unknown fits)."""
+        return self.credits_left is None or records <= self.credits_left
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form, for the CLI and logs."""
+        return dataclasses.asdict(self)
 
 
 _DEFAULT_OPTIONS = RemovalOptions()
@@ -251,6 +281,27 @@ class RemoveBgClient:
             return False, f"{self.base_url}{ACCOUNT_CHECK_PATH} answered HTTP {account.status_code}"
         return True, f"{self.base_url} is reachable and accepted the API token"
 
+    def account_status(self) -> AccountStatus:
+        """Token, service activation and credits left, from the account endpoints; spends no credits."""
+        notes: list[str] = []
+        details = self._probe(f"{self.base_url}{ACCOUNT_DETAILS_PATH}", authenticated=True)
+        if not isinstance(details, str) and details.status_code in (401, 403):
+            return AccountStatus(
+                False, None, None, (f"HTTP {details.status_code} from {ACCOUNT_DETAILS_PATH}",)
+            )
+        credits_left = None
+        if isinstance(details, str) or details.status_code != 200:
+            why = details if isinstance(details, str) else f"HTTP {details.status_code}"
+            notes.append(f"credits unknown: {ACCOUNT_DETAILS_PATH} answered {why}")
+        else:
+            credits_left = _credits_in(_json_object(details))
+            if credits_left is None:
+                notes.append(f"credits not limited or not reported by {ACCOUNT_DETAILS_PATH}")
+        token_accepted, service_active, note = self._service_active()
+        if note:
+            notes.append(note)
+        return AccountStatus(token_accepted, service_active, credits_left, tuple(notes))
+
     def close(self) -> None:
         """Release the pooled connections."""
         self._session.close()
@@ -350,16 +401,18 @@ class RemoveBgClient:
             latency,
             attempt,
         )
-        return self._checked_payload(response, latency, attempt)
+        return self._checked_payload(response, latency, attempt, n_records)
 
-    def _checked_payload(self, response: requests.Response, latency: float, attempt: int) -> dict[str, Any]:
+    def _checked_payload(
+        self, response: requests.Response, latency: float, attempt: int, n_records: int
+    ) -> dict[str, Any]:
         payload = _json_object(response)
         context = f"after {latency:.2f}s on attempt {attempt}"
         http_status = response.status_code
         if not 200 <= http_status < 300:
             text = status_text(payload) or response.text.strip()[:200] or response.reason or ""
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            self._raise_for_code(http_status, self._redact(text), context, retry_after)
+            self._raise_for_code(http_status, self._redact(text), context, retry_after, n_records)
         if payload is None:
             raise _RetryableFailure(
                 f"HTTP {http_status} with an unreadable body ({len(response.content)} bytes, not a JSON "
@@ -367,12 +420,16 @@ class RemoveBgClient:
             )
         body_code = status_code(payload)
         if body_code is not None and not 200 <= body_code < 300:
-            self._raise_for_code(body_code, self._redact(status_text(payload) or ""), context, None)
+            self._raise_for_code(
+                body_code, self._redact(status_text(payload) or ""), context, None, n_records
+            )
         if not isinstance(payload.get("records"), list):
             raise _RetryableFailure(f"HTTP {http_status} body has no 'records' list {context}")
         return payload
 
-    def _raise_for_code(self, code: int, text: str, context: str, retry_after: float | None) -> None:
+    def _raise_for_code(
+        self, code: int, text: str, context: str, retry_after: float | None, n_records: int
+    ) -> None:
         described = f"HTTP {code}: {text}" if text else f"HTTP {code}"
         if code in (401, 403):
             raise AuthenticationError(
@@ -380,10 +437,7 @@ class RemoveBgClient:
                 "of the connection and that the Remove Background service is enabled for the account."
             )
         if code == 402:
-            raise OutOfCreditsError(
-                f"The account has no credits left ({described} from {self.base_url}). "
-                "Top up the Ximilar account, then rerun."
-            )
+            raise self._payment_refused(described, n_records)
         if code in RETRYABLE_STATUS_CODES:
             busy = code == 429 or (code == 503 and retry_after is not None)
             raise _RetryableFailure(f"{described} {context}", retry_after, backpressure=busy)
@@ -393,16 +447,71 @@ class RemoveBgClient:
             status_code=code,
         )
 
-    def _probe(self, url: str, *, authenticated: bool) -> requests.Response | str:
+    def _service_active(self) -> tuple[bool, bool | None, str]:
+        """(token accepted, service activated, a note): ximilar-client's resource check for the service."""
+        answer = self._probe(
+            f"{self.base_url}{AUTHORIZE_PATH}",
+            authenticated=True,
+            json={"service": SERVICE_NAME, "call_type": "authenticate"},
+        )
+        if isinstance(answer, str):
+            return True, None, f"service activation unknown: {AUTHORIZE_PATH} answered {answer}"
+        payload = _json_object(answer) or {}
+        if answer.status_code == 200 and "user_id" in payload:
+            return True, True, ""
+        if answer.status_code == 401:
+            return False, None, f"{AUTHORIZE_PATH} refused the token (HTTP 401)"
+        if answer.status_code not in (200, 403):
+            return (
+                True,
+                None,
+                f"service activation unknown: {AUTHORIZE_PATH} answered HTTP {answer.status_code}",
+            )
+        detail = self._redact(str(payload.get("detail") or answer.text.strip()[:200]))
+        return True, False, f"the {SERVICE_NAME} service is not activated for the account: {detail}"
+
+    def _payment_refused(self, described: str, n_records: int) -> PaymentRequiredError:
+        """The error for a whole-request 402, worded by what the account details say."""
+        account = self.account_status()
+        said = f"The API at {self.base_url} refused a request of {n_records} record(s) with {described}"
+        if account.service_active is False:
+            notes = "; ".join(account.notes)
+            return PaymentRequiredError(
+                f"{said}: {notes}. Activate the service in the Ximilar app, then rerun."
+            )
+        if account.credits_left is not None and not account.covers(n_records):
+            return OutOfCreditsError(
+                f"{said}: the account has {account.credits_left:g} credit(s) left. "
+                "Top up the Ximilar account, then rerun."
+            )
+        if account.credits_left is not None:
+            return PaymentRequiredError(
+                f"{said}, although the account reports {account.credits_left:g} credit(s) left, enough "
+                "for it: not a shortage of credits. Check the account's plan and limits in the Ximilar app."
+            )
+        return PaymentRequiredError(
+            f"{said}; whether credits are short is unknown ({'; '.join(account.notes)}). "
+            "Check the account's credits in the Ximilar app, then rerun."
+        )
+
+    def _probe(
+        self, url: str, *, authenticated: bool, json: Mapping[str, Any] | None = None
+    ) -> requests.Response | str:
+        method = "GET" if json is None else "POST"
         started = self._clock()
         try:
-            response = self._session.get(
-                url, headers=self._auth_headers() if authenticated else {}, timeout=_PROBE_TIMEOUT
+            response = self._session.request(
+                method,
+                url,
+                json=json,
+                headers=self._auth_headers() if authenticated else {},
+                timeout=_PROBE_TIMEOUT,
             )
         except requests.RequestException as exc:
-            log.info("GET %s http=- latency=%.2fs error=%s", url, self._clock() - started, type(exc).__name__)
+            latency = self._clock() - started
+            log.info("%s %s http=- latency=%.2fs error=%s", method, url, latency, type(exc).__name__)
             return f"{type(exc).__name__}: {self._redact(str(exc))[:300]}"
-        log.info("GET %s http=%d latency=%.2fs", url, response.status_code, self._clock() - started)
+        log.info("%s %s http=%d latency=%.2fs", method, url, response.status_code, self._clock() - started)
         return response
 
 
@@ -527,6 +636,14 @@ def _positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _credits_in(details: Mapping[str, Any] | None) -> float | None:
+    """The credits left in an account-details answer: its numeric `credits` field, else None."""
+    value = (details or {}).get("credits")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _json_object(response: requests.Response) -> dict[str, Any] | None:

@@ -142,10 +142,13 @@ def test_test_connection_succeeds_against_a_healthy_server(server: ReplayServer,
     set_connection(host="127.0.0.1", port=_port(server), schema="http", password=TOKEN)
     server.script("/health", Reply(200, {"status": "ok"}))
     server.script("/account/v2/user/", Reply(200, {"id": "user-1"}))
+    server.script("/account/v2/details/", Reply(200, {"credits": 1200}))
+    server.script("/authorization/v2/authorize", Reply(200, {"user_id": "user-1"}))
 
     assert RemoveBgHook().test_connection() == (
         True,
-        f"{server.base_url} is reachable and accepted the API token",
+        f"{server.base_url} is reachable and accepted the API token; "
+        "the Remove Background service is activated; 1200 credits left",
     )
 
 
@@ -201,5 +204,6 @@ def test_test_connection_checks_the_token_against_the_local_server(
     assert refused == (False, f"{api_server.base_url} refused the API token (HTTP 401)")
     assert RemoveBgHook().test_connection() == (
         True,
-        f"{api_server.base_url} is reachable and accepted the API token",
+        f"{api_server.base_url} is reachable and accepted the API token; the Remove Background service "
+        "is activated; credits not limited or not reported by /account/v2/details/",
     )

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
-from removebg_provider.client import DEFAULT_BASE_URL, RemoveBgClient
+from removebg_provider.client import DEFAULT_BASE_URL, AccountStatus, RemoveBgClient
 from removebg_provider.errors import ConfigurationError, RemoveBgError
 from removebg_provider.vocabulary import MODES
 
@@ -83,12 +83,31 @@ class RemoveBgHook(BaseHook):
             ) from exc
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check that the API is reachable and accepts the token, without spending credits."""
+        """The Test button: reachable, token accepted, service activated, credits left; spends no credits."""
         try:
             with self.get_conn() as client:
-                return client.check_connection()
+                ok, message = client.check_connection()
+                if not ok:
+                    return ok, message
+                account = client.account_status()
         except RemoveBgError as exc:
             return False, str(exc)
+        return _with_account(message, account)
+
+
+def _with_account(message: str, account: AccountStatus) -> tuple[bool, str]:
+    """The connection test's verdict once the account endpoints have answered."""
+    if not account.token_accepted:
+        return False, f"{message}, but the account endpoints refused it ({'; '.join(account.notes)})"
+    if account.service_active is False:
+        return False, f"{message}, but {'; '.join(account.notes)}"
+    found = []
+    if account.service_active:
+        found.append("the Remove Background service is activated")
+    if account.credits_left is not None:
+        found.append(f"{account.credits_left:g} credits left")
+    found += account.notes
+    return True, f"{message}; {'; '.join(found)}"
 
 
 def _base_url(host: str | None, schema: str | None, port: int | None) -> str:

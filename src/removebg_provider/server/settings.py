@@ -40,6 +40,7 @@ class ServerSettings:
     # run at defaults against a server at defaults is never told it is busy.
     queue_records: int = DEFAULT_CONCURRENCY * DEFAULT_MAX_RECORDS_PER_REQUEST
     retry_after_seconds: int = 5
+    credits: int | None = None  # the local account's credits; None: unlimited
     fetch_timeout_seconds: float = 20.0
     max_redirects: int = 5
     max_pixels_in_flight: int | None = None
@@ -99,6 +100,8 @@ class ServerSettings:
             for name, value in positive.items()
             if not value > 0
         ]
+        if self.credits is not None and self.credits < 0:
+            problems.append(f"credits must be 0 or more (or unset: unlimited), got {self.credits}")
         if self.max_redirects < 0:
             problems.append(f"max_redirects must be 0 or more, got {self.max_redirects}")
         if self.pixels_in_flight < self.max_image_pixels:
