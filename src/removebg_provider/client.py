@@ -434,7 +434,8 @@ class RemoveBgClient:
         if code in (401, 403):
             raise AuthenticationError(
                 f"The API at {self.base_url} refused the token ({described}). Check the API token "
-                "of the connection and that the Remove Background service is enabled for the account."
+                "and that the Remove Background service is enabled for the account "
+                "(`removebg check` or the connection's Test button tells which)."
             )
         if code == 402:
             raise self._payment_refused(described, n_records)

@@ -24,18 +24,22 @@ from removebg_provider.errors import (
 )
 from removebg_provider.pipeline.config import FIELDS, PipelineConfig, field_type
 from removebg_provider.storage import Storage
+from removebg_provider.vocabulary import RowStatus
 
 TOKEN_ENV = "REMOVEBG_API_TOKEN"
 ENDPOINT_ENV = "REMOVEBG_ENDPOINT"
 RATE_LIMIT_REDIS_ENV = "REMOVEBG_RATE_LIMIT_REDIS_URL"
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_ACCOUNT = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_ACCOUNT, EXIT_API_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 
 _EPILOG = f"""
 The API token is read from the environment variable {TOKEN_ENV}, never from the command line.
 Exit codes: 0 the run met the failure policy; 1 more rows failed than --max-failed-fraction;
 2 bad input or configuration, or more billable records than the account's credits left
 (nothing was sent); 3 the run would pass --max-billable-records (nothing was sent);
-4 the API refused the token or a request for payment (402; the message says what the account says).
+4 the API refused the token or a request for payment (402; the message says what the account says);
+5 the API was unavailable: the rows it failed (status 503, after retries) alone pass
+--max-failed-fraction (rerun later; nothing that succeeded is billed again).
+The JSON summary is printed on exit codes 0, 1 and 5.
 """
 
 log = logging.getLogger(__name__)
@@ -192,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
     except CreditsShortError as exc:
         return _fail(EXIT_BAD_INPUT, str(exc))
     except FailurePolicyError as exc:
-        return _fail(EXIT_FAILED_ROWS, str(exc))
+        print(json.dumps(exc.summary.to_dict(), indent=2))
+        return _fail(_failed_rows_exit(exc.summary, config.max_failed_fraction), str(exc))
     except BudgetExceededError as exc:
         return _fail(EXIT_BUDGET, str(exc))
     except (AuthenticationError, PaymentRequiredError) as exc:
@@ -203,6 +208,14 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     print(json.dumps(summary.to_dict(), indent=2))
     return EXIT_OK
+
+
+def _failed_rows_exit(summary: pipeline.RunSummary, max_failed_fraction: float) -> int:
+    """5 when the rows the API failed as unavailable pass the policy on their own, else 1 (bad rows)."""
+    unavailable = summary.by_status.get(RowStatus.API_UNAVAILABLE, 0)
+    if summary.rows and unavailable / summary.rows > max_failed_fraction:
+        return EXIT_API_UNAVAILABLE
+    return EXIT_FAILED_ROWS
 
 
 def config_from(args: argparse.Namespace) -> PipelineConfig:
