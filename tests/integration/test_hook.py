@@ -138,6 +138,15 @@ def test_invalid_extra_is_reported_naming_the_connection(
     assert message in str(raised.value)
 
 
+def test_the_backpressure_deadline_extra_sets_how_long_busy_answers_are_waited_out(
+    set_connection: Any,
+) -> None:
+    set_connection(extra={"backpressure_deadline": 60})
+
+    with RemoveBgHook().get_conn() as client:
+        assert client.retry_policy.backpressure_deadline == 60.0
+
+
 def test_test_connection_succeeds_against_a_healthy_server(server: ReplayServer, set_connection: Any) -> None:
     set_connection(host="127.0.0.1", port=_port(server), schema="http", password=TOKEN)
     server.script("/health", Reply(200, {"status": "ok"}))
