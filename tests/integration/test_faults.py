@@ -37,6 +37,8 @@ from support.runs import pipeline_config, run_through
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
 _FAST_RETRIES = RetryPolicy(max_retries=4, backoff_base=0.01, backoff_cap=0.05, deadline=240)
+# Under 20% faults, one retry lets a few requests fail for good: rows for the rerun to finish.
+_ONE_RETRY = RetryPolicy(max_retries=1, backoff_base=0.01, backoff_cap=0.05, deadline=240)
 # The read timeout leaves a wide margin over an ordinary answer of the local server (a batch of ten
 # 32x32 photos) even on an overloaded machine: at a load average of 14 on 2 cores one took 18 s.
 # An injected `slow` answer comes after it.
@@ -110,14 +112,14 @@ class _FaultedRun:
 
 @pytest.fixture(scope="module")
 def faulted(server: LocalApiServer, tmp_path_factory: pytest.TempPathFactory) -> _FaultedRun:
-    """2,000 rows through a 20% request fault rate and 2% expired downloads, then a fault-free rerun."""
+    """2,000 rows through a 20% request fault rate and 3% expired downloads, then a fault-free rerun."""
     folder = tmp_path_factory.mktemp("faulted")
     manifest, ids = _manifest(folder, 2000)
     config = pipeline_config(folder, manifest, settings=_FAULT_RUN)
-    rates = FaultRates.uniform(0.20, expired_download=0.02, slow_seconds=_SLOW_ANSWER, retry_after="0.1")
+    rates = FaultRates.uniform(0.20, expired_download=0.03, slow_seconds=_SLOW_ANSWER, retry_after="0.1")
     server.reset_stats()
     with start_fault_proxy(server.base_url, rates, seed=20) as proxy:
-        run_through(proxy.base_url, server.token, config, **_FAULT_CLIENT)
+        run_through(proxy.base_url, server.token, config, **(_FAULT_CLIENT | {"retry_policy": _ONE_RETRY}))
         run = _FaultedRun(
             ids=ids,
             config=config,
@@ -185,15 +187,17 @@ def test_under_faults_a_row_is_never_marked_done_without_its_image(faulted: _Fau
             assert row["removebg_output_url"] is None, row["sku"]
 
 
-def test_under_faults_an_expired_output_url_fails_only_its_row_with_410(faulted: _FaultedRun) -> None:
+def test_under_faults_an_output_url_answering_404_is_retried_or_requested_again_not_failed(
+    faulted: _FaultedRun,
+) -> None:
     codes = {row["removebg_status_code"] for row in faulted.rows_first}
 
-    assert 410 in codes
-    assert codes <= {200, 410, RowStatus.API_UNAVAILABLE}
+    assert faulted.faults["expired_download"] > 0
+    assert codes <= {200, RowStatus.API_UNAVAILABLE}
 
 
 def test_a_rerun_after_faults_sends_exactly_the_rows_that_failed(faulted: _FaultedRun) -> None:
-    assert faulted.failed_first, "the faults left no failed row to retry; raise expired_download"
+    assert faulted.failed_first, "the faults left no failed row to retry; lower the retries"
     assert set(faulted.forwarded_rerun) == faulted.failed_first
     assert all(count == 1 for count in faulted.forwarded_rerun.values())
     assert faulted.billed_rerun == len(faulted.failed_first)

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from removebg_provider import __version__
-from removebg_provider.cli import models, report, run, serve
+from removebg_provider.cli import check, models, report, run, serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subcommands = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(subcommands)
     run.add_parser(subcommands)
+    check.add_parser(subcommands)
     report.add_parser(subcommands)
     models.add_parser(subcommands)
     args = parser.parse_args(argv)

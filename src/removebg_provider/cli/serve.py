@@ -123,7 +123,15 @@ def add_parser(subcommands: Any) -> None:
         "--queue-records",
         type=int,
         default=_DEFAULTS.queue_records,
-        help="most records admitted at once (running or waiting); beyond it requests get 429 + Retry-After",
+        help="most records admitted at once (running or waiting); beyond it requests get 429 + Retry-After; "
+        "the default admits what `removebg run` sends at its defaults (concurrency x batch size)",
+    )
+    parser.add_argument(
+        "--credits",
+        type=int,
+        default=_DEFAULTS.credits,
+        help="the local account's credits, one per billed record, shown by /account/v2/details/; a request "
+        "that could pass them gets 402 (default: unlimited)",
     )
     parser.add_argument(
         "--max-body-mb", type=float, default=_DEFAULTS.max_body_bytes / MIB, help="largest request body (413)"
@@ -216,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
             max_image_bytes=int(args.max_image_mb * MIB),
             max_image_pixels=int(args.max_megapixels * 1e6),
             queue_records=args.queue_records,
+            credits=args.credits,
             fetch_timeout_seconds=args.fetch_timeout,
             max_pixels_in_flight=(
                 None if args.max_megapixels_in_flight is None else int(args.max_megapixels_in_flight * 1e6)

@@ -19,6 +19,7 @@ from removebg_provider.errors import (
     ApiRequestError,
     ConfigurationError,
     CopyError,
+    OutputGoneError,
     StorageError,
     TransientApiError,
 )
@@ -285,23 +286,71 @@ class ShardWork:
             for record in records:
                 outcomes[record.id] = self._failed(record.id, RowStatus.BUDGET_REACHED, error)
             records = []
-        api_results: list[RecordResult] = []
-        if records:
-            with request_slots:
-                # Checked again once a slot is free: batches wait here while the requests before them run.
-                if self._stop.is_set():
-                    return self._stopped(batch, outcomes, progress)
-                api_results, billed = self._call_api(records, client)
-                if billed:
-                    # Durable before the slot is released: only requests holding a slot can be
-                    # billed without a checkpoint, so a kill re-bills at most concurrency x batch.
-                    fingerprints = {row[ID]: self.config.fingerprint(row[REF]) for row in batch}
-                    self.staging.write_answer(api_results, fingerprints, billed)
-                    with self._billed_lock:
-                        self.billed += billed
+        fingerprints = {row[ID]: self.config.fingerprint(row[REF]) for row in batch}
+        api_results = self._send(records, client, request_slots, fingerprints) if records else []
+        if api_results is None:
+            return self._stopped(batch, outcomes, progress)
+        sent = {record.id: record for record in records}
         for api_result in api_results:
-            outcomes[api_result.id] = self._copy_outputs(api_result, copier)
+            outcomes[api_result.id] = self._copy_fresh(
+                api_result, sent[api_result.id], client, copier, budget, request_slots, fingerprints
+            )
         return self._finish(batch, outcomes, progress)
+
+    def _send(
+        self,
+        records: list[ImageRecord],
+        client: RemoveBgClient,
+        request_slots: threading.Semaphore,
+        fingerprints: dict[str, str],
+    ) -> list[RecordResult] | None:
+        """One request's answers, checkpointed and counted as billed before its slot is released.
+
+        None when the run was stopped while the request waited for its slot.
+        """
+        with request_slots:
+            # Checked again once a slot is free: batches wait here while the requests before them run.
+            if self._stop.is_set():
+                return None
+            api_results, billed = self._call_api(records, client)
+            if billed:
+                # Durable before the slot is released: only requests holding a slot can be
+                # billed without a checkpoint, so a kill re-bills at most concurrency x batch.
+                self.staging.write_answer(api_results, fingerprints, billed)
+                with self._billed_lock:
+                    self.billed += billed
+        return api_results
+
+    def _copy_fresh(
+        self,
+        api_result: RecordResult,
+        record: ImageRecord,
+        client: RemoveBgClient,
+        copier: OutputCopier,
+        budget: Budget,
+        request_slots: threading.Semaphore,
+        fingerprints: dict[str, str],
+    ) -> RowResult:
+        """Copy a just-answered record's outputs; if a URL is gone even after retries, request it once more.
+
+        The second request is billed (and counted), so it happens once per row at most; a URL gone
+        again gives the row 410.
+        """
+        try:
+            return self._copy_outputs(api_result, copier, fresh=True)
+        except OutputGoneError as exc:
+            gone = exc
+        if not budget.reserve(1):
+            return self._copy_failed(api_result, gone)
+        log.warning("%s; requesting record %s once more", gone, api_result.id)
+        answered_again = self._send([record], client, request_slots, fingerprints)
+        if answered_again is None:
+            return self._copy_failed(api_result, gone)
+        (again,) = answered_again
+        try:
+            return self._copy_outputs(again, copier, fresh=True)
+        except OutputGoneError as gone_again:
+            return self._copy_failed(again, gone_again, "output URL gone twice, requested again once")
 
     def _repeats_earlier_bytes(self, row: Row, record: ImageRecord) -> bool:
         if record.data is None:
@@ -395,9 +444,42 @@ class ShardWork:
             return self._failed(row[ID], RowStatus.UNREADABLE_IMAGE, f"{reference} is empty")
         return ImageRecord(id=row[ID], data=data)
 
-    def _copy_outputs(self, api_result: RecordResult, copier: OutputCopier) -> RowResult:
-        """The row result of an API answer: its outputs copied into storage and checked."""
-        base = RowResult(
+    def _copy_outputs(
+        self, api_result: RecordResult, copier: OutputCopier, *, fresh: bool = False
+    ) -> RowResult:
+        """The row result of an API answer: its outputs copied into storage and checked.
+
+        `fresh` (the API has just answered): a gone output URL raises OutputGoneError instead.
+        """
+        base = self._answered(api_result)
+        if not api_result.ok:
+            return base
+        destinations = self.config.outputs_for(api_result.id)
+        if MASK.name in destinations and CUTOUT.name not in api_result.outputs:
+            # Ximilar's current documentation: a binary-mask request returns the mask instead of the cutout.
+            del destinations[CUTOUT.name]
+        try:
+            data = copier.copy_answer(api_result.outputs, destinations, fresh=fresh)
+        except CopyError as exc:
+            if fresh and isinstance(exc, OutputGoneError):
+                raise
+            return self._copy_failed(api_result, exc)
+        copied = dataclasses.replace(base, outputs=destinations)
+        if not self.config.quality_check:
+            return copied
+        verdict = quality.assess(data.get(CUTOUT.name), data.get(MASK.name))
+        return dataclasses.replace(
+            copied, foreground_fraction=verdict.foreground_fraction, quality_flags=verdict.flags
+        )
+
+    def _copy_failed(self, api_result: RecordResult, exc: CopyError, why: str | None = None) -> RowResult:
+        text = f"{exc.status_text} ({why})" if why else exc.status_text
+        return dataclasses.replace(
+            self._answered(api_result), status_code=exc.status_code, status_text=text, error=str(exc)
+        )
+
+    def _answered(self, api_result: RecordResult) -> RowResult:
+        return RowResult(
             id=api_result.id,
             status_code=api_result.status_code,
             status_text=api_result.status_text,
@@ -408,25 +490,6 @@ class ShardWork:
             mode=self.config.mode,
             attempts=api_result.attempts,
             processed_at=now(),
-        )
-        if not api_result.ok:
-            return base
-        destinations = self.config.outputs_for(api_result.id)
-        if MASK.name in destinations and CUTOUT.name not in api_result.outputs:
-            # Ximilar's current documentation: a binary-mask request returns the mask instead of the cutout.
-            del destinations[CUTOUT.name]
-        try:
-            data = copier.copy_answer(api_result.outputs, destinations)
-        except CopyError as exc:
-            return dataclasses.replace(
-                base, status_code=exc.status_code, status_text=exc.status_text, error=str(exc)
-            )
-        copied = dataclasses.replace(base, outputs=destinations)
-        if not self.config.quality_check:
-            return copied
-        verdict = quality.assess(data.get(CUTOUT.name), data.get(MASK.name))
-        return dataclasses.replace(
-            copied, foreground_fraction=verdict.foreground_fraction, quality_flags=verdict.flags
         )
 
     def _resumable(self, row: Row) -> RowResult | None:
