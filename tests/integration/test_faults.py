@@ -7,7 +7,6 @@ only injected fault that is not real I/O is the failing store (see `_FlakyStorag
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -21,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from removebg_provider import pipeline
 from removebg_provider.client import RetryPolicy
@@ -33,8 +30,8 @@ from removebg_provider.outputs import looks_like_image
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
 from support.faults import ANSWERED, FaultRates, start_fault_proxy
-from support.runs import pipeline_config, run_through
-from support.servers import LocalApiServer, sample_photo, start_api_server
+from support.runs import distinct_photos_manifest, pipeline_config, run_through
+from support.servers import LocalApiServer, start_api_server
 
 _FAST_RETRIES = RetryPolicy(max_retries=4, backoff_base=0.01, backoff_cap=0.05, deadline=240)
 # Under 20% faults, one retry lets a few requests fail for good: rows for the rerun to finish.
@@ -54,24 +51,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApiServer]
     # load with a 429: every 429 in these tests is one the proxy injected and counted.
     with start_api_server(tmp_path_factory.mktemp("server"), queue_records=4 * _CONCURRENCY * _BATCH) as s:
         yield s
-
-
-def _manifest(folder: Path, rows: int) -> tuple[str, list[str]]:
-    """`rows` distinct 32x32 photos (tiny, so the classic engine is quick) and a manifest naming them."""
-    images = folder / "photos"
-    images.mkdir(parents=True)
-    photo = Image.open(io.BytesIO(sample_photo(32, 32))).convert("RGB")
-    paths = []
-    for index in range(rows):
-        # Distinct bytes: rows with identical bytes would be sent once and share a result.
-        photo.putpixel((0, 0), (index % 256, index // 256, 0))
-        path = images / f"p{index:05d}.png"
-        photo.save(path, "PNG")
-        paths.append(str(path))
-    ids = [f"sku-{index:05d}" for index in range(rows)]
-    manifest = folder / "manifest.parquet"
-    pq.write_table(pa.table({"sku": ids, "image_url": paths}), manifest)
-    return str(manifest), ids
 
 
 def _rows(config: pipeline.PipelineConfig) -> list[dict[str, Any]]:
@@ -114,7 +93,7 @@ class _FaultedRun:
 def faulted(server: LocalApiServer, tmp_path_factory: pytest.TempPathFactory) -> _FaultedRun:
     """2,000 rows through a 20% request fault rate and 3% expired downloads, then a fault-free rerun."""
     folder = tmp_path_factory.mktemp("faulted")
-    manifest, ids = _manifest(folder, 2000)
+    manifest, ids = distinct_photos_manifest(folder, 2000)
     config = pipeline_config(folder, manifest, settings=_FAULT_RUN)
     rates = FaultRates.uniform(0.20, expired_download=0.03, slow_seconds=_SLOW_ANSWER, retry_after="0.1")
     server.reset_stats()
@@ -293,7 +272,7 @@ def test_a_run_killed_with_sigkill_resumes_without_billing_any_checkpointed_reco
     is never sent again: the rerun copies an answered record's outputs from the stored URLs.
     """
     rows = 400
-    manifest, ids = _manifest(tmp_path, rows)
+    manifest, ids = distinct_photos_manifest(tmp_path, rows)
     config = pipeline_config(tmp_path, manifest, shard_size=100, settings=_FAULT_RUN)
     assert server.token is not None
     server.reset_stats()
@@ -358,7 +337,7 @@ class _FlakyStorage(Storage):
 def test_failed_output_writes_are_retried_or_reported_507_and_never_marked_done(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
-    manifest, ids = _manifest(tmp_path, 200)
+    manifest, ids = distinct_photos_manifest(tmp_path, 200)
     config = pipeline_config(tmp_path, manifest, settings=_FAULT_RUN)
     storage = _FlakyStorage(
         flaky_prefix=config.output_prefix + "/sku-", failure_rate=0.4, seed=3, write_attempts=2
@@ -375,7 +354,7 @@ def test_failed_output_writes_are_retried_or_reported_507_and_never_marked_done(
 def test_rows_reported_507_succeed_on_a_rerun_with_a_healthy_store(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
-    manifest, _ = _manifest(tmp_path, 100)
+    manifest, _ = distinct_photos_manifest(tmp_path, 100)
     config = pipeline_config(tmp_path, manifest, settings=_FAULT_RUN)
     flaky = _FlakyStorage(
         flaky_prefix=config.output_prefix + "/sku-", failure_rate=0.5, seed=4, write_attempts=1
@@ -398,7 +377,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_a_rerun_finishes_
     object. Only a failed answer checkpoint leaves a batch billed but not durable, so the rerun bills
     that batch's records again; after a failed final checkpoint the rerun copies the outputs from the
     stored answer and bills nothing."""
-    manifest, ids = _manifest(tmp_path, 100)
+    manifest, ids = distinct_photos_manifest(tmp_path, 100)
     config = pipeline_config(tmp_path, manifest, concurrency=1, settings=_FAULT_RUN)
     flaky = _FlakyStorage(
         flaky_prefix=config.staging + "/checkpoints/", failure_rate=0.3, seed=5, write_attempts=1

@@ -7,15 +7,12 @@ counts what was billed.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
@@ -23,7 +20,8 @@ from removebg_provider.downloads import Downloader
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
 from support.faults import FaultRates, start_fault_proxy
-from support.servers import LocalApiServer, sample_photo, start_api_server
+from support.runs import distinct_photos_manifest, pipeline_config
+from support.servers import LocalApiServer, start_api_server
 
 _ROWS = 10
 _BATCH = 5
@@ -38,25 +36,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApiServer]
         yield s
 
 
+# Ids in a column, two requests in flight, no failure policy: the statuses are what is checked.
+_RUN = {"id_column": "sku", "max_records_per_request": _BATCH, "concurrency": 2, "max_failed_fraction": 1.0}
+
+
 def _config(folder: Path) -> pipeline.PipelineConfig:
-    photo = Image.open(io.BytesIO(sample_photo(32, 32))).convert("RGB")
-    paths = []
-    for index in range(_ROWS):
-        photo.putpixel((0, 0), (index, 0, 0))
-        path = folder / f"p{index:03d}.png"
-        photo.save(path, "PNG")
-        paths.append(str(path))
-    manifest = folder / "manifest.parquet"
-    pq.write_table(pa.table({"sku": [f"sku-{i:03d}" for i in range(_ROWS)], "image_url": paths}), manifest)
-    return pipeline.PipelineConfig(
-        manifest_uri=str(manifest),
-        output_prefix=str(folder / "cutouts"),
-        output_manifest_uri=str(folder / "enriched.parquet"),
-        id_column="sku",
-        max_records_per_request=_BATCH,
-        concurrency=2,
-        max_failed_fraction=1.0,
-    )
+    return pipeline_config(folder, distinct_photos_manifest(folder, _ROWS)[0], settings=_RUN)
 
 
 def _run_with_gone_downloads(

@@ -1,15 +1,20 @@
-"""Factories the pipeline tests share: a small run's configuration, and that run against an API."""
+"""Factories the pipeline tests share: a manifest of distinct photos, a small run and running it."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.storage import Storage, join_uri
-from support.servers import LocalApiServer
+from support.servers import LocalApiServer, sample_photo
 
 # Small shards and batches, so a dozen rows already make several of each.
 SMALL_RUN: dict[str, Any] = {"shard_size": 4, "max_records_per_request": 3, "concurrency": 3}
@@ -51,3 +56,21 @@ def run_through(
     settings = config.resolved().client_settings() | client_options
     with RemoveBgClient(base_url, token, **settings) as client:
         return pipeline.run(config, client, storage or Storage())
+
+
+def distinct_photos_manifest(folder: Path, rows: int) -> tuple[str, list[str]]:
+    """`rows` distinct 32x32 photos (tiny, so the classic engine is quick) and a manifest naming them."""
+    images = folder / "photos"
+    images.mkdir(parents=True)
+    photo = Image.open(io.BytesIO(sample_photo(32, 32))).convert("RGB")
+    paths = []
+    for index in range(rows):
+        # Distinct bytes: rows with identical bytes would be sent once and share a result.
+        photo.putpixel((0, 0), (index % 256, index // 256, 0))
+        path = images / f"p{index:05d}.png"
+        photo.save(path, "PNG")
+        paths.append(str(path))
+    ids = [f"sku-{index:05d}" for index in range(rows)]
+    manifest = folder / "manifest.parquet"
+    pq.write_table(pa.table({"sku": ids, "image_url": paths}), manifest)
+    return str(manifest), ids
