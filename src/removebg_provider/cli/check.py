@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from removebg_provider import pipeline
+from removebg_provider.cli import subcommand_help
 from removebg_provider.cli.run import (
     EXIT_ACCOUNT,
     EXIT_BAD_INPUT,
@@ -36,7 +37,7 @@ def add_parser(subcommands: Any) -> None:
     """Register `removebg check`: the client's flags, plus every `removebg run` setting, all optional."""
     parser = subcommands.add_parser(
         "check",
-        help="check the token, the service and the credits before a run",
+        help=subcommand_help("check"),
         description="Ask the API whether it accepts the token, whether the Remove Background service is "
         "activated for the account and how many credits are left; given a manifest, whether its "
         "billable records fit those credits.",

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from removebg_provider import pipeline
+from removebg_provider.cli import subcommand_help
 from removebg_provider.client import DEFAULT_BASE_URL, DEFAULT_TIMEOUT, RemoveBgClient, RetryPolicy
 from removebg_provider.errors import (
     AuthenticationError,
@@ -61,7 +62,7 @@ def add_parser(subcommands: Any) -> None:
     """Register `removebg run`: one flag per PipelineConfig field, plus the client's and the CLI's own."""
     parser = subcommands.add_parser(
         "run",
-        help="remove the backgrounds of every image in a manifest",
+        help=subcommand_help("run"),
         description="Read a manifest, remove every background through the API, copy the cutouts into "
         "your storage and write an enriched manifest. Resumable: a rerun bills no image twice.",
         epilog=_EPILOG,

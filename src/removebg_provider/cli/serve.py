@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from removebg_provider.cli import subcommand_help
 from removebg_provider.cli.models import MODEL_HOME_HELP, pull_with_progress
 from removebg_provider.engines import ENGINE_NAMES, Mode
 from removebg_provider.engines.model_store import model_home
@@ -28,7 +29,7 @@ def add_parser(subcommands: Any) -> None:
     """Register the `serve` subcommand on `subcommands` (the result of `add_subparsers`)."""
     parser: argparse.ArgumentParser = subcommands.add_parser(
         "serve",
-        help="run the local Ximilar-compatible Remove Background server",
+        help=subcommand_help("serve"),
         description=(
             "Serve POST /removebg/fast/removebg and POST /removebg/precise/removebg exactly like the Ximilar "
             "Remove Background API, plus GET /files/{name} (outputs, until their TTL), GET /health and "
