@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
@@ -26,6 +26,7 @@ from removebg_provider.errors import (
     AuthenticationError,
     ConfigurationError,
     OutOfCreditsError,
+    PaymentRequiredError,
     TransientApiError,
 )
 from removebg_provider.progress import Progress
@@ -46,10 +47,12 @@ from removebg_provider.vocabulary import (
 )
 
 __all__ = [
+    "DEFAULT_BACKPRESSURE_DEADLINE",
     "DEFAULT_BASE_URL",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_MAX_RECORDS_PER_REQUEST",
     "DEFAULT_TIMEOUT",
+    "AccountStatus",
     "ImageRecord",
     "RecordResult",
     "RemovalOptions",
@@ -61,9 +64,16 @@ DEFAULT_BASE_URL = "https://api.ximilar.com"
 DEFAULT_MAX_RECORDS_PER_REQUEST = 10
 DEFAULT_CONCURRENCY = 8
 RETRYABLE_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
+# How long one request may wait out "busy, retry later" answers in total, by default.
+DEFAULT_BACKPRESSURE_DEADLINE = 900.0
 # The public API documents no side-effect-free endpoint for the removal service; the account
 # details endpoint (the one ximilar-client's `get_user_details` calls) checks the token for free.
 ACCOUNT_CHECK_PATH = "/account/v2/user/"
+# Credits left (read by `account_status`, free of charge).
+ACCOUNT_DETAILS_PATH = "/account/v2/details/"
+# ximilar-client's resource check: whether the token's account has the service activated.
+AUTHORIZE_PATH = "/authorization/v2/authorize"
+SERVICE_NAME = "remove-bg"
 
 # (connect, read) seconds. A read timeout is retried and re-bills every record of the request if the
 # API had processed it, so the read timeout is a wide margin over an ordinary answer: the API
@@ -78,12 +88,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How long one request may keep retrying: attempts, backoff (seconds) and an overall deadline."""
+    """How long one request may keep retrying: attempts, backoff (seconds) and deadlines.
+
+    Failures (5xx, resets, timeouts, unreadable bodies) spend `max_retries` and `deadline`.
+    Backpressure (a 429, or a 503 with Retry-After: the API is busy, not broken) spends neither:
+    it is waited out, as long as the server asks, for up to `backpressure_deadline` seconds in
+    total per request.
+    """
 
     max_retries: int = 5
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
     deadline: float = 300.0
+    backpressure_deadline: float = DEFAULT_BACKPRESSURE_DEADLINE
 
     def __post_init__(self) -> None:
         if (
@@ -92,10 +109,33 @@ class RetryPolicy:
             or self.max_retries < 0
         ):
             raise ConfigurationError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
-        for name in ("backoff_base", "backoff_cap", "deadline"):
+        for name in ("backoff_base", "backoff_cap", "deadline", "backpressure_deadline"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AccountStatus:
+    """What the API says about the account, asked without spending credits.
+
+    `service_active` is None when the API has no authorization endpoint to ask; `credits_left` is
+    None when the account details do not report a number (unlimited, or an API without them);
+    `notes` say what could not be checked and why.
+    """
+
+    token_accepted: bool
+    service_active: bool | None
+    credits_left: float | None
+    notes: tuple[str, ...] = ()
+
+    def covers(self, records: int) -> bool:
+        """Whether `records` billed records fit the credits left (one credit per record; unknown fits)."""
+        return self.credits_left is None or records <= self.credits_left
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form, for the CLI and logs."""
+        return dataclasses.asdict(self)
 
 
 _DEFAULT_OPTIONS = RemovalOptions()
@@ -112,6 +152,7 @@ class RemoveBgClient:
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         max_records_per_request: int = DEFAULT_MAX_RECORDS_PER_REQUEST,
         max_retries: int = 5,
+        backpressure_deadline: float = DEFAULT_BACKPRESSURE_DEADLINE,
         retry_policy: RetryPolicy | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         requests_per_minute: float | None = None,
@@ -119,7 +160,10 @@ class RemoveBgClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Validate the settings and open the session; `retry_policy`, when given, wins over `max_retries`.
+        """Validate the settings and open the session.
+
+        `retry_policy`, when given, wins over `max_retries` and `backpressure_deadline` (see
+        RetryPolicy). `sleep` and `clock` are injectable so tests need not wait.
 
         `requests_per_minute` is kept by this client alone, or, with `rate_limit_redis_url`, shared
         with every client of the same base URL and token that uses that Redis (see `ratelimit`).
@@ -131,7 +175,9 @@ class RemoveBgClient:
         self.timeout = _validated_timeout(timeout)
         self.max_records_per_request = _positive_int("max_records_per_request", max_records_per_request)
         self.concurrency = _positive_int("concurrency", concurrency)
-        self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy(max_retries=max_retries)
+        self.retry_policy = retry_policy or RetryPolicy(
+            max_retries=max_retries, backpressure_deadline=backpressure_deadline
+        )
         if requests_per_minute is not None and not (
             isinstance(requests_per_minute, int | float) and requests_per_minute > 0
         ):
@@ -235,6 +281,27 @@ class RemoveBgClient:
             return False, f"{self.base_url}{ACCOUNT_CHECK_PATH} answered HTTP {account.status_code}"
         return True, f"{self.base_url} is reachable and accepted the API token"
 
+    def account_status(self) -> AccountStatus:
+        """Token, service activation and credits left, from the account endpoints; spends no credits."""
+        notes: list[str] = []
+        details = self._probe(f"{self.base_url}{ACCOUNT_DETAILS_PATH}", authenticated=True)
+        if not isinstance(details, str) and details.status_code in (401, 403):
+            return AccountStatus(
+                False, None, None, (f"HTTP {details.status_code} from {ACCOUNT_DETAILS_PATH}",)
+            )
+        credits_left = None
+        if isinstance(details, str) or details.status_code != 200:
+            why = details if isinstance(details, str) else f"HTTP {details.status_code}"
+            notes.append(f"credits unknown: {ACCOUNT_DETAILS_PATH} answered {why}")
+        else:
+            credits_left = _credits_in(_json_object(details))
+            if credits_left is None:
+                notes.append(f"credits not limited or not reported by {ACCOUNT_DETAILS_PATH}")
+        token_accepted, service_active, note = self._service_active()
+        if note:
+            notes.append(note)
+        return AccountStatus(token_accepted, service_active, credits_left, tuple(notes))
+
     def close(self) -> None:
         """Release the pooled connections."""
         self._session.close()
@@ -271,38 +338,23 @@ class RemoveBgClient:
         )
 
     def _post_with_retries(self, body: Mapping[str, Any], n_records: int) -> tuple[dict[str, Any], int]:
-        policy = self.retry_policy
-        started = self._clock()
+        budget = _RetryBudget(self._clock, self.retry_policy)
 
         def give_up(retry_state: RetryCallState) -> None:
             failure = retry_state.outcome.exception() if retry_state.outcome else None
-            attempts = retry_state.attempt_number
-            wait = retry_state.upcoming_sleep
-            if attempts > policy.max_retries:
-                why = f"gave up after {attempts} attempts (max_retries={policy.max_retries})"
-            elif isinstance(failure, _RetryableFailure) and failure.retry_after == wait:
-                why = (
-                    f"the API asked to wait {wait:.0f}s (Retry-After), which would pass the "
-                    f"{policy.deadline:.0f}s deadline after {attempts} attempt(s)"
-                )
-            else:
-                why = (
-                    f"the next wait of {wait:.1f}s would pass the {policy.deadline:.0f}s deadline "
-                    f"after {attempts} attempt(s)"
-                )
             raise TransientApiError(
-                f"Request of {n_records} record(s) to {self.endpoint} failed: {why}, "
-                f"{self._clock() - started:.1f}s after the first attempt; last error: {failure}. "
+                f"Request of {n_records} record(s) to {self.endpoint} failed: {budget.why}, "
+                f"{budget.elapsed():.1f}s after the first attempt; last error: {failure}. "
                 "The API may be overloaded or rate limiting: rerun later, lower concurrency or "
                 "requests_per_minute, or raise the retry policy's max_retries/deadline."
             ) from failure
 
         retrying = Retrying(
             sleep=self._sleep,
-            stop=stop_after_attempt(policy.max_retries + 1) | _StopAtDeadline(self._clock, started, policy),
-            wait=_RetryAfterOrJitter(policy),
+            stop=budget,
+            wait=_RetryAfterOrJitter(self.retry_policy),
             retry=retry_if_exception_type(_RetryableFailure),
-            before_sleep=_log_wait,
+            before_sleep=budget.spend,
             retry_error_callback=give_up,
         )
         payload: dict[str, Any] = {}
@@ -349,16 +401,18 @@ class RemoveBgClient:
             latency,
             attempt,
         )
-        return self._checked_payload(response, latency, attempt)
+        return self._checked_payload(response, latency, attempt, n_records)
 
-    def _checked_payload(self, response: requests.Response, latency: float, attempt: int) -> dict[str, Any]:
+    def _checked_payload(
+        self, response: requests.Response, latency: float, attempt: int, n_records: int
+    ) -> dict[str, Any]:
         payload = _json_object(response)
         context = f"after {latency:.2f}s on attempt {attempt}"
         http_status = response.status_code
         if not 200 <= http_status < 300:
             text = status_text(payload) or response.text.strip()[:200] or response.reason or ""
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            self._raise_for_code(http_status, self._redact(text), context, retry_after)
+            self._raise_for_code(http_status, self._redact(text), context, retry_after, n_records)
         if payload is None:
             raise _RetryableFailure(
                 f"HTTP {http_status} with an unreadable body ({len(response.content)} bytes, not a JSON "
@@ -366,62 +420,184 @@ class RemoveBgClient:
             )
         body_code = status_code(payload)
         if body_code is not None and not 200 <= body_code < 300:
-            self._raise_for_code(body_code, self._redact(status_text(payload) or ""), context, None)
+            self._raise_for_code(
+                body_code, self._redact(status_text(payload) or ""), context, None, n_records
+            )
         if not isinstance(payload.get("records"), list):
             raise _RetryableFailure(f"HTTP {http_status} body has no 'records' list {context}")
         return payload
 
-    def _raise_for_code(self, code: int, text: str, context: str, retry_after: float | None) -> None:
+    def _raise_for_code(
+        self, code: int, text: str, context: str, retry_after: float | None, n_records: int
+    ) -> None:
         described = f"HTTP {code}: {text}" if text else f"HTTP {code}"
         if code in (401, 403):
             raise AuthenticationError(
                 f"The API at {self.base_url} refused the token ({described}). Check the API token "
-                "of the connection and that the Remove Background service is enabled for the account."
+                "and that the Remove Background service is enabled for the account "
+                "(`removebg check` or the connection's Test button tells which)."
             )
         if code == 402:
-            raise OutOfCreditsError(
-                f"The account has no credits left ({described} from {self.base_url}). "
-                "Top up the Ximilar account, then rerun."
-            )
+            raise self._payment_refused(described, n_records)
         if code in RETRYABLE_STATUS_CODES:
-            raise _RetryableFailure(f"{described} {context}", retry_after)
+            busy = code == 429 or (code == 503 and retry_after is not None)
+            raise _RetryableFailure(f"{described} {context}", retry_after, backpressure=busy)
         raise ApiRequestError(
             f"The API at {self.endpoint} rejected the request ({described}). "
             "Check the records and options sent; retrying the same request will not help.",
             status_code=code,
         )
 
-    def _probe(self, url: str, *, authenticated: bool) -> requests.Response | str:
+    def _service_active(self) -> tuple[bool, bool | None, str]:
+        """(token accepted, service activated, a note): ximilar-client's resource check for the service."""
+        answer = self._probe(
+            f"{self.base_url}{AUTHORIZE_PATH}",
+            authenticated=True,
+            json={"service": SERVICE_NAME, "call_type": "authenticate"},
+        )
+        if isinstance(answer, str):
+            return True, None, f"service activation unknown: {AUTHORIZE_PATH} answered {answer}"
+        payload = _json_object(answer) or {}
+        if answer.status_code == 200 and "user_id" in payload:
+            return True, True, ""
+        if answer.status_code == 401:
+            return False, None, f"{AUTHORIZE_PATH} refused the token (HTTP 401)"
+        if answer.status_code not in (200, 403):
+            return (
+                True,
+                None,
+                f"service activation unknown: {AUTHORIZE_PATH} answered HTTP {answer.status_code}",
+            )
+        detail = self._redact(str(payload.get("detail") or answer.text.strip()[:200]))
+        return True, False, f"the {SERVICE_NAME} service is not activated for the account: {detail}"
+
+    def _payment_refused(self, described: str, n_records: int) -> PaymentRequiredError:
+        """The error for a whole-request 402, worded by what the account details say."""
+        account = self.account_status()
+        said = f"The API at {self.base_url} refused a request of {n_records} record(s) with {described}"
+        if account.service_active is False:
+            notes = "; ".join(account.notes)
+            return PaymentRequiredError(
+                f"{said}: {notes}. Activate the service in the Ximilar app, then rerun."
+            )
+        if account.credits_left is not None and not account.covers(n_records):
+            return OutOfCreditsError(
+                f"{said}: the account has {account.credits_left:g} credit(s) left. "
+                "Top up the Ximilar account, then rerun."
+            )
+        if account.credits_left is not None:
+            return PaymentRequiredError(
+                f"{said}, although the account reports {account.credits_left:g} credit(s) left, enough "
+                "for it: not a shortage of credits. Check the account's plan and limits in the Ximilar app."
+            )
+        return PaymentRequiredError(
+            f"{said}; whether credits are short is unknown ({'; '.join(account.notes)}). "
+            "Check the account's credits in the Ximilar app, then rerun."
+        )
+
+    def _probe(
+        self, url: str, *, authenticated: bool, json: Mapping[str, Any] | None = None
+    ) -> requests.Response | str:
+        method = "GET" if json is None else "POST"
         started = self._clock()
         try:
-            response = self._session.get(
-                url, headers=self._auth_headers() if authenticated else {}, timeout=_PROBE_TIMEOUT
+            response = self._session.request(
+                method,
+                url,
+                json=json,
+                headers=self._auth_headers() if authenticated else {},
+                timeout=_PROBE_TIMEOUT,
             )
         except requests.RequestException as exc:
-            log.info("GET %s http=- latency=%.2fs error=%s", url, self._clock() - started, type(exc).__name__)
+            latency = self._clock() - started
+            log.info("%s %s http=- latency=%.2fs error=%s", method, url, latency, type(exc).__name__)
             return f"{type(exc).__name__}: {self._redact(str(exc))[:300]}"
-        log.info("GET %s http=%d latency=%.2fs", url, response.status_code, self._clock() - started)
+        log.info("%s %s http=%d latency=%.2fs", method, url, response.status_code, self._clock() - started)
         return response
 
 
 class _RetryableFailure(Exception):
     """One failed attempt worth retrying; it stays inside the client, wrapped by TransientApiError."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, *, backpressure: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.backpressure = backpressure
 
 
-class _StopAtDeadline(stop_base):
-    """Stop when the wait before the next attempt would end past the overall deadline."""
+class _RetryBudget(stop_base):
+    """What one request may still spend on retries; tenacity asks it whether to stop after each failure.
 
-    def __init__(self, clock: Callable[[], float], started: float, policy: RetryPolicy) -> None:
+    A failure spends one of `max_retries` and its time counts against `deadline`; backpressure
+    spends only the `backpressure_deadline`, by the time waited. `why` says why it stopped.
+    """
+
+    def __init__(self, clock: Callable[[], float], policy: RetryPolicy) -> None:
         self._clock = clock
-        self._started = started
-        self._deadline = policy.deadline
+        self._policy = policy
+        self._started = clock()
+        self._failures = 0
+        self._busy_answers = 0
+        self._busy_waited = 0.0
+        self.why = ""
+
+    def elapsed(self) -> float:
+        """Seconds since the first attempt."""
+        return self._clock() - self._started
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        return self._clock() - self._started + retry_state.upcoming_sleep > self._deadline
+        policy = self._policy
+        failure = _failure_of(retry_state)
+        wait = retry_state.upcoming_sleep
+        attempts = retry_state.attempt_number
+        if failure is not None and failure.backpressure:
+            if self._busy_waited + wait <= policy.backpressure_deadline:
+                return False
+            self.why = (
+                f"the API answered busy {self._busy_answers + 1} time(s); waiting {wait:.0f}s more "
+                f"would pass the {policy.backpressure_deadline:.0f}s backpressure deadline "
+                f"({self._busy_waited:.0f}s waited)"
+            )
+            return True
+        busy = f", {self._busy_answers} of them busy answers" if self._busy_answers else ""
+        if self._failures + 1 > policy.max_retries:
+            self.why = f"gave up after {attempts} attempts (max_retries={policy.max_retries}{busy})"
+        elif self.elapsed() - self._busy_waited + wait > policy.deadline:
+            asked = failure is not None and failure.retry_after == wait
+            self.why = (
+                f"the API asked to wait {wait:.0f}s (Retry-After), which would pass the "
+                f"{policy.deadline:.0f}s deadline after {attempts} attempt(s)"
+                if asked
+                else f"the next wait of {wait:.1f}s would pass the {policy.deadline:.0f}s deadline "
+                f"after {attempts} attempt(s)"
+            )
+        else:
+            return False
+        return True
+
+    def spend(self, retry_state: RetryCallState) -> None:
+        """Charge the wait about to start to the budget it belongs to, and log it."""
+        failure = _failure_of(retry_state)
+        if failure is not None and failure.backpressure:
+            self._busy_answers += 1
+            self._busy_waited += retry_state.upcoming_sleep
+        else:
+            self._failures += 1
+        log.info(
+            "waiting %.2fs before attempt %d after: %s",
+            retry_state.upcoming_sleep,
+            retry_state.attempt_number + 1,
+            failure if failure is not None else _outcome_error(retry_state),
+        )
+
+
+def _failure_of(retry_state: RetryCallState) -> _RetryableFailure | None:
+    failure = _outcome_error(retry_state)
+    return failure if isinstance(failure, _RetryableFailure) else None
+
+
+def _outcome_error(retry_state: RetryCallState) -> BaseException | None:
+    return retry_state.outcome.exception() if retry_state.outcome else None
 
 
 class _RetryAfterOrJitter(wait_base):
@@ -431,20 +607,10 @@ class _RetryAfterOrJitter(wait_base):
         self._jitter = wait_random_exponential(multiplier=policy.backoff_base, max=policy.backoff_cap)
 
     def __call__(self, retry_state: RetryCallState) -> float:
-        failure = retry_state.outcome.exception() if retry_state.outcome else None
-        if isinstance(failure, _RetryableFailure) and failure.retry_after is not None:
+        failure = _failure_of(retry_state)
+        if failure is not None and failure.retry_after is not None:
             return failure.retry_after
         return self._jitter(retry_state)
-
-
-def _log_wait(retry_state: RetryCallState) -> None:
-    failure = retry_state.outcome.exception() if retry_state.outcome else None
-    log.info(
-        "waiting %.2fs before attempt %d after: %s",
-        retry_state.upcoming_sleep,
-        retry_state.attempt_number + 1,
-        failure,
-    )
 
 
 def _validated_base_url(base_url: str) -> str:
@@ -471,6 +637,14 @@ def _positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _credits_in(details: Mapping[str, Any] | None) -> float | None:
+    """The credits left in an account-details answer: its numeric `credits` field, else None."""
+    value = (details or {}).get("credits")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _json_object(response: requests.Response) -> dict[str, Any] | None:

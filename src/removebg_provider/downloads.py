@@ -2,7 +2,8 @@
 
 Downloads go through pooled connections that never carry the API token, through the proxy the
 environment names (HTTP_PROXY, HTTPS_PROXY, NO_PROXY) if any; transient failures (connection
-errors, timeouts, 5xx, short bodies) are retried, gone URLs (403, 404, 410) are not.
+errors, timeouts, 5xx, short bodies) are retried, gone URLs (403, 404, 410) are not, except a 404
+from a URL the API has just answered: object stores may serve a fresh object a moment late.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tenacity
 import urllib3
 from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
-from removebg_provider.errors import CopyError
+from removebg_provider.errors import CopyError, OutputGoneError
 from removebg_provider.storage.backends import short_error
 from removebg_provider.vocabulary import RowStatus
 
@@ -49,18 +50,28 @@ class Downloader:
         self._proxied: dict[str, urllib3.ProxyManager] = {}
         self._proxied_lock = threading.Lock()
 
-    def download(self, url: str) -> bytes:
-        """The bytes at `url`, retried on transient failures."""
+    def download(self, url: str, *, fresh: bool = False) -> bytes:
+        """The bytes at `url`, retried on transient failures.
+
+        `fresh`: the API answered this URL moments ago, so a 404 is retried like a transient failure
+        (an object store may not serve a new object yet). A URL still gone raises OutputGoneError.
+        """
+
+        def worth_retrying(exc: BaseException) -> bool:
+            if isinstance(exc, _GoneDownload):
+                return fresh and exc.status == 404
+            return isinstance(exc, urllib3.exceptions.HTTPError | _TransientDownload)
+
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_attempts),
             wait=tenacity.wait_random_exponential(multiplier=0.5, max=10),
-            retry=tenacity.retry_if_exception_type((urllib3.exceptions.HTTPError, _TransientDownload)),
+            retry=tenacity.retry_if_exception(worth_retrying),
             reraise=True,
         )
         try:
             return retrying(self._download_once, url)
         except _GoneDownload as exc:
-            raise CopyError(RowStatus.OUTPUT_EXPIRED, str(exc)) from exc
+            raise OutputGoneError(RowStatus.OUTPUT_EXPIRED, str(exc)) from exc
         except (urllib3.exceptions.HTTPError, _TransientDownload) as exc:
             raise CopyError(
                 RowStatus.BAD_OUTPUT,
@@ -79,7 +90,8 @@ class Downloader:
         try:
             if response.status in (403, 404, 410):
                 raise _GoneDownload(
-                    f"HTTP {response.status} from {strip_query(url)}: gone (API outputs live 24 hours)"
+                    response.status,
+                    f"HTTP {response.status} from {strip_query(url)}: gone (API outputs live 24 hours)",
                 )
             if response.status >= 400:
                 raise _TransientDownload(f"HTTP {response.status} from {strip_query(url)}")
@@ -116,7 +128,9 @@ class Downloader:
 
 
 class _GoneDownload(Exception):
-    pass
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _TransientDownload(Exception):

@@ -17,8 +17,12 @@ class AuthenticationError(RemoveBgError):
     """The API refused the token (HTTP 401 or 403)."""
 
 
-class OutOfCreditsError(RemoveBgError):
-    """The account has no credits left (HTTP 402)."""
+class PaymentRequiredError(RemoveBgError):
+    """The API refused a whole request with HTTP 402; the message says what the account details say."""
+
+
+class OutOfCreditsError(PaymentRequiredError):
+    """HTTP 402 and the account has fewer credits left than the request's records."""
 
 
 class ApiRequestError(RemoveBgError):
@@ -45,8 +49,24 @@ class BudgetExceededError(RemoveBgError):
     """The run would bill more records than `max_billable_records` allows."""
 
 
+class CreditsShortError(RemoveBgError):
+    """The run would bill more records than the account has credits left (checked before sending)."""
+
+
 class FailurePolicyError(RemoveBgError):
     """More rows failed than `max_failed_fraction` allows; `summary` holds the counts of the run or shard."""
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class RunStoppedError(RemoveBgError):
+    """A stop was requested (Ctrl-C, SIGTERM, Airflow's `on_kill`): no new request was sent after it.
+
+    Raised once the requests in flight have finished and what was done is stored; `summary` counts
+    it (the rows not reached have status 499).
+    """
 
     def __init__(self, message: str, summary: RunSummary) -> None:
         super().__init__(message)
@@ -60,6 +80,10 @@ class CopyError(StorageError):
         super().__init__(message)
         self.status_code = status_code
         self.status_text = status_text
+
+
+class OutputGoneError(CopyError):
+    """An output URL answered 403, 404 or 410: the file is gone (or, just after the answer, not yet there)."""
 
 
 class ConfigurationError(RemoveBgError, ValueError):

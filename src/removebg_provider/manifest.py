@@ -104,13 +104,59 @@ def read_schema(uri: str, storage: Storage, fmt: str | None = None) -> pa.Schema
 
 
 def require_columns(uri: str, schema: pa.Schema, columns: Sequence[str]) -> None:
-    """Raise ManifestError naming the manifest when any of `columns` is missing."""
+    """Raise ManifestError naming the manifest when a column name repeats or any of `columns` is
+    missing or holds nested values (lists, structs, maps) instead of text or numbers."""
+    repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if repeated:
+        raise ManifestError(
+            f"manifest {uri} has more than one column named {', '.join(repr(n) for n in repeated)}; "
+            "give every column its own name"
+        )
     missing = [name for name in columns if name not in schema.names]
     if missing:
         raise ManifestError(
             f"manifest {uri} has no column {', '.join(repr(m) for m in missing)}; "
             f"its columns are {schema.names}"
         )
+    for name in columns:
+        kind = schema.field(name).type
+        if pa.types.is_nested(kind):
+            raise ManifestError(
+                f"column {name!r} of manifest {uri} holds {kind} values; it must hold text (or numbers)"
+            )
+
+
+def require_representable(uri: str, schema: pa.Schema, fmt: str | None = None) -> None:
+    """Raise ManifestError when a manifest in `uri`'s format could not hold or give back `schema`'s columns.
+
+    CSV has no nested values (lists of plain values are written joined, as text); JSON Lines
+    writes a map column as a list of pairs that reads back as something else.
+    """
+    resolved = manifest_format(uri, fmt)
+    if resolved == "parquet":
+        return
+    for item in schema:
+        kind = item.type
+        if resolved == "csv" and pa.types.is_nested(kind) and not _is_plain_list(kind):
+            raise ManifestError(
+                f"column {item.name!r} ({kind}) cannot be written to the CSV manifest {uri}; "
+                "write a .parquet manifest instead"
+            )
+        if resolved == "jsonl" and (pa.types.is_map(kind) or _holds_map(kind)):
+            raise ManifestError(
+                f"column {item.name!r} ({kind}) cannot be read back from the JSON Lines manifest {uri}; "
+                "write a .parquet manifest instead"
+            )
+
+
+def _is_plain_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) and not pa.types.is_nested(kind.value_type)
+
+
+def _holds_map(kind: pa.DataType) -> bool:
+    return any(
+        pa.types.is_map(kind.field(i).type) or _holds_map(kind.field(i).type) for i in range(kind.num_fields)
+    )
 
 
 class ManifestWriter:
@@ -136,9 +182,13 @@ class ManifestWriter:
         return self
 
     def write(self, batch: pa.RecordBatch) -> None:
-        """Append `batch` (which must have the writer's schema); CSV joins list cells with ';'."""
+        """Append `batch` (which must have the writer's schema).
+
+        CSV joins list cells with ';' and defuses text a spreadsheet would run as a formula (see
+        `_without_formulas`).
+        """
         if self.format == "csv":
-            batch = _joined_lists(batch)
+            batch = _without_formulas(_joined_lists(batch))
         if self._writer is not None:
             self._writer.write_batch(batch)
         else:
@@ -182,6 +232,26 @@ def _joined_lists(batch: pa.RecordBatch) -> pa.RecordBatch:
         for column in batch.columns
     ]
     return pa.RecordBatch.from_arrays(columns, schema=_csv_schema(batch.schema))
+
+
+# A spreadsheet opening the CSV runs a cell starting with one of these as a formula (CSV injection);
+# a leading apostrophe makes it text. Signed numbers are left alone: they are numbers, not formulas.
+_FORMULA_START = r"^[=+\-@\t\r]"
+_SIGNED_NUMBER = r"^[+-]?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$"
+
+
+def _without_formulas(batch: pa.RecordBatch) -> pa.RecordBatch:
+    columns = []
+    for column in batch.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            risky = pc.and_(
+                pc.match_substring_regex(column, _FORMULA_START),
+                pc.invert(pc.match_substring_regex(column, _SIGNED_NUMBER)),
+            )
+            defused = pc.binary_join_element_wise("'", column, "")
+            column = pc.if_else(pc.fill_null(risky, False), defused, column)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
 
 
 def _parquet_batches(

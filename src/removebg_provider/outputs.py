@@ -66,9 +66,12 @@ class OutputCopier:
         self.storage = storage
         self.downloader = downloader or Downloader(pool_size=pool_size)
 
-    def copy(self, source_url: str, destination_uri: str, ext: str) -> bytes:
-        """Copy one output and return its bytes; raises CopyError with the row status it earns."""
-        data = self.downloader.download(source_url)
+    def copy(self, source_url: str, destination_uri: str, ext: str, *, fresh: bool = False) -> bytes:
+        """Copy one output and return its bytes; raises CopyError with the row status it earns.
+
+        `fresh` (the API has just answered `source_url`): a 404 is retried before OutputGoneError.
+        """
+        data = self.downloader.download(source_url, fresh=fresh)
         if not looks_like_image(data, ext):
             raise CopyError(
                 RowStatus.BAD_OUTPUT, f"the API output at {strip_query(source_url)} is not a {ext} image"
@@ -80,18 +83,19 @@ class OutputCopier:
         return data
 
     def copy_answer(
-        self, sources: Mapping[str, str | None], destinations: Mapping[str, str]
+        self, sources: Mapping[str, str | None], destinations: Mapping[str, str], *, fresh: bool = False
     ) -> dict[str, bytes]:
         """Copy every output kind of `destinations` from its temporary URL in `sources`; bytes by kind.
 
-        Raises CopyError for the first kind that is missing from the answer or cannot be copied.
+        Raises CopyError for the first kind that is missing from the answer or cannot be copied
+        (OutputGoneError when its URL is gone: a fresh answer's record is worth requesting again).
         """
         copied: dict[str, bytes] = {}
         for kind, destination in destinations.items():
             source = sources.get(kind)
             if not source:
                 raise CopyError(RowStatus.BAD_OUTPUT, f"the API returned no {kind} URL", "output missing")
-            copied[kind] = self.copy(source, destination, destination.rsplit(".", 1)[-1])
+            copied[kind] = self.copy(source, destination, destination.rsplit(".", 1)[-1], fresh=fresh)
         return copied
 
     def close(self) -> None:

@@ -61,6 +61,8 @@ class RowStatus(IntEnum):
     BUDGET_REACHED = 402
     OUTPUT_EXPIRED = 410
     UNREADABLE_IMAGE = 422
+    # nginx's "client closed request": the run itself was stopped (Ctrl-C, SIGTERM, Airflow's on_kill).
+    STOPPED = 499
     BAD_OUTPUT = 502
     API_UNAVAILABLE = 503
     NOT_PROCESSED = 504

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from support.faults import FaultRates, start_fault_proxy
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
 
@@ -255,3 +256,25 @@ def test_no_cache_sends_every_image_again(server: LocalApiServer, tmp_path: Path
     billed = _day(server, tmp_path, photos, "tuesday", "--no-cache")
 
     assert billed == 3
+
+
+def test_run_prints_the_json_summary_when_too_many_rows_fail(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, [*_photos(tmp_path, 1), None])
+    outputs = ["--output-prefix", str(tmp_path / "c"), "--output-manifest", str(tmp_path / "e.csv")]
+
+    done = _removebg(server, manifest, *outputs, "--max-failed-fraction", "0.1")
+
+    summary = json.loads(done.stdout)
+    assert (summary["rows"], summary["failed"], summary["by_status"]) == (2, 1, {"200": 1, "400": 1})
+
+
+def test_an_api_outage_exits_five_not_one_with_the_summary(server: LocalApiServer, tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, _photos(tmp_path, 3))
+    outputs = ["--output-prefix", str(tmp_path / "c"), "--output-manifest", str(tmp_path / "e.csv")]
+    with start_fault_proxy(server.base_url, FaultRates(server_error=1.0)) as proxy:
+        outage = LocalApiServer(proxy.base_url, server.token, server.storage_dir)
+
+        done = _removebg(outage, manifest, *outputs, "--max-retries", "0")
+
+    assert done.returncode == 5, done.stderr
+    assert json.loads(done.stdout)["by_status"] == {"503": 3}

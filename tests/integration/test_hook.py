@@ -138,14 +138,26 @@ def test_invalid_extra_is_reported_naming_the_connection(
     assert message in str(raised.value)
 
 
+def test_the_backpressure_deadline_extra_sets_how_long_busy_answers_are_waited_out(
+    set_connection: Any,
+) -> None:
+    set_connection(extra={"backpressure_deadline": 60})
+
+    with RemoveBgHook().get_conn() as client:
+        assert client.retry_policy.backpressure_deadline == 60.0
+
+
 def test_test_connection_succeeds_against_a_healthy_server(server: ReplayServer, set_connection: Any) -> None:
     set_connection(host="127.0.0.1", port=_port(server), schema="http", password=TOKEN)
     server.script("/health", Reply(200, {"status": "ok"}))
     server.script("/account/v2/user/", Reply(200, {"id": "user-1"}))
+    server.script("/account/v2/details/", Reply(200, {"credits": 1200}))
+    server.script("/authorization/v2/authorize", Reply(200, {"user_id": "user-1"}))
 
     assert RemoveBgHook().test_connection() == (
         True,
-        f"{server.base_url} is reachable and accepted the API token",
+        f"{server.base_url} is reachable and accepted the API token; "
+        "the Remove Background service is activated; 1200 credits left",
     )
 
 
@@ -201,5 +213,6 @@ def test_test_connection_checks_the_token_against_the_local_server(
     assert refused == (False, f"{api_server.base_url} refused the API token (HTTP 401)")
     assert RemoveBgHook().test_connection() == (
         True,
-        f"{api_server.base_url} is reachable and accepted the API token",
+        f"{api_server.base_url} is reachable and accepted the API token; the Remove Background service "
+        "is activated; credits not limited or not reported by /account/v2/details/",
     )

@@ -9,6 +9,7 @@ each get their own run.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import zlib
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -28,6 +30,7 @@ from removebg_provider.client import ImageRecord, RemoveBgClient
 from removebg_provider.errors import AuthenticationError, ManifestError
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
+from support.runs import pipeline_config, run_pipeline
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
 _PIPELINE_MAX_IMAGE_BYTES = 400_000
@@ -174,8 +177,10 @@ def catalogue(server: LocalApiServer, tmp_path_factory: pytest.TempPathFactory) 
         references.append(reference)
     manifest = folder / "manifest.parquet"
     pq.write_table(pa.table({"sku": ids, "image_url": references}), manifest)
-    config = _config(folder, str(manifest), max_image_bytes=_PIPELINE_MAX_IMAGE_BYTES)
-    _run(server, config)
+    config = pipeline_config(
+        folder, str(manifest), max_image_bytes=_PIPELINE_MAX_IMAGE_BYTES, max_failed_fraction=1.0
+    )
+    run_pipeline(server, config)
     enriched = pq.read_table(config.output_manifest_uri).to_pylist()
     by_case = {case.name: row for case, row in zip(IMAGE_CASES, enriched, strict=True)}
     return CatalogueRun(rows=by_case, output_prefix=Path(config.output_prefix))
@@ -267,11 +272,13 @@ def test_broken_manifest_is_refused_before_any_request_naming_the_file(
     server: LocalApiServer, tmp_path: Path, name: str
 ) -> None:
     file_name, content, pattern, overrides = MANIFEST_CASES[name]
-    config = _config(tmp_path, _write(tmp_path / file_name, content), **overrides)
+    config = pipeline_config(
+        tmp_path, _write(tmp_path / file_name, content), **overrides, max_failed_fraction=1.0
+    )
     server.reset_stats()
 
     with pytest.raises(ManifestError, match=pattern):
-        _run(server, config)
+        run_pipeline(server, config)
 
     assert server.stats()["requests"] == 0
 
@@ -284,9 +291,14 @@ def test_csv_with_bom_and_embedded_newlines_runs_every_row(server: LocalApiServe
     first.write_bytes(sample_photo(40, 30, "JPEG"))
     second.write_bytes(sample_photo(41, 30, "JPEG"))
     text = f'sku,note,image_url\r\n1,"two\nlines, and a comma",{first}\r\n2,"say ""hi""",{second}\r\n'
-    config = _config(tmp_path, _write(tmp_path / "m.csv", b"\xef\xbb\xbf" + text.encode()), id_column="sku")
+    config = pipeline_config(
+        tmp_path,
+        _write(tmp_path / "m.csv", b"\xef\xbb\xbf" + text.encode()),
+        id_column="sku",
+        max_failed_fraction=1.0,
+    )
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     rows = pq.read_table(config.output_manifest_uri).to_pylist()
     assert [(row["sku"], row["note"]) for row in rows] == [
@@ -296,12 +308,55 @@ def test_csv_with_bom_and_embedded_newlines_runs_every_row(server: LocalApiServe
     assert [row["removebg_status_code"] for row in rows] == [200, 200]
 
 
+def test_text_a_spreadsheet_would_run_as_a_formula_is_defused_in_an_enriched_csv(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(sample_photo(40, 30, "JPEG"))
+    titles = ['=HYPERLINK("https://evil.example","sale")', "@SUM(A1:A9)", "-A12 red", "-5", "+1.5", "plain"]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"title": titles, "image_url": [str(photo)] * len(titles)}), manifest)
+    enriched = tmp_path / "enriched.csv"
+    config = pipeline_config(tmp_path, str(manifest), output_manifest_uri=str(enriched))
+
+    run_pipeline(server, config)
+
+    written = pa_csv.read_csv(
+        enriched, convert_options=pa_csv.ConvertOptions(column_types={"title": pa.string()})
+    )
+    assert written.column("title").to_pylist() == [
+        '\'=HYPERLINK("https://evil.example","sale")',
+        "'@SUM(A1:A9)",
+        "'-A12 red",
+        "-5",
+        "+1.5",
+        "plain",
+    ]
+
+
+def test_result_columns_already_in_the_input_are_replaced_with_a_warning(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(sample_photo(40, 30, "JPEG"))
+    manifest = tmp_path / "yesterday-enriched.parquet"
+    pq.write_table(pa.table({"image_url": [str(photo)], "removebg_status_code": [504]}), manifest)
+    config = pipeline_config(tmp_path, str(manifest))
+
+    with caplog.at_level(logging.WARNING, logger="removebg_provider"):
+        run_pipeline(server, config)
+
+    assert pq.read_table(config.output_manifest_uri).column("removebg_status_code").to_pylist() == [200]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("removebg_status_code" in message and str(manifest) in message for message in warnings)
+
+
 def test_numbers_in_the_image_and_id_columns_are_read_as_text(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"sku": [17, 18], "image_url": [123, 456]}), manifest)
-    config = _config(tmp_path, str(manifest), id_column="sku")
+    config = pipeline_config(tmp_path, str(manifest), id_column="sku", max_failed_fraction=1.0)
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     rows = pq.read_table(config.output_manifest_uri).to_pylist()
     assert [row["removebg_status_code"] for row in rows] == [RowStatus.UNREADABLE_IMAGE] * 2
@@ -315,9 +370,9 @@ def test_a_reference_with_an_unknown_scheme_fails_only_its_row(
     good.write_bytes(sample_photo(40, 30, "JPEG"))
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"image_url": [str(good), "gopher://catalog.example.test/photo.jpg"]}), manifest)
-    config = _config(tmp_path, str(manifest))
+    config = pipeline_config(tmp_path, str(manifest), max_failed_fraction=1.0)
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     codes = [row["removebg_status_code"] for row in pq.read_table(config.output_manifest_uri).to_pylist()]
     assert codes == [200, RowStatus.UNREADABLE_IMAGE]
@@ -333,9 +388,9 @@ def _oversized_batch_run(tmp_path: Path) -> tuple[list[int], int]:
     small.write_bytes(sample_photo(40, 30, "JPEG"))
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"image_url": [str(small), str(big)]}), manifest)
-    config = _config(tmp_path, str(manifest), max_records_per_request=2)
+    config = pipeline_config(tmp_path, str(manifest), max_records_per_request=2, max_failed_fraction=1.0)
     with start_api_server(tmp_path / "srv", max_body_bytes=64 * 1024) as small_server:
-        _run(small_server, config)
+        run_pipeline(small_server, config)
         billed = small_server.stats()["records_billed"]
     rows = pq.read_table(config.output_manifest_uri).to_pylist()
     return [row["removebg_status_code"] for row in rows], billed
@@ -357,9 +412,9 @@ def test_more_records_than_the_server_takes_fail_their_batch_with_400(tmp_path: 
         paths.append(str(path))
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"image_url": paths}), manifest)
-    config = _config(tmp_path, str(manifest), max_records_per_request=3)
+    config = pipeline_config(tmp_path, str(manifest), max_records_per_request=3, max_failed_fraction=1.0)
     with start_api_server(tmp_path / "srv", max_records=2) as strict_server:
-        _run(strict_server, config)
+        run_pipeline(strict_server, config)
 
     rows = pq.read_table(config.output_manifest_uri).to_pylist()
     assert [row["removebg_status_code"] for row in rows] == [400] * 3
@@ -373,7 +428,7 @@ def test_a_wrong_token_stops_the_run_before_anything_is_billed(
     photo.write_bytes(sample_photo(40, 30, "JPEG"))
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"image_url": [str(photo), None]}), manifest)
-    config = _config(tmp_path, str(manifest))
+    config = pipeline_config(tmp_path, str(manifest), max_failed_fraction=1.0)
     server.reset_stats()
 
     with (
@@ -398,21 +453,3 @@ def test_a_file_url_sent_to_the_server_is_refused_for_that_record(server: LocalA
 
     assert [result.status_code for result in results] == [400, 200]
     assert "not an http(s) URL" in (results[0].error or results[0].status_text)
-
-
-def _config(folder: Path, manifest: str, **overrides: Any) -> pipeline.PipelineConfig:
-    options: dict[str, Any] = {
-        "manifest_uri": manifest,
-        "output_prefix": str(folder / "cutouts"),
-        "output_manifest_uri": str(folder / "enriched.parquet"),
-        "max_records_per_request": 10,
-        "concurrency": 4,
-        "max_failed_fraction": 1.0,
-    }
-    options.update(overrides)
-    return pipeline.PipelineConfig(**options)
-
-
-def _run(server: LocalApiServer, config: pipeline.PipelineConfig) -> pipeline.RunSummary:
-    with RemoveBgClient(server.base_url, server.token, **config.resolved().client_settings()) as client:
-        return pipeline.run(config, client, Storage())

@@ -31,6 +31,7 @@ from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
 from support.fake_time import FakeClock
 from support.replay_server import echo_ok, serve_replays
+from support.runs import pipeline_config, run_pipeline
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
 
@@ -67,24 +68,6 @@ def _write_manifest(path: Path, columns: dict[str, list[object]]) -> str:
     return str(path)
 
 
-def _config(tmp_path: Path, manifest: str, **overrides: object) -> pipeline.PipelineConfig:
-    options: dict[str, object] = {
-        "manifest_uri": manifest,
-        "output_prefix": str(tmp_path / "cutouts"),
-        "output_manifest_uri": str(tmp_path / "enriched.parquet"),
-        "shard_size": 4,
-        "max_records_per_request": 3,
-        "concurrency": 3,
-    }
-    options.update(overrides)
-    return pipeline.PipelineConfig(**options)  # type: ignore[arg-type]
-
-
-def _run(server: LocalApiServer, config: pipeline.PipelineConfig) -> pipeline.RunSummary:
-    with RemoveBgClient(server.base_url, server.token, **config.resolved().client_settings()) as client:
-        return pipeline.run(config, client, Storage())
-
-
 def _enriched(config: pipeline.PipelineConfig) -> pa.Table:
     if config.output_manifest_uri.endswith(".csv"):
         return pa_csv.read_csv(config.output_manifest_uri)
@@ -99,9 +82,9 @@ def test_every_row_appears_once_with_input_columns_first_then_results(
     manifest = _write_manifest(
         tmp_path / "m.parquet", {"sku": [f"sku-{i}" for i in range(10)], "image_url": images}
     )
-    config = _config(tmp_path, manifest, id_column="sku")
+    config = pipeline_config(tmp_path, manifest, id_column="sku")
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     table = _enriched(config)
     assert table.column_names == ["sku", "image_url", *RESULT_SCHEMA.names]
@@ -116,9 +99,9 @@ def test_outputs_are_rgba_png_cutouts_plus_requested_mask_and_white_background(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.csv", {"image_url": _photos(tmp_path / "photos", 3)})
-    config = _config(tmp_path, manifest, binary_mask=True, white_background=True)
+    config = pipeline_config(tmp_path, manifest, binary_mask=True, white_background=True)
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     for row in _enriched(config).to_pylist():
         assert Image.open(row["removebg_output_url"]).mode == "RGBA"
@@ -130,9 +113,9 @@ def test_outputs_are_rgba_png_cutouts_plus_requested_mask_and_white_background(
 @pytest.mark.usefixtures("billed")
 def test_outputs_not_requested_are_null(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 2)})
-    config = _config(tmp_path, manifest)
+    config = pipeline_config(tmp_path, manifest)
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     table = _enriched(config)
     assert table.column("removebg_output_url_mask").null_count == 2
@@ -146,9 +129,11 @@ def test_csv_manifest_gives_csv_enriched_manifest_with_text_ids_kept(
     manifest = tmp_path / "m.csv"
     images = _photos(tmp_path / "photos", 2)
     manifest.write_text(f"sku,image_url\n00017,{images[0]}\n00018,{images[1]}\n")
-    config = _config(tmp_path, str(manifest), id_column="sku", output_manifest_uri=str(tmp_path / "e.csv"))
+    config = pipeline_config(
+        tmp_path, str(manifest), id_column="sku", output_manifest_uri=str(tmp_path / "e.csv")
+    )
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     text = (tmp_path / "e.csv").read_text()
     assert '"00017"' in text
@@ -157,11 +142,11 @@ def test_csv_manifest_gives_csv_enriched_manifest_with_text_ids_kept(
 
 def test_a_rerun_bills_no_row_that_already_succeeded(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 9)})
-    config = _config(tmp_path, manifest)
+    config = pipeline_config(tmp_path, manifest)
     server.reset_stats()
 
-    _run(server, config)
-    _run(server, config)
+    run_pipeline(server, config)
+    run_pipeline(server, config)
 
     assert server.stats()["records_billed"] == 9
 
@@ -184,7 +169,7 @@ def test_an_interrupted_run_resumes_without_billing_finished_batches_again(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 12)})
-    config = _config(tmp_path, manifest, concurrency=1)
+    config = pipeline_config(tmp_path, manifest, concurrency=1)
     server.reset_stats()
     with (
         pytest.raises(KeyboardInterrupt),
@@ -193,7 +178,7 @@ def test_an_interrupted_run_resumes_without_billing_finished_batches_again(
         pipeline.run(config, crashing, Storage())
     billed_before_crash = server.stats()["records_billed"]
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     assert 0 < billed_before_crash < 12
     assert server.stats()["records_billed"] == 12
@@ -227,12 +212,12 @@ def test_rows_answered_before_an_interruption_are_finished_by_copying_without_bi
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 3)})
-    config = _config(tmp_path, manifest, shard_size=3)
+    config = pipeline_config(tmp_path, manifest, shard_size=3)
     server.reset_stats()
     _answer_then_die(server, config)
     billed_before = server.stats()["records_billed"]
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     rows = _enriched(config).to_pylist()
     assert billed_before == 3
@@ -246,7 +231,7 @@ def test_dry_run_counts_answered_but_not_copied_rows_as_copy_only_not_billable(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 5)})
-    config = _config(tmp_path, manifest, shard_size=5, max_records_per_request=5, concurrency=1)
+    config = pipeline_config(tmp_path, manifest, shard_size=5, max_records_per_request=5, concurrency=1)
     _answer_then_die(server, config)
 
     estimate = pipeline.estimate_billing(pipeline.plan(config, Storage()), Storage())
@@ -259,16 +244,16 @@ def test_answered_rows_whose_temporary_outputs_expired_get_410_then_are_sent_aga
 ) -> None:
     clock = FakeClock(start=1_000_000.0)
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 3)})
-    config = _config(tmp_path, manifest, shard_size=3, max_failed_fraction=1.0)
+    config = pipeline_config(tmp_path, manifest, shard_size=3, max_failed_fraction=1.0)
     with start_api_server(tmp_path / "server", clock=clock.now) as server:
         _answer_then_die(server, config)
         clock.sleep(25 * 3600)
         server.reset_stats()
 
-        copied = _run(server, config)
+        copied = run_pipeline(server, config)
         billed_on_copy = server.stats()["records_billed"]
         codes_after_copy = _enriched(config).column("removebg_status_code").to_pylist()
-        resent = _run(server, config)
+        resent = run_pipeline(server, config)
 
         assert billed_on_copy == 0
         assert codes_after_copy == [410, 410, 410]
@@ -280,7 +265,7 @@ def test_an_answer_older_than_23_hours_is_sent_again_not_copied(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 3)})
-    config = _config(tmp_path, manifest, shard_size=3)
+    config = pipeline_config(tmp_path, manifest, shard_size=3)
     _answer_then_die(server, config)
     (answer,) = _answer_files(config)
     header, *lines = answer.read_text().splitlines()
@@ -290,7 +275,7 @@ def test_an_answer_older_than_23_hours_is_sent_again_not_copied(
     )
     server.reset_stats()
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     assert (summary.succeeded, summary.billed_records) == (3, 3)
     assert server.stats()["records_billed"] == 3
@@ -321,7 +306,7 @@ def test_requests_in_flight_never_exceed_concurrency_while_other_workers_copy(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 12)})
-    config = _config(tmp_path, manifest, shard_size=12, max_records_per_request=1, concurrency=2)
+    config = pipeline_config(tmp_path, manifest, shard_size=12, max_records_per_request=1, concurrency=2)
 
     with _CountingClient(server.base_url, server.token) as client:
         summary = pipeline.run(config, client, Storage())
@@ -342,9 +327,9 @@ def test_rows_with_the_same_image_are_sent_once_and_share_the_result(
             "image_url": [images[0], images[1], images[0], images[2], images[0]],
         },
     )
-    config = _config(tmp_path, manifest, id_column="sku")
+    config = pipeline_config(tmp_path, manifest, id_column="sku")
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     rows = _enriched(config).to_pylist()
     assert server.stats()["records_billed"] == 3
@@ -368,11 +353,11 @@ def test_rows_of_a_shard_with_identical_image_bytes_are_sent_once_and_share_the_
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     # One batch: its rows are read in order, so the first row with the bytes ("a") owns them.
-    config = _config(
+    config = pipeline_config(
         tmp_path, _same_bytes_manifest(tmp_path), id_column="sku", shard_size=5, max_records_per_request=5
     )
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     rows = {row["sku"]: row for row in _enriched(config).to_pylist()}
     assert server.stats()["records_billed"] == 2
@@ -390,11 +375,11 @@ def test_rows_of_a_shard_with_identical_image_bytes_are_sent_once_and_share_the_
 def test_a_rerun_bills_nothing_for_rows_that_shared_identical_bytes(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
-    config = _config(tmp_path, _same_bytes_manifest(tmp_path), id_column="sku", shard_size=5)
-    _run(server, config)
+    config = pipeline_config(tmp_path, _same_bytes_manifest(tmp_path), id_column="sku", shard_size=5)
+    run_pipeline(server, config)
     server.reset_stats()
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     assert (summary.succeeded, summary.billed_records) == (5, 0)
     assert server.stats()["records_billed"] == 0
@@ -405,10 +390,10 @@ def test_dry_run_counts_billable_records_after_resume_and_duplicates(
 ) -> None:
     images = _photos(tmp_path / "photos", 6)
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": [*images, images[0], None]})
-    config = _config(tmp_path, manifest)
-    _run(
+    config = pipeline_config(tmp_path, manifest)
+    run_pipeline(
         server,
-        _config(
+        pipeline_config(
             tmp_path,
             _write_manifest(tmp_path / "first.parquet", {"image_url": images[:2]}),
             staging_prefix=config.staging,
@@ -433,7 +418,7 @@ def test_dry_run_counts_billable_records_after_resume_and_duplicates(
 def test_dry_run_after_a_partial_run_counts_only_what_is_left(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 8)})
     # One shard (batches of 3, 3, 2): the one request that gets through is a full batch of 3.
-    config = _config(tmp_path, manifest, concurrency=1, shard_size=8)
+    config = pipeline_config(tmp_path, manifest, concurrency=1, shard_size=8)
     with pytest.raises(KeyboardInterrupt), _CrashAfter(server.base_url, server.token, batches=1) as crashing:
         pipeline.run(config, crashing, Storage())
 
@@ -447,10 +432,10 @@ def test_budget_stops_before_any_request_when_the_run_would_pass_it(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 5)})
-    config = _config(tmp_path, manifest, max_billable_records=4)
+    config = pipeline_config(tmp_path, manifest, max_billable_records=4)
 
     with pytest.raises(BudgetExceededError, match="needs 5 billable records"):
-        _run(server, config)
+        run_pipeline(server, config)
 
     assert server.stats()["records_billed"] == 0
 
@@ -460,10 +445,10 @@ def test_skip_existing_keeps_existing_outputs_without_sending_them(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     images = _photos(tmp_path / "photos", 4)
-    first = _config(tmp_path, _write_manifest(tmp_path / "day1.parquet", {"image_url": images[:3]}))
-    _run(server, first)
+    first = pipeline_config(tmp_path, _write_manifest(tmp_path / "day1.parquet", {"image_url": images[:3]}))
+    run_pipeline(server, first)
     server.reset_stats()
-    second = _config(
+    second = pipeline_config(
         tmp_path,
         _write_manifest(tmp_path / "day2.parquet", {"image_url": images}),
         output_manifest_uri=str(tmp_path / "day2-enriched.parquet"),
@@ -471,7 +456,7 @@ def test_skip_existing_keeps_existing_outputs_without_sending_them(
         resume=False,
     )
 
-    _run(server, second)
+    run_pipeline(server, second)
 
     rows = _enriched(second).to_pylist()
     assert server.stats()["records_billed"] == 1
@@ -492,9 +477,9 @@ def test_per_image_problems_become_row_statuses(server: LocalApiServer, tmp_path
             "image_url": [good[0], None, "", str(tmp_path / "nope.jpg"), str(not_an_image), good[1]],
         },
     )
-    config = _config(tmp_path, manifest, id_column="sku", max_failed_fraction=1.0)
+    config = pipeline_config(tmp_path, manifest, id_column="sku", max_failed_fraction=1.0)
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     codes = {row["sku"]: row["removebg_status_code"] for row in _enriched(config).to_pylist()}
     assert codes["ok1"] == codes["ok2"] == 200
@@ -509,10 +494,10 @@ def test_too_many_failed_rows_fail_the_run_after_writing_the_whole_manifest(
 ) -> None:
     good = _photos(tmp_path / "photos", 2)
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": [good[0], None, None, good[1]]})
-    config = _config(tmp_path, manifest, max_failed_fraction=0.25)
+    config = pipeline_config(tmp_path, manifest, max_failed_fraction=0.25)
 
     with pytest.raises(FailurePolicyError, match=r"2 of 4 rows failed.*no image reference"):
-        _run(server, config)
+        run_pipeline(server, config)
 
     assert _enriched(config).num_rows == 4
 
@@ -521,7 +506,7 @@ def test_missing_image_column_is_a_clear_error_naming_the_manifest(tmp_path: Pat
     manifest = _write_manifest(tmp_path / "m.parquet", {"url": ["a.jpg"]})
 
     with pytest.raises(ManifestError, match=r"m\.parquet has no column 'image_url'"):
-        pipeline.plan(_config(tmp_path, manifest), Storage())
+        pipeline.plan(pipeline_config(tmp_path, manifest), Storage())
 
 
 def test_duplicate_ids_are_refused_and_listed(tmp_path: Path) -> None:
@@ -530,14 +515,14 @@ def test_duplicate_ids_are_refused_and_listed(tmp_path: Path) -> None:
     )
 
     with pytest.raises(ManifestError, match=r"duplicate ids in column 'sku': 'a', 'b'"):
-        pipeline.plan(_config(tmp_path, manifest, id_column="sku"), Storage())
+        pipeline.plan(pipeline_config(tmp_path, manifest, id_column="sku"), Storage())
 
 
 def test_ids_that_collide_once_made_safe_are_refused(tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"sku": ["a/b", "a_b"], "image_url": ["1", "2"]})
 
     with pytest.raises(ManifestError, match="same output key"):
-        pipeline.plan(_config(tmp_path, manifest, id_column="sku"), Storage())
+        pipeline.plan(pipeline_config(tmp_path, manifest, id_column="sku"), Storage())
 
 
 @pytest.mark.usefixtures("billed")
@@ -545,9 +530,9 @@ def test_unsafe_ids_write_inside_the_output_prefix(server: LocalApiServer, tmp_p
     manifest = _write_manifest(
         tmp_path / "m.parquet", {"sku": ["../../etc/passwd"], "image_url": _photos(tmp_path / "photos", 1)}
     )
-    config = _config(tmp_path, manifest, id_column="sku")
+    config = pipeline_config(tmp_path, manifest, id_column="sku")
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     output = Path(_enriched(config).column("removebg_output_url")[0].as_py())
     assert output.resolve().parent == (tmp_path / "cutouts").resolve()
@@ -558,20 +543,20 @@ def test_unreadable_manifest_is_a_clear_error(tmp_path: Path) -> None:
     broken.write_bytes(b"PAR1 this is not parquet")
 
     with pytest.raises(ManifestError, match=r"broken\.parquet"):
-        pipeline.plan(_config(tmp_path, str(broken)), Storage())
+        pipeline.plan(pipeline_config(tmp_path, str(broken)), Storage())
 
 
 def test_unknown_manifest_format_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match=r"cannot tell the format of manifest .*m\.xlsx"):
-        pipeline.plan(_config(tmp_path, str(tmp_path / "m.xlsx")), Storage())
+        pipeline.plan(pipeline_config(tmp_path, str(tmp_path / "m.xlsx")), Storage())
 
 
 def test_an_empty_manifest_succeeds_with_zero_rows(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = tmp_path / "empty.csv"
     manifest.write_text("image_url,sku\n")
-    config = _config(tmp_path, str(manifest))
+    config = pipeline_config(tmp_path, str(manifest))
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     assert summary.rows == 0
     assert _enriched(config).num_rows == 0
@@ -582,7 +567,7 @@ def test_plan_never_makes_more_shards_than_max_map_length(tmp_path: Path) -> Non
         tmp_path / "m.parquet", {"image_url": [f"https://x.test/{i}.jpg" for i in range(50)]}
     )
 
-    planned = pipeline.plan(_config(tmp_path, manifest, shard_size=2, max_map_length=7), Storage())
+    planned = pipeline.plan(pipeline_config(tmp_path, manifest, shard_size=2, max_map_length=7), Storage())
 
     assert len(planned.shards) <= 7
     assert sum(shard.rows for shard in planned.shards) == 50
@@ -593,7 +578,7 @@ def test_shard_descriptors_are_small_json_values(tmp_path: Path) -> None:
         tmp_path / "m.parquet", {"image_url": [f"https://x.test/{i}.jpg" for i in range(9)]}
     )
 
-    planned = pipeline.plan(_config(tmp_path, manifest), Storage())
+    planned = pipeline.plan(pipeline_config(tmp_path, manifest), Storage())
 
     descriptor = planned.shards[0].to_dict()
     assert set(descriptor) == {"plan_uri", "index", "uri", "rows", "first_row"}
@@ -622,7 +607,7 @@ def test_progress_is_logged_with_rate_and_eta(
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 4)})
     caplog.set_level(logging.INFO, logger="removebg_provider.progress")
 
-    _run(server, _config(tmp_path, manifest))
+    run_pipeline(server, pipeline_config(tmp_path, manifest))
 
     assert any("rows/s" in message and "ETA" in message for message in caplog.messages)
 
@@ -632,7 +617,7 @@ def test_http_references_go_to_the_api_as_urls(tmp_path: Path) -> None:
     with serve_replays() as api:
         api.script(FAST_PATH, echo_ok)
         with RemoveBgClient(api.base_url) as client:
-            pipeline.run(_config(tmp_path, manifest, max_failed_fraction=1.0), client, Storage())
+            pipeline.run(pipeline_config(tmp_path, manifest, max_failed_fraction=1.0), client, Storage())
 
         (sent,) = api.requests_to(FAST_PATH)
     (record,) = sent.json()["records"]
@@ -646,9 +631,9 @@ def test_enriched_manifest_round_trips_through_json_lines(server: LocalApiServer
     manifest.write_text(
         "".join(f'{{"image_url": "{path}", "price": {i}.5}}\n' for i, path in enumerate(images))
     )
-    config = _config(tmp_path, str(manifest), output_manifest_uri=str(tmp_path / "e.jsonl"))
+    config = pipeline_config(tmp_path, str(manifest), output_manifest_uri=str(tmp_path / "e.jsonl"))
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     lines = (tmp_path / "e.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -658,9 +643,9 @@ def test_enriched_manifest_round_trips_through_json_lines(server: LocalApiServer
 
 def test_output_cutouts_are_real_images_of_the_input_size(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 1)})
-    config = _config(tmp_path, manifest)
+    config = pipeline_config(tmp_path, manifest)
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     row = _enriched(config).to_pylist()[0]
     with Image.open(io.BytesIO(Path(row["removebg_output_url"]).read_bytes())) as cutout:
@@ -672,9 +657,9 @@ def test_every_cutout_gets_a_foreground_fraction_and_quality_flags(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 3)})
-    config = _config(tmp_path, manifest)
+    config = pipeline_config(tmp_path, manifest)
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     table = _enriched(config)
     fractions = table.column("removebg_foreground_fraction").to_pylist()
@@ -688,9 +673,9 @@ def test_without_the_quality_check_cutouts_are_stored_with_empty_quality_columns
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 2)})
-    config = _config(tmp_path, manifest, quality_check=False, report=False)
+    config = pipeline_config(tmp_path, manifest, quality_check=False, report=False)
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     table = _enriched(config)
     assert summary.succeeded == 2
@@ -704,9 +689,9 @@ def test_a_contact_sheet_report_is_written_next_to_the_enriched_manifest(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 2)})
-    config = _config(tmp_path, manifest)
+    config = pipeline_config(tmp_path, manifest)
 
-    summary = _run(server, config)
+    summary = run_pipeline(server, config)
 
     assert summary.report_html_uri == str(tmp_path / "enriched.report.html")
     assert Path(summary.report_html_uri).read_text().count("data:image/") >= 2
@@ -720,9 +705,9 @@ def test_csv_enriched_manifests_join_quality_flags_with_semicolons(
     photo = tmp_path / "full.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(photo)
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": [str(photo)]})
-    config = _config(tmp_path, manifest, output_manifest_uri=str(tmp_path / "e.csv"))
+    config = pipeline_config(tmp_path, manifest, output_manifest_uri=str(tmp_path / "e.csv"))
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     flags = pa_csv.read_csv(tmp_path / "e.csv").column("removebg_quality_flags").to_pylist()[0]
     assert isinstance(flags, str)
@@ -731,10 +716,10 @@ def test_csv_enriched_manifests_join_quality_flags_with_semicolons(
 
 def test_the_summary_counts_records_billed_by_this_run_only(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 5)})
-    config = _config(tmp_path, manifest)
-    first = _run(server, config)
+    config = pipeline_config(tmp_path, manifest)
+    first = run_pipeline(server, config)
 
-    second = _run(server, config)
+    second = run_pipeline(server, config)
 
     assert (first.billed_records, second.billed_records) == (5, 0)
 
@@ -747,11 +732,11 @@ def test_resume_finds_this_reference_among_checkpoints_of_other_references(
     for old, new in zip(photos, moved, strict=True):
         Path(new).write_bytes(Path(old).read_bytes())
     ids = ["a", "b", "c"]
-    config = _config(
+    config = pipeline_config(
         tmp_path, _write_manifest(tmp_path / "m.parquet", {"sku": ids, "image_url": photos}), id_column="sku"
     )
-    _run(server, config)
-    _run(
+    run_pipeline(server, config)
+    run_pipeline(
         server,
         dataclasses.replace(
             config, manifest_uri=_write_manifest(tmp_path / "m.parquet", {"sku": ids, "image_url": moved})
@@ -759,7 +744,7 @@ def test_resume_finds_this_reference_among_checkpoints_of_other_references(
     )
     server.reset_stats()
 
-    _run(server, config)
+    run_pipeline(server, config)
 
     assert server.stats()["records_billed"] == 0
 
@@ -769,7 +754,7 @@ def test_outputs_that_would_overwrite_input_images_are_refused_before_anything_i
 ) -> None:
     photos = _photos(tmp_path / "photos", 2)
     manifest = _write_manifest(tmp_path / "m.parquet", {"sku": ["product-0", "b"], "image_url": photos})
-    config = _config(tmp_path, manifest, id_column="sku", output_prefix=str(tmp_path / "photos"))
+    config = pipeline_config(tmp_path, manifest, id_column="sku", output_prefix=str(tmp_path / "photos"))
     config = dataclasses.replace(config, output_key_template="{id}{suffix}.jpg")
 
     with pytest.raises(ManifestError, match="would overwrite input images"):
@@ -781,4 +766,4 @@ def test_the_input_manifest_is_never_the_output_manifest(tmp_path: Path) -> None
     manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 1)})
 
     with pytest.raises(ConfigurationError, match="is the input manifest"):
-        _config(tmp_path, manifest, output_manifest_uri=f"{tmp_path}/./m.parquet")
+        pipeline_config(tmp_path, manifest, output_manifest_uri=f"{tmp_path}/./m.parquet")

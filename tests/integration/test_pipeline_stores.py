@@ -22,10 +22,14 @@ from removebg_provider.client import RemoveBgClient
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
 from support.replay_server import echo_ok, serve_replays
+from support.runs import pipeline_config, run_pipeline
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import MotoS3, ObjectStore
 
 _CLOUD_ENV_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "STORAGE_EMULATOR_HOST")
+
+# Small batches, few requests in flight: a few photos make several requests.
+_STORE_RUN = {"shard_size": 6, "max_records_per_request": 3, "concurrency": 2}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +51,11 @@ def test_the_pipeline_reads_the_manifest_and_images_from_the_store_and_writes_ev
 ) -> None:
     images = _put_photos(object_store, 5)
     manifest = _put_manifest(object_store, "in/manifest.parquet", {"sku": list("abcde"), "image_url": images})
-    config = _config(object_store, manifest, id_column="sku", binary_mask=True)
+    config = pipeline_config(
+        object_store.uri(), manifest, id_column="sku", binary_mask=True, settings=_STORE_RUN
+    )
 
-    summary = _run(server, config, object_store.storage)
+    summary = run_pipeline(server, config, object_store.storage)
 
     rows = _enriched(object_store, config).to_pylist()
     assert summary.succeeded == 5
@@ -63,7 +69,11 @@ def test_the_pipeline_reads_the_manifest_and_images_from_the_store_and_writes_ev
 
 def test_object_references_are_sent_to_the_api_as_image_bytes(object_store: ObjectStore) -> None:
     images = _put_photos(object_store, 1)
-    config = _config(object_store, _put_manifest(object_store, "in/m.parquet", {"image_url": images}))
+    config = pipeline_config(
+        object_store.uri(),
+        _put_manifest(object_store, "in/m.parquet", {"image_url": images}),
+        settings=_STORE_RUN,
+    )
     with serve_replays() as api:
         api.script(FAST_PATH, echo_ok)
         with RemoveBgClient(api.base_url) as client:
@@ -80,9 +90,11 @@ def test_a_missing_image_object_becomes_an_unreadable_row_not_a_failed_run(
 ) -> None:
     images = [*_put_photos(object_store, 1), object_store.uri("photos/never-uploaded.jpg")]
     manifest = _put_manifest(object_store, "in/m.parquet", {"sku": ["ok", "gone"], "image_url": images})
-    config = _config(object_store, manifest, id_column="sku", max_failed_fraction=1.0)
+    config = pipeline_config(
+        object_store.uri(), manifest, id_column="sku", max_failed_fraction=1.0, settings=_STORE_RUN
+    )
 
-    _run(server, config, object_store.storage)
+    run_pipeline(server, config, object_store.storage)
 
     codes = {row["sku"]: row["removebg_status_code"] for row in _enriched(object_store, config).to_pylist()}
     assert codes == {"ok": 200, "gone": RowStatus.UNREADABLE_IMAGE}
@@ -92,7 +104,7 @@ def test_an_interrupted_run_resumes_from_checkpoints_in_the_store_without_billin
     server: LocalApiServer, object_store: ObjectStore
 ) -> None:
     manifest = _put_manifest(object_store, "in/m.parquet", {"image_url": _put_photos(object_store, 12)})
-    config = _config(object_store, manifest, concurrency=1)
+    config = pipeline_config(object_store.uri(), manifest, concurrency=1, settings=_STORE_RUN)
     with (
         pytest.raises(KeyboardInterrupt),
         _CrashAfter(server.base_url, server.token, batches=2) as crashing,
@@ -104,7 +116,7 @@ def test_an_interrupted_run_resumes_from_checkpoints_in_the_store_without_billin
         for uri in object_store.storage.list_prefix(f"{config.staging}/checkpoints/{shard}")
     ]
 
-    summary = _run(server, config, object_store.storage)
+    summary = run_pipeline(server, config, object_store.storage)
 
     assert len([uri for uri in checkpoints if "/ckpt-" in uri]) == 2
     assert all(uri.startswith(object_store.uri("cutouts/_removebg_staging/")) for uri in checkpoints)
@@ -114,11 +126,11 @@ def test_an_interrupted_run_resumes_from_checkpoints_in_the_store_without_billin
 
 def test_a_rerun_against_the_store_bills_nothing(server: LocalApiServer, object_store: ObjectStore) -> None:
     manifest = _put_manifest(object_store, "in/m.parquet", {"image_url": _put_photos(object_store, 4)})
-    config = _config(object_store, manifest)
-    _run(server, config, object_store.storage)
+    config = pipeline_config(object_store.uri(), manifest, settings=_STORE_RUN)
+    run_pipeline(server, config, object_store.storage)
     server.reset_stats()
 
-    summary = _run(server, config, object_store.storage)
+    summary = run_pipeline(server, config, object_store.storage)
 
     assert server.stats()["records_billed"] == 0
     assert summary.succeeded == 4
@@ -168,12 +180,14 @@ def test_refused_output_writes_are_retried_then_recorded_as_failed_rows(
     store = moto_s3.new_store()
     images = _put_photos(store, 3)
     manifest = _put_manifest(store, "in/m.parquet", {"sku": ["a", "b", "c"], "image_url": images})
-    config = _config(store, manifest, id_column="sku", max_failed_fraction=1.0)
+    config = pipeline_config(
+        store.uri(), manifest, id_column="sku", max_failed_fraction=1.0, settings=_STORE_RUN
+    )
     with moto_s3.writes_denied(store.bucket, "cutouts/*.png") as client:
         put_attempts = _count_calls(client, "CreateMultipartUpload", "PutObject")
         storage = Storage(transport_params={"s3": {"client": client}}, write_attempts=2)
 
-        summary = _run(server, config, storage)
+        summary = run_pipeline(server, config, storage)
 
     rows = _enriched(store, config).to_pylist()
     assert summary.failed == 3
@@ -189,12 +203,14 @@ def test_rows_whose_outputs_were_refused_are_processed_again_once_writes_work(
 ) -> None:
     store = moto_s3.new_store()
     manifest = _put_manifest(store, "in/m.parquet", {"sku": ["a", "b"], "image_url": _put_photos(store, 2)})
-    config = _config(store, manifest, id_column="sku", max_failed_fraction=1.0)
+    config = pipeline_config(
+        store.uri(), manifest, id_column="sku", max_failed_fraction=1.0, settings=_STORE_RUN
+    )
     with moto_s3.writes_denied(store.bucket, "cutouts/*.png") as client:
-        _run(server, config, Storage(transport_params={"s3": {"client": client}}, write_attempts=1))
+        run_pipeline(server, config, Storage(transport_params={"s3": {"client": client}}, write_attempts=1))
     server.reset_stats()
 
-    summary = _run(server, config, store.storage)
+    summary = run_pipeline(server, config, store.storage)
 
     assert summary.succeeded == 2
     assert server.stats()["records_billed"] == 2
@@ -230,24 +246,6 @@ def _put_manifest(store: ObjectStore, key: str, columns: Mapping[str, Sequence[o
     uri = store.uri(key)
     store.storage.write_bytes(uri, buffer.getvalue())
     return uri
-
-
-def _config(store: ObjectStore, manifest: str, **overrides: object) -> pipeline.PipelineConfig:
-    options: dict[str, object] = {
-        "manifest_uri": manifest,
-        "output_prefix": store.uri("cutouts"),
-        "output_manifest_uri": store.uri("out/enriched.parquet"),
-        "shard_size": 6,
-        "max_records_per_request": 3,
-        "concurrency": 2,
-    }
-    options.update(overrides)
-    return pipeline.PipelineConfig(**options)  # type: ignore[arg-type]
-
-
-def _run(server: LocalApiServer, config: pipeline.PipelineConfig, storage: Storage) -> pipeline.RunSummary:
-    with RemoveBgClient(server.base_url, server.token, **config.resolved().client_settings()) as client:
-        return pipeline.run(config, client, storage)
 
 
 def _enriched(store: ObjectStore, config: pipeline.PipelineConfig) -> pa.Table:

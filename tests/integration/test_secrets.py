@@ -26,6 +26,7 @@ from removebg_provider.client import RemoveBgClient, RetryPolicy
 from removebg_provider.errors import RemoveBgError
 from removebg_provider.storage import Storage
 from support.faults import FaultProxy, FaultRates, start_fault_proxy
+from support.runs import pipeline_config
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
 TOKEN = "tok-Zq7-SECRET-9f41c2e8b6"
@@ -55,17 +56,6 @@ def _manifest(folder: Path, rows: int) -> str:
     manifest = folder / "manifest.parquet"
     pq.write_table(pa.table({"image_url": [*paths, None]}), manifest)
     return str(manifest)
-
-
-def _config(folder: Path) -> pipeline.PipelineConfig:
-    return pipeline.PipelineConfig(
-        manifest_uri=_manifest(folder, 12),
-        output_prefix=str(folder / "out"),
-        output_manifest_uri=str(folder / "enriched.parquet"),
-        max_records_per_request=3,
-        concurrency=3,
-        max_failed_fraction=1.0,
-    )
 
 
 def _files_containing_the_token(folder: Path) -> list[str]:
@@ -99,7 +89,9 @@ def test_no_log_record_at_any_level_carries_the_token(
         caplog.set_level(logging.DEBUG, logger=name)
 
     with RemoveBgClient(echoing_proxy.base_url, TOKEN, retry_policy=_QUICK) as client:
-        summary = pipeline.run(_config(tmp_path), client, Storage())
+        summary = pipeline.run(
+            pipeline_config(tmp_path, _manifest(tmp_path, 12), max_failed_fraction=1.0), client, Storage()
+        )
 
     assert echoing_proxy.counters.faults["server_error"] > 0
     assert summary.failed > 0
@@ -110,7 +102,7 @@ def test_no_log_record_at_any_level_carries_the_token(
 
 def test_row_errors_quote_the_api_without_its_token(echoing_proxy: FaultProxy, tmp_path: Path) -> None:
     echoing_proxy.set_rates(FaultRates(server_error=1.0, echo_authorization=True))
-    config = _config(tmp_path)
+    config = pipeline_config(tmp_path, _manifest(tmp_path, 12), max_failed_fraction=1.0)
 
     with RemoveBgClient(echoing_proxy.base_url, TOKEN, retry_policy=_QUICK) as client:
         pipeline.run(config, client, Storage())
@@ -121,7 +113,7 @@ def test_row_errors_quote_the_api_without_its_token(echoing_proxy: FaultProxy, t
 
 
 def test_no_file_the_run_writes_carries_the_token(echoing_proxy: FaultProxy, tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = pipeline_config(tmp_path, _manifest(tmp_path, 12), max_failed_fraction=1.0)
 
     with RemoveBgClient(echoing_proxy.base_url, TOKEN, retry_policy=_QUICK) as client:
         summary = pipeline.run(config, client, Storage())
@@ -140,7 +132,9 @@ def test_exceptions_that_stop_a_run_do_not_carry_the_token(echoing_proxy: FaultP
         pytest.raises(RemoveBgError) as stopped,
         RemoveBgClient(echoing_proxy.base_url, wrong, retry_policy=_QUICK) as client,
     ):
-        pipeline.run(_config(tmp_path), client, Storage())
+        pipeline.run(
+            pipeline_config(tmp_path, _manifest(tmp_path, 12), max_failed_fraction=1.0), client, Storage()
+        )
 
     text = "".join(traceback.format_exception(stopped.value))
     assert wrong not in text
@@ -150,7 +144,7 @@ def test_exceptions_that_stop_a_run_do_not_carry_the_token(echoing_proxy: FaultP
 
 def test_the_cli_prints_no_token_even_when_verbose(echoing_proxy: FaultProxy, tmp_path: Path) -> None:
     echoing_proxy.set_rates(FaultRates(server_error=0.5, echo_authorization=True, retry_after="0"))
-    config = _config(tmp_path)
+    config = pipeline_config(tmp_path, _manifest(tmp_path, 12), max_failed_fraction=1.0)
 
     completed = subprocess.run(
         [

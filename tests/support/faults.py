@@ -11,7 +11,14 @@ or `answered` when the earlier forwarding was answered normally and the client s
 (its read timeout fired first, as on a loaded machine or against a slow API: an unforced re-bill).
 
 Output URLs in responses are rewritten to point through the proxy, so downloads can fail too
-(`expired_download`: a 404 as for an output past its 24 h lifetime).
+(`expired_download`: a 404 as for an output past its 24 h lifetime, drawn per download;
+`gone_downloads_per_record`: the first N downloads of each record's outputs answer 404, as for an
+object store that serves a fresh object late). A record sent again after a 404 on its output is a
+re-bill forced by that fault (`expired_download`).
+
+`hold_requests(after=n)` lets n more removal requests through, then holds every later one before it
+is forwarded (nothing billed) until `release_held()`: a test can freeze a run with a known set of
+requests in flight, whatever the machine's speed.
 
     with start_fault_proxy(server.base_url, FaultRates.uniform(0.2), seed=7) as proxy:
         client = RemoveBgClient(proxy.base_url, token, ...)
@@ -31,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import urllib3
 
@@ -59,6 +67,7 @@ class FaultRates:
     truncated: float = 0.0
     reset_after: float = 0.0
     expired_download: float = 0.0
+    gone_downloads_per_record: int = 0
     slow_seconds: float = 3.0
     retry_after: str = "1"
     latency: float = 0.0
@@ -109,7 +118,37 @@ class FaultProxy:
         self._rngs: dict[tuple[str, ...], random.Random] = {}
         self._lock = threading.Lock()
         self._active = 0
+        self._output_records: dict[str, str] = {}
+        self._downloads_per_record: Counter[str] = Counter()
+        self._expired_paths: set[str] = set()
         self._pool = urllib3.PoolManager(maxsize=128, retries=False, timeout=urllib3.Timeout(total=120))
+        self._gate = threading.Event()
+        self._gate.set()
+        self._passes_left: int | None = None
+        self.held_requests = 0
+
+    def hold_requests(self, after: int) -> None:
+        """Let `after` more removal requests through, then hold each later one before forwarding it."""
+        with self._lock:
+            self._passes_left = after
+            self._gate.clear()
+
+    def release_held(self) -> None:
+        """Forward the held requests and every later one."""
+        with self._lock:
+            self._passes_left = None
+            self._gate.set()
+
+    def pass_gate(self) -> None:
+        """Return when this removal request may be forwarded (at once unless requests are held)."""
+        with self._lock:
+            if self._passes_left is None:
+                return
+            if self._passes_left > 0:
+                self._passes_left -= 1
+                return
+            self.held_requests += 1
+        self._gate.wait()
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Block until no removal request is inside the proxy (e.g. after the client was killed)."""
@@ -172,6 +211,31 @@ class FaultProxy:
                     counters.rebills[earlier] += 1
                 counters.last_fate[record_id] = fate
 
+    def note_output(self, path: str, record_id: str) -> None:
+        """Remember which record an output file path belongs to."""
+        with self._lock:
+            self._output_records[path] = record_id
+
+    def download_is_gone(self, path: str) -> bool:
+        """Whether this download of `path` answers 404; a 404 makes sending its record again forced."""
+        with self._lock:
+            record_id = self._output_records.get(path)
+            if record_id is not None:
+                self._downloads_per_record[record_id] += 1
+            rates = self.rates
+            gone = record_id is not None and self._downloads_per_record[record_id] <= (
+                rates.gone_downloads_per_record
+            )
+        if not gone and self.draw(("expired_download",)) is None:
+            return False
+        with self._lock:
+            self.counters.faults["expired_download"] += 1
+            if record_id is not None and path not in self._expired_paths:
+                self._expired_paths.add(path)
+                self.counters.last_fate[record_id] = "expired_download"
+                self.counters.rebilled_records += 1
+        return True
+
     def forward(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> Any:
         return self._pool.request(
             method, f"{self.upstream}{path}", body=body, headers=headers, preload_content=True, redirect=False
@@ -206,8 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.startswith("/files/"):
             self.proxy.record(downloads=1)
-            if self.proxy.draw(("expired_download",)) is not None:
-                self.proxy.record_fault("expired_download")
+            if self.proxy.download_is_gone(self.path):
                 self._send_json(404, {"status": {"code": 404, "text": "Not Found"}})
                 return
         upstream = self.proxy.forward("GET", self.path, self._forward_headers(), None)
@@ -227,6 +290,7 @@ class _Handler(BaseHTTPRequestHandler):
             upstream = self.proxy.forward("POST", self.path, self._forward_headers(), body)
             self._send(upstream.status, dict(upstream.headers), upstream.data)
             return
+        self.proxy.pass_gate()
         fault = self.proxy.draw(REQUEST_FAULTS_BEFORE + REQUEST_FAULTS_AFTER)
         if fault is not None:
             self.proxy.record_fault(fault)
@@ -279,6 +343,7 @@ class _Handler(BaseHTTPRequestHandler):
             for key, value in list(record.items()):
                 if key.startswith("_output_url") and isinstance(value, str):
                     record[key] = value.replace(self.proxy.upstream, self.proxy.base_url, 1)
+                    self.proxy.note_output(urlsplit(record[key]).path, str(record.get("_id")))
         return json.dumps(document).encode()
 
     def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:

@@ -128,8 +128,8 @@ def _wait_for_health(server: ServeProcess) -> None:
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"removebg serve exited during startup: {''.join(server.log_lines)[-2000:]}")
-        with contextlib.suppress(requests.ConnectionError):
-            if requests.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+        with contextlib.suppress(requests.ConnectionError, requests.Timeout):
+            if requests.get(f"{server.base_url}/health", timeout=10).status_code == 200:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"removebg serve did not answer /health within {WAIT_SECONDS:.0f} s")

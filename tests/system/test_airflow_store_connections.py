@@ -28,10 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from removebg_provider import pipeline
-from removebg_provider.client import RemoveBgClient
 from removebg_provider.operators.storage_connections import storage_from_connections
-from removebg_provider.storage import Storage
+from support.runs import pipeline_config, run_pipeline
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import (
     AWS_REGION,
@@ -71,6 +69,9 @@ with DAG("remove_background_in_s3", schedule=None, start_date=datetime(2024, 1, 
     )
 '''
 
+# Small batches, few requests in flight: a few photos make several requests.
+_STORE_RUN = {"id_column": "sku", "max_records_per_request": 2, "concurrency": 2}
+
 
 @pytest.fixture(autouse=True)
 def _no_cloud_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,7 +108,16 @@ def test_aws_connection_gives_the_pipeline_its_s3_client(
     manifest = _put_catalog(s3_bucket)
 
     storage = storage_from_connections(aws_conn_id="catalog_s3")
-    summary = _run(server, _config(s3_bucket, manifest), storage)
+    summary = run_pipeline(
+        server,
+        pipeline_config(
+            s3_bucket.uri(),
+            manifest,
+            settings=_STORE_RUN,
+            output_manifest_uri=s3_bucket.uri("out/enriched.parquet"),
+        ),
+        storage,
+    )
 
     assert summary.succeeded == PHOTOS
     _assert_outputs_written(s3_bucket)
@@ -134,7 +144,16 @@ def test_gcp_connection_gives_the_pipeline_the_hooks_gcs_client(
     manifest = _put_catalog(gcs_bucket)
 
     storage = storage_from_connections(gcp_conn_id="catalog_gcs")
-    summary = _run(server, _config(gcs_bucket, manifest), storage)
+    summary = run_pipeline(
+        server,
+        pipeline_config(
+            gcs_bucket.uri(),
+            manifest,
+            settings=_STORE_RUN,
+            output_manifest_uri=gcs_bucket.uri("out/enriched.parquet"),
+        ),
+        storage,
+    )
 
     assert opened == ["catalog_gcs"]
     assert summary.succeeded == PHOTOS
@@ -153,7 +172,16 @@ def test_wasb_connection_gives_the_pipeline_its_blob_client(
     manifest = _put_catalog(azure_container)
 
     storage = storage_from_connections(wasb_conn_id="catalog_blob")
-    summary = _run(server, _config(azure_container, manifest), storage)
+    summary = run_pipeline(
+        server,
+        pipeline_config(
+            azure_container.uri(),
+            manifest,
+            settings=_STORE_RUN,
+            output_manifest_uri=azure_container.uri("out/enriched.parquet"),
+        ),
+        storage,
+    )
 
     assert summary.succeeded == PHOTOS
     _assert_outputs_written(azure_container)
@@ -246,22 +274,6 @@ def _put_catalog(store: ObjectStore) -> str:
     manifest = store.uri("in/manifest.parquet")
     store.storage.write_bytes(manifest, buffer.getvalue())
     return manifest
-
-
-def _config(store: ObjectStore, manifest: str) -> pipeline.PipelineConfig:
-    return pipeline.PipelineConfig(
-        manifest_uri=manifest,
-        output_prefix=store.uri("cutouts"),
-        output_manifest_uri=store.uri("out/enriched.parquet"),
-        id_column="sku",
-        max_records_per_request=2,
-        concurrency=2,
-    )
-
-
-def _run(server: LocalApiServer, config: pipeline.PipelineConfig, storage: Storage) -> pipeline.RunSummary:
-    with RemoveBgClient(server.base_url, server.token, **config.resolved().client_settings()) as client:
-        return pipeline.run(config, client, storage)
 
 
 def _assert_outputs_written(store: ObjectStore) -> None:

@@ -2,7 +2,9 @@
 
 - the core never imports Airflow, the server or the Airflow faces (hooks, operators) or the CLI;
 - engines import neither the server nor the core (only the shared words);
-- the shared words (`vocabulary`, `errors`) import nothing of ours.
+- the shared words (`vocabulary`, `errors`) import nothing of ours;
+- every module says its one job in its docstring's first line, and stays small enough to read:
+  at most 700 lines, no function over 80 (tables of CLI flags and provider metadata aside).
 
 Imports under `if TYPE_CHECKING:` are annotations only, never executed, and are not counted.
 """
@@ -66,7 +68,12 @@ def _runtime_imports(path: Path) -> set[str]:
     return found
 
 
-MODULES = {_module_name(path): _runtime_imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
+SOURCES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+MODULES = {name: _runtime_imports(path) for name, path in SOURCES.items()}
+# Functions that are tables, one entry per line: argparse flags, the provider's metadata.
+TABLES = {"removebg_provider.cli.serve.add_parser", "removebg_provider.get_provider_info.get_provider_info"}
+MAX_MODULE_LINES = 700
+MAX_FUNCTION_LINES = 80
 ENGINES = sorted(name for name in MODULES if _part(name, ("removebg_provider.engines",)))
 
 
@@ -113,3 +120,28 @@ def test_importing_the_core_or_the_server_never_loads_airflow(module: str) -> No
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
 
     assert done.returncode == 0, f"{module} pulled in airflow: {done.stderr}"
+
+
+@pytest.mark.parametrize("module", sorted(SOURCES))
+def test_every_module_says_its_job_in_its_first_docstring_line(module: str) -> None:
+    docstring = ast.get_docstring(ast.parse(SOURCES[module].read_text())) or ""
+
+    assert docstring.strip(), f"{module} has no docstring"
+
+
+@pytest.mark.parametrize("module", sorted(SOURCES))
+def test_no_module_is_longer_than_700_lines(module: str) -> None:
+    assert len(SOURCES[module].read_text().splitlines()) <= MAX_MODULE_LINES
+
+
+@pytest.mark.parametrize("module", sorted(SOURCES))
+def test_no_function_is_longer_than_80_lines(module: str) -> None:
+    tree = ast.parse(SOURCES[module].read_text())
+    functions = (node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))
+    too_long = {
+        f"{module}.{node.name}": node.end_lineno - node.lineno + 1
+        for node in functions
+        if node.end_lineno is not None and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    }
+
+    assert {name: lines for name, lines in too_long.items() if name not in TABLES} == {}

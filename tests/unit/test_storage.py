@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,27 @@ def test_list_prefix_lists_visible_files_only(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
 
     assert Storage().list_prefix(str(tmp_path)) == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+
+
+def test_a_local_write_reaches_the_disk_before_its_name_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A power cut cannot be staged in a test: the system calls are observed instead, and still made.
+    calls: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def observed_fsync(handle: int) -> None:
+        calls.append("fsync folder" if stat.S_ISDIR(os.fstat(handle).st_mode) else "fsync file")
+        fsync(handle)
+
+    def observed_replace(source: str, destination: str) -> None:
+        calls.append("rename")
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", observed_fsync)
+    monkeypatch.setattr(os, "replace", observed_replace)
+
+    Storage().write_bytes(str(tmp_path / "ckpt-1.jsonl"), b'{"billed": 0}\n')
+
+    assert calls == ["fsync file", "rename", "fsync folder"]
+    assert (tmp_path / "ckpt-1.jsonl").read_bytes() == b'{"billed": 0}\n'

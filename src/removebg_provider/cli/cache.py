@@ -8,6 +8,7 @@ import sys
 from datetime import timedelta
 from typing import Any
 
+from removebg_provider.cli import subcommand_help
 from removebg_provider.errors import RemoveBgError
 from removebg_provider.pipeline.store import ResultStore
 from removebg_provider.storage import Storage
@@ -27,7 +28,7 @@ def add_parser(subcommands: Any) -> None:
     """Register `removebg cache stats` and `removebg cache prune`."""
     parser = subcommands.add_parser(
         "cache",
-        help="count or prune the result store of earlier runs",
+        help=subcommand_help("cache"),
         description="Look into a result store and prune it.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

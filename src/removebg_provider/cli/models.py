@@ -11,6 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from removebg_provider.cli import subcommand_help
 from removebg_provider.engines.model_store import MIRROR_ENV, MODEL_HOME_ENV, cached_path, model_home, pull
 from removebg_provider.engines.presets import PRESETS
 from removebg_provider.errors import RemoveBgError
@@ -40,7 +41,7 @@ def add_parser(subcommands: Any) -> None:
     common.add_argument("--model-home", type=Path, default=None, metavar="DIR", help=MODEL_HOME_HELP)
     parser: argparse.ArgumentParser = subcommands.add_parser(
         "models",
-        help="list, download and locate the ONNX models `removebg serve --model NAME` runs",
+        help=subcommand_help("models"),
         description=(
             "Models known by name (rembg's names) with their conventions, public download and checksum. "
             "`pull` downloads into the cache with progress, resumes after a cut and refuses a file whose "

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from removebg_provider.cli import subcommand_help
 from removebg_provider.errors import RemoveBgError
 from removebg_provider.report import build_report
 from removebg_provider.storage import Storage
@@ -26,7 +27,7 @@ def add_parser(subcommands: Any) -> None:
     """Register `removebg report`."""
     parser = subcommands.add_parser(
         "report",
-        help="write an HTML page and a PNG contact sheet of the rows worth a look",
+        help=subcommand_help("report"),
         description="Build the visual QA report of an enriched manifest written by `removebg run`.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from removebg_provider.cli import subcommand_help
 from removebg_provider.cli.models import MODEL_HOME_HELP, pull_with_progress
 from removebg_provider.engines import ENGINE_NAMES, Mode
 from removebg_provider.engines.model_store import model_home
@@ -28,7 +29,7 @@ def add_parser(subcommands: Any) -> None:
     """Register the `serve` subcommand on `subcommands` (the result of `add_subparsers`)."""
     parser: argparse.ArgumentParser = subcommands.add_parser(
         "serve",
-        help="run the local Ximilar-compatible Remove Background server",
+        help=subcommand_help("serve"),
         description=(
             "Serve POST /removebg/fast/removebg and POST /removebg/precise/removebg exactly like the Ximilar "
             "Remove Background API, plus GET /files/{name} (outputs, until their TTL), GET /health and "
@@ -123,7 +124,15 @@ def add_parser(subcommands: Any) -> None:
         "--queue-records",
         type=int,
         default=_DEFAULTS.queue_records,
-        help="most records admitted at once (running or waiting); beyond it requests get 429 + Retry-After",
+        help="most records admitted at once (running or waiting); beyond it requests get 429 + Retry-After; "
+        "the default admits what `removebg run` sends at its defaults (concurrency x batch size)",
+    )
+    parser.add_argument(
+        "--credits",
+        type=int,
+        default=_DEFAULTS.credits,
+        help="the local account's credits, one per billed record, shown by /account/v2/details/; a request "
+        "that could pass them gets 402 (default: unlimited)",
     )
     parser.add_argument(
         "--max-body-mb", type=float, default=_DEFAULTS.max_body_bytes / MIB, help="largest request body (413)"
@@ -216,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
             max_image_bytes=int(args.max_image_mb * MIB),
             max_image_pixels=int(args.max_megapixels * 1e6),
             queue_records=args.queue_records,
+            credits=args.credits,
             fetch_timeout_seconds=args.fetch_timeout,
             max_pixels_in_flight=(
                 None if args.max_megapixels_in_flight is None else int(args.max_megapixels_in_flight * 1e6)

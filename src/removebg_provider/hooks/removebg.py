@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
-from removebg_provider.client import DEFAULT_BASE_URL, RemoveBgClient
+from removebg_provider.client import DEFAULT_BASE_URL, AccountStatus, RemoveBgClient
 from removebg_provider.errors import ConfigurationError, RemoveBgError
 from removebg_provider.vocabulary import MODES
 
@@ -25,6 +25,7 @@ class RemoveBgHook(BaseHook):
     Connection fields: host = API base URL (empty for the public Ximilar API; with or without a
     scheme; schema and port are used when the host does not carry them), password = API token.
     Extras: `mode` (fast|precise), `timeout` (seconds or [connect, read]), `max_retries`,
+    `backpressure_deadline` (seconds a request may wait out "busy" answers in total),
     `max_records_per_request`, `requests_per_minute`, `concurrency`, `rate_limit_redis_url` (every
     task on every worker then shares the one `requests_per_minute` budget kept in that Redis).
     Keyword arguments given to the hook (or to `get_conn`) are passed to RemoveBgClient and win over
@@ -82,12 +83,31 @@ class RemoveBgHook(BaseHook):
             ) from exc
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check that the API is reachable and accepts the token, without spending credits."""
+        """The Test button: reachable, token accepted, service activated, credits left; spends no credits."""
         try:
             with self.get_conn() as client:
-                return client.check_connection()
+                ok, message = client.check_connection()
+                if not ok:
+                    return ok, message
+                account = client.account_status()
         except RemoveBgError as exc:
             return False, str(exc)
+        return _with_account(message, account)
+
+
+def _with_account(message: str, account: AccountStatus) -> tuple[bool, str]:
+    """The connection test's verdict once the account endpoints have answered."""
+    if not account.token_accepted:
+        return False, f"{message}, but the account endpoints refused it ({'; '.join(account.notes)})"
+    if account.service_active is False:
+        return False, f"{message}, but {'; '.join(account.notes)}"
+    found = []
+    if account.service_active:
+        found.append("the Remove Background service is activated")
+    if account.credits_left is not None:
+        found.append(f"{account.credits_left:g} credits left")
+    found += account.notes
+    return True, f"{message}; {'; '.join(found)}"
 
 
 def _base_url(host: str | None, schema: str | None, port: int | None) -> str:
@@ -163,6 +183,7 @@ CONNECTION_EXTRAS: dict[str, Callable[[Any], Any]] = {
     "mode": _mode,
     "timeout": _timeout,
     "max_retries": _integer(0),
+    "backpressure_deadline": _number,
     "max_records_per_request": _integer(1),
     "requests_per_minute": _number,
     "concurrency": _integer(1),

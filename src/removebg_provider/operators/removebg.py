@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from airflow.sdk import Asset, BaseOperator, BaseOperatorLink, Context, TaskGroup, TriggerRule, XComArg
 
 from removebg_provider import pipeline
-from removebg_provider.errors import ConfigurationError, FailurePolicyError
+from removebg_provider.errors import ConfigurationError, FailurePolicyError, RunStoppedError
 from removebg_provider.hooks.removebg import RemoveBgHook
 from removebg_provider.operators.lineage import RunLineage, operator_lineage, run_lineage
 from removebg_provider.operators.links import (
@@ -66,6 +67,28 @@ class _StorageOperator(BaseOperator):
         return data
 
 
+class _StopOnKillMixin:
+    """`on_kill` (Airflow's task runner calls it on SIGTERM) stops the run gracefully.
+
+    No new request is sent; the requests in flight finish and are checkpointed, the rows not reached
+    get status 499, and the task fails with RunStoppedError, so a retry resumes without billing the
+    finished rows. Airflow sends SIGKILL a few seconds after SIGTERM: what was not checkpointed by
+    then is what a retry sends again (at most the requests in flight).
+    """
+
+    _stop_requested: threading.Event | None = None
+
+    def on_kill(self) -> None:
+        if self._stop_requested is not None:
+            log.warning("task killed: no new request is sent; the requests in flight finish")
+            self._stop_requested.set()
+
+    def _new_stop_request(self) -> threading.Event:
+        # Made in `execute`, not `__init__`: an operator is deep-copied and serialized, an Event is not.
+        self._stop_requested = threading.Event()
+        return self._stop_requested
+
+
 class _RunOutputsMixin:
     """For operators that write the enriched manifest: report link, report URL XCom, OpenLineage facets.
 
@@ -91,7 +114,7 @@ class _RunOutputsMixin:
         """Run `produce`; when the run breaks the failure policy, still publish its report, then fail."""
         try:
             return produce()
-        except FailurePolicyError as exc:
+        except (FailurePolicyError, RunStoppedError) as exc:
             self._publish_report(exc.summary, base_url, context)
             log.error("%s", exc.summary.describe())
             raise
@@ -164,12 +187,13 @@ class _ManifestConfigOperator(_StorageOperator):
             raise ConfigurationError(f"{type(self).__name__} task {self.task_id!r}: {exc}") from exc
 
 
-class RemoveBackgroundOperator(_RunOutputsMixin, _ManifestConfigOperator):
+class RemoveBackgroundOperator(_StopOnKillMixin, _RunOutputsMixin, _ManifestConfigOperator):
     """Remove the backgrounds of a whole manifest in this one task: plan, every shard, merge.
 
     Suits manifests one worker handles in a run; split bigger ones with `remove_background_task_group`.
     Returns the run summary (counts by status, first errors, URIs) as XCom. Fails, after writing
-    the enriched manifest, when more than `max_failed_fraction` of the rows failed.
+    the enriched manifest, when more than `max_failed_fraction` of the rows failed, or when the task
+    is killed (`on_kill`): then no new request is sent and the rows not reached get status 499.
 
     Outlets: when `output_manifest_uri` has no Jinja expression and no `outlets` are given, the
     enriched manifest is the task's Asset. A templated URI names a different object each run,
@@ -200,9 +224,10 @@ class RemoveBackgroundOperator(_RunOutputsMixin, _ManifestConfigOperator):
         base_url = self._checked_report_base_url()
         storage = self.storage()
         self._lineage = run_lineage(config, storage)
+        stop = self._new_stop_request()
         with hook.get_conn(**config.client_settings()) as client:
             summary = self._publishing_failures(
-                lambda: pipeline.run(config, client, storage), base_url, context
+                lambda: pipeline.run(config, client, storage, stop=stop), base_url, context
             )
         self._publish_report(summary, base_url, context)
         return self._report(summary, context)
@@ -227,13 +252,14 @@ class PlanManifestShardsOperator(_ManifestConfigOperator):
         return [shard.to_dict() for shard in plan.shards]
 
 
-class ProcessManifestShardOperator(_StorageOperator):
+class ProcessManifestShardOperator(_StopOnKillMixin, _StorageOperator):
     """Remove the backgrounds of one planned shard; map it over the plan with `.expand(shard=...)`.
 
     Every finished batch is checkpointed, so a retry sends no request for a row that already
     succeeded and bills nothing twice. Failed rows do not fail the task (the merge applies the
     run-wide `max_failed_fraction`); it fails, and is retried, when the shard cannot finish:
-    the API refused the token, credits ran out, storage failed, the worker died.
+    the API refused the token, credits ran out, storage failed, the worker died, or the task was
+    killed (`on_kill`: no new request is sent, the rows not reached are stored with status 499).
 
     :param shard: one descriptor dict returned by PlanManifestShardsOperator.
     :param removebg_conn_id: the `removebg` connection (API base URL and token).
@@ -267,8 +293,15 @@ class ProcessManifestShardOperator(_StorageOperator):
         relaxed = dataclasses.replace(plan.config, max_failed_fraction=1.0)
         plan = dataclasses.replace(plan, config=relaxed)
         # The plan holds the settings the plan task resolved; the client is built to match them.
+        stop = self._new_stop_request()
         with RemoveBgHook(self.removebg_conn_id).get_conn(**plan.config.client_settings()) as client:
-            summary = pipeline.process_shard(descriptor, plan, client, storage)
+            summary = pipeline.process_shard(descriptor, plan, client, storage, stop=stop)
+        if stop.is_set():
+            raise RunStoppedError(
+                f"task {self.task_id!r} was killed: shard {descriptor.index} stopped with "
+                f"{summary.succeeded} of {summary.rows} rows done; a retry finishes it",
+                summary=summary,
+            )
         return self._report(summary, context)
 
 

@@ -3,13 +3,16 @@
 Layout, per shard N: `checkpoints/shard-N/answer-*.jsonl` (an API answer with its temporary URLs,
 written before the request slot is released), `checkpoints/shard-N/ckpt-*.jsonl` (finished rows),
 `results/shard-N.<run id>.jsonl` (the shard's final results). Each file starts with a header line naming
-the run and what it billed.
+the run and what it billed. A file cut short (empty, or a torn last line, as a crash mid-write or a
+copy from elsewhere can leave) is read as far as it goes, with a warning naming it, never a crash.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -19,7 +22,9 @@ from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.planning import ShardDescriptor
 from removebg_provider.pipeline.results import RowResult
 from removebg_provider.storage import Storage, join_uri, unique_name
-from removebg_provider.vocabulary import OUTPUT_KINDS
+from removebg_provider.vocabulary import OUTPUT_KINDS, RowStatus
+
+log = logging.getLogger(__name__)
 
 # The API keeps outputs 24 hours; an answer older than this is sent again rather than copied late.
 ANSWER_LIFETIME = timedelta(hours=23)
@@ -71,18 +76,19 @@ class ShardStaging:
         """Everything earlier attempts checkpointed for this shard."""
         found = Checkpoints()
         for uri in self.storage.list_prefix(self.checkpoint_prefix):
-            header_line, *lines = self.storage.read_bytes(uri).decode().splitlines()
-            header = json.loads(header_line)
+            header, *lines = _read_json_lines(self.storage, uri) or [{}]
             if header.get("run_id") == self.run_id:
-                found.billed_in_run += header["billed"]
+                found.billed_in_run += int(header.get("billed", 0))
             if header.get("kind") == _ANSWER:
-                _add_answers(found, datetime.fromisoformat(header["answered_at"]), lines)
+                _add_answers(found, uri, header, lines)
             else:
-                _add_finished(found, lines)
+                _add_finished(found, uri, lines)
         return found
 
     def write_finished(self, results: list[RowResult]) -> None:
         """Checkpoint rows that reached their final result in this attempt."""
+        # A stop is no outcome: a stopped row is not checkpointed, so a stored answer of it stays usable.
+        results = [r for r in results if r.status_code != RowStatus.STOPPED]
         if results:
             self._write("ckpt", {"billed": 0, "run_id": self.run_id}, [r.to_json() for r in results])
 
@@ -103,15 +109,15 @@ class ShardStaging:
         """The shard's stored results and billed count, if this run wrote them (not an earlier run's)."""
         if not self.storage.exists(self.results_uri):
             return {}, 0
-        lines = self.storage.read_bytes(self.results_uri).decode().splitlines()
-        header = json.loads(lines[0])
+        header, *lines = _read_json_lines(self.storage, self.results_uri) or [{}]
         if header.get("run_id") != self.run_id:
             return {}, 0
         results: dict[int, RowResult] = {}
-        for line in lines[1:]:
-            data = json.loads(line)
-            results[data.pop("row")] = RowResult.from_json(data)
-        return results, int(header["billed"])
+        for data in lines:
+            with _unusable_line_warning(self.results_uri):
+                row = data.pop("row")
+                results[row] = RowResult.from_json(data)
+        return results, int(header.get("billed", 0))
 
     def _write(self, kind: str, header: Mapping[str, Any], records: list[dict[str, Any]]) -> None:
         uri = join_uri(self.checkpoint_prefix, unique_name(kind) + ".jsonl")
@@ -155,25 +161,68 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _add_answers(found: Checkpoints, answered_at: datetime, lines: list[str]) -> None:
-    for line in lines:
-        data = json.loads(line)
-        key = (data["id"], data["fingerprint"])
-        answer = answer_from_json(data)
-        newest = found.answers.get(key)
-        if answer.ok and (newest is None or newest[0] < answered_at):
-            found.answers[key] = (answered_at, answer)
+def _read_json_lines(storage: Storage, uri: str) -> list[dict[str, Any]]:
+    """The JSON objects of a staging file, up to the first line that is not one (a torn write)."""
+    text = storage.read_bytes(uri).decode("utf-8", errors="replace")
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            log.warning(
+                "%s: line %d is torn or not JSON (a write was cut short); using the %d lines before it",
+                uri,
+                number,
+                len(records),
+            )
+            break
+        records.append(record)
+    if not records:
+        log.warning("%s is empty (a write was cut short); skipped", uri)
+    return records
 
 
-def _add_finished(found: Checkpoints, lines: list[str]) -> None:
-    for line in lines:
-        row_result = RowResult.from_json(json.loads(line))
-        if row_result.fingerprint is None:
-            continue
-        key = (row_result.id, row_result.fingerprint)
-        if row_result.ok:
-            found.done[key] = row_result
-        else:
-            # A failure without a time cannot be ordered against an answer: it spends them all.
-            stamp = row_result.processed_at or _FAR_FUTURE
-            found.failed_at[key] = max(stamp, found.failed_at.get(key, stamp))
+@contextmanager
+def _unusable_line_warning(uri: str) -> Iterator[None]:
+    """Skip, with a warning naming the file, a line that is JSON but not a record of ours."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("%s: skipped a line that is not a complete record (%s: %s)", uri, type(exc).__name__, exc)
+
+
+def _add_answers(
+    found: Checkpoints, uri: str, header: Mapping[str, Any], lines: list[dict[str, Any]]
+) -> None:
+    try:
+        answered_at = datetime.fromisoformat(header["answered_at"])
+    except (KeyError, TypeError, ValueError):
+        log.warning("%s: its header has no answer time; its answers are not used", uri)
+        return
+    for data in lines:
+        with _unusable_line_warning(uri):
+            key = (data["id"], data["fingerprint"])
+            answer = answer_from_json(data)
+            newest = found.answers.get(key)
+            if answer.ok and (newest is None or newest[0] < answered_at):
+                found.answers[key] = (answered_at, answer)
+
+
+def _add_finished(found: Checkpoints, uri: str, lines: list[dict[str, Any]]) -> None:
+    for data in lines:
+        with _unusable_line_warning(uri):
+            _add_finished_row(found, RowResult.from_json(data))
+
+
+def _add_finished_row(found: Checkpoints, row_result: RowResult) -> None:
+    if row_result.fingerprint is None:
+        return
+    key = (row_result.id, row_result.fingerprint)
+    if row_result.ok:
+        found.done[key] = row_result
+    else:
+        # A failure without a time cannot be ordered against an answer: it spends them all.
+        stamp = row_result.processed_at or _FAR_FUTURE
+        found.failed_at[key] = max(stamp, found.failed_at.get(key, stamp))

@@ -325,7 +325,8 @@ def _problems(config: PipelineConfig) -> list[str]:
             problems.append(f"{item.name} must be one of {', '.join(choices)}, not {value!r}")
     if config.image_quality is not None and not 1 <= config.image_quality <= 100:
         problems.append(f"image_quality must be within 1..100, not {config.image_quality}")
-    for name in ("shard_size", "max_map_length", "max_records_per_request", "concurrency", "max_image_bytes"):
+    counts = ("shard_size", "max_map_length", "max_records_per_request", "concurrency", "max_image_bytes")
+    for name in (*counts, "report_sample"):
         value = getattr(config, name)
         if value is not None and value < 1:
             problems.append(f"{name} must be at least 1, not {value}")

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,10 +17,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from removebg_provider.errors import ConfigurationError, ManifestError, StorageError
-from removebg_provider.manifest import derive_id, iter_batches, read_schema, require_columns
+from removebg_provider.manifest import (
+    RESULT_SCHEMA,
+    derive_id,
+    iter_batches,
+    read_schema,
+    require_columns,
+    require_representable,
+)
 from removebg_provider.outputs import safe_key_id
 from removebg_provider.pipeline.config import PipelineConfig
-from removebg_provider.storage import Storage, comparable_uri, join_uri
+from removebg_provider.storage import Storage, comparable_uri, join_uri, local_path, scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +98,16 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
     schema = read_schema(config.manifest_uri, storage, config.manifest_format)
     wanted = [config.image_column] + [name for name in (config.id_column, config.fingerprint_column) if name]
     require_columns(config.manifest_uri, schema, wanted)
+    replaced = [name for name in schema.names if name in RESULT_SCHEMA.names]
+    if replaced:
+        # An enriched manifest fed back in (the daily catalog run) is expected; silently is not.
+        log.warning(
+            "%s already has result columns %s (an earlier run's?): this run's results replace them",
+            config.manifest_uri,
+            ", ".join(replaced),
+        )
+    require_representable(config.output_manifest_uri, schema)
+    _require_writable(config.output_manifest_uri)
     total_rows, canonical_ids, duplicate_rows = _validate_ids(config, storage)
 
     shard_size = max(config.shard_size, -(-total_rows // config.max_map_length))
@@ -176,8 +194,8 @@ def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, set[st
     duplicate_rows = 0
     total = 0
     for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format, columns=columns):
-        references = _as_text(batch.column(config.image_column))
-        ids = _as_text(batch.column(config.id_column)) if config.id_column else None
+        references = _as_text(batch, config.image_column, config.manifest_uri)
+        ids = _as_text(batch, config.id_column, config.manifest_uri) if config.id_column else None
         for offset, reference in enumerate(references):
             row = total + offset
             record_id = ids[offset] if ids is not None else derive_id(reference, row)
@@ -221,6 +239,24 @@ def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, set[st
     return total, canonical_ids, duplicate_rows
 
 
+def _require_writable(uri: str) -> None:
+    """Refuse, before anything is billed, a local output manifest whose folder cannot be made or written.
+
+    Object stores are not probed: that would take a write of its own; their permissions show at
+    the first staging write, which also comes before any request.
+    """
+    if scheme_of(uri) != "file":
+        return
+    path = os.path.abspath(local_path(uri))
+    if os.path.isdir(path):
+        raise ManifestError(f"cannot write the output manifest {uri}: it is a folder")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ManifestError(f"cannot write the output manifest {uri}: {folder} is not a writable folder")
+
+
 class _InputsUnderOutputs:
     """Input images that lie under the output prefix: the only ones an output could overwrite."""
 
@@ -260,10 +296,10 @@ def _shard_tables(config: PipelineConfig, storage: Storage, shard_size: int) -> 
     pending_rows = 0
     row = 0
     for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format):
-        references = _as_text(batch.column(config.image_column))
-        ids = _as_text(batch.column(config.id_column)) if config.id_column else None
+        references = _as_text(batch, config.image_column, config.manifest_uri)
+        ids = _as_text(batch, config.id_column, config.manifest_uri) if config.id_column else None
         sources = (
-            _as_text(batch.column(config.fingerprint_column))
+            _as_text(batch, config.fingerprint_column, config.manifest_uri)
             if config.fingerprint_column
             else [None] * batch.num_rows
         )
@@ -312,7 +348,13 @@ class _FirstRows:
         return first_id if first_row != row else None
 
 
-def _as_text(column: pa.Array | pa.ChunkedArray) -> list[str | None]:
+def _as_text(batch: pa.RecordBatch, name: str, uri: str) -> list[str | None]:
+    column = batch.column(name)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        column = column.cast(pa.string())
+        try:
+            column = column.cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            reason = str(exc).splitlines()[0]
+            problem = f"column {name!r} of manifest {uri} holds values that are not text: {reason}"
+            raise ManifestError(problem) from exc
     return [value.strip() if isinstance(value, str) else value for value in column.to_pylist()]

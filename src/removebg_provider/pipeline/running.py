@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from removebg_provider.client import RemoveBgClient
-from removebg_provider.errors import BudgetExceededError
+from removebg_provider.errors import BudgetExceededError, RunStoppedError
 from removebg_provider.outputs import OutputCopier
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.merging import merge
@@ -24,6 +24,7 @@ from removebg_provider.pipeline.shard import (
 )
 from removebg_provider.progress import ProgressCallback
 from removebg_provider.storage import Storage
+from removebg_provider.vocabulary import RowStatus
 
 _SHARDS_SIDE_BY_SIDE = 2
 
@@ -66,12 +67,18 @@ def run(
     *,
     on_progress: ProgressCallback | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> RunSummary:
     """Plan, process every shard and merge: the whole pipeline in one process (the CLI's path).
 
     Two shards are processed side by side, sharing `concurrency` request slots, so the API stays
     busy while one shard drains its last batches. The failure policy is applied once, run-wide.
     Connection-level settings the config leaves unset are taken from the client's.
+
+    Setting `stop` (from a signal handler, another thread, Airflow's `on_kill`) stops the run
+    gracefully: no new request starts, the requests in flight finish and are checkpointed, and the
+    enriched manifest is written with every row once (rows not reached: status 499); then
+    RunStoppedError is raised with its summary. A rerun resumes without billing the finished rows.
     """
     config = config.resolved(
         {
@@ -83,6 +90,7 @@ def run(
     check_client_agrees(config, client)
     plan_ = plan(config, storage)
     check_budget(plan_, storage)
+    stop = stop or threading.Event()
     if on_plan is not None:
         on_plan(plan_)
     concurrency = plan_.config.requests_in_flight
@@ -103,6 +111,7 @@ def run(
                     budget=budget,
                     on_progress=on_progress,
                     request_slots=slots,
+                    stop=stop,
                 )
                 for shard in plan_.shards
             ]
@@ -114,4 +123,14 @@ def run(
                     future.result()
     finally:
         copier.close()
-    return merge(plan_, storage)
+    if not stop.is_set():
+        return merge(plan_, storage)
+    # Stopped rows are not failures: the failure policy is for finished runs.
+    summary = merge(relaxed, storage)
+    raise RunStoppedError(
+        f"the run of {config.manifest_uri} was stopped: {summary.succeeded} of {summary.rows} rows done, "
+        f"{summary.by_status.get(RowStatus.STOPPED, 0)} not reached (status {RowStatus.STOPPED:d}); "
+        f"enriched manifest {config.output_manifest_uri}; "
+        "run again to finish: finished rows are not billed again",
+        summary=summary,
+    )

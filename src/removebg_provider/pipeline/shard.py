@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 from removebg_provider import quality
 from removebg_provider.client import ImageRecord, RecordResult, RemoveBgClient
@@ -19,25 +19,26 @@ from removebg_provider.errors import (
     ApiRequestError,
     ConfigurationError,
     CopyError,
+    OutputGoneError,
     StorageError,
     TransientApiError,
 )
 from removebg_provider.outputs import OutputCopier
 from removebg_provider.pipeline.checkpoints import ShardStaging, now
 from removebg_provider.pipeline.config import PipelineConfig
+from removebg_provider.pipeline.lookups import ShardLookups
 from removebg_provider.pipeline.planning import (
     CANONICAL,
     ID,
     INTERNAL_COLUMNS,
     REF,
     ROW,
-    SOURCE,
     Plan,
     ShardDescriptor,
     read_parquet,
 )
 from removebg_provider.pipeline.results import RowResult, RunSummary, enforce_failure_policy, summarise
-from removebg_provider.pipeline.store import ResultStore, StoredResult, result_key
+from removebg_provider.pipeline.store import ResultStore, StoredResult
 from removebg_provider.progress import Progress, ProgressCallback
 from removebg_provider.storage import Storage, comparable_uri, scheme_of
 from removebg_provider.vocabulary import CUTOUT, MASK, RowStatus
@@ -48,10 +49,12 @@ log = logging.getLogger(__name__)
 # every slot busy while the other half copies.
 WORKERS_PER_SLOT = 2
 # Result store entries read and checked side by side (small GETs and HEADs).
-_LOOKUP_WORKERS = 8
 REUSED_TEXT = "OK (reused from the result store: same image content and options, not sent again)"
 
 Row = dict[str, Any]
+
+STOPPED_TEXT = "not processed: the run was stopped"
+STOPPED_ERROR = "not sent: the run was stopped before this row's request; run again to finish it"
 
 
 class Budget:
@@ -81,6 +84,7 @@ def process_shard(
     budget: Budget | None = None,
     on_progress: ProgressCallback | None = None,
     request_slots: threading.Semaphore | None = None,
+    stop: threading.Event | None = None,
 ) -> RunSummary:
     """Remove the backgrounds of one shard's rows, copy the outputs and store the shard's results.
 
@@ -91,7 +95,9 @@ def process_shard(
     Authentication and out-of-credits errors stop the shard at once; every other problem becomes
     the row's status. Raises FailurePolicyError, after storing the results, when more than
     `max_failed_fraction` of the shard's rows failed. `request_slots`, shared by shards processed
-    side by side, caps their requests in flight together (`concurrency` when not given).
+    side by side, caps their requests in flight together (`concurrency` when not given). Once
+    `stop` is set no new request starts: requests in flight finish and are checkpointed, and the
+    rows not reached get status 499 (`RowStatus.STOPPED`) in the stored results.
     """
     config = plan_.config
     check_client_agrees(config, client)
@@ -100,7 +106,7 @@ def process_shard(
     copier = copier or OutputCopier(storage, pool_size=WORKERS_PER_SLOT * config.requests_in_flight)
     budget = budget or Budget(config.max_billable_records)
     try:
-        results = work.run(client, copier, budget, on_progress, request_slots)
+        results = work.run(client, copier, budget, on_progress, request_slots, stop=stop)
     finally:
         if owned_copier:
             copier.close()
@@ -139,8 +145,7 @@ class ShardWork:
         self.billed_earlier = checkpoints.billed_in_run
         prefix, holder = plan_.config.store_prefix, f"{plan_.run_id}/shard-{shard.index}"
         self.store = ResultStore(prefix, storage, holder) if prefix else None
-        self._sources: dict[int, str] | None = None
-        self._stored: dict[int, StoredResult] | None = None
+        self.lookups = ShardLookups(rows, plan_.config, storage, self.store)
         self.billed = 0
         self._billed_lock = threading.Lock()
         # Image bytes read by this shard's workers: digest -> (id, row) of the first row to read them,
@@ -148,6 +153,8 @@ class ShardWork:
         self._byte_owners: dict[bytes, tuple[str, int]] = {}
         self._byte_duplicates: dict[int, tuple[str, int]] = {}
         self._owners_lock = threading.Lock()
+        # Set by the caller of `run` to stop new requests (signals, Airflow's on_kill).
+        self._stop = threading.Event()
 
     @classmethod
     def load(cls, shard: ShardDescriptor, plan_: Plan, storage: Storage) -> ShardWork:
@@ -157,7 +164,7 @@ class ShardWork:
 
     def classify(self) -> Iterator[tuple[str, Row, RowResult | None]]:
         """Each row with its class: duplicate, without_reference, resumed, reused, copy_only or todo."""
-        stored = self._stored_results()
+        stored = self.lookups.stored_results()
         for row in self.rows:
             reference = row[REF]
             if row[CANONICAL] is not None:
@@ -185,8 +192,10 @@ class ShardWork:
         budget: Budget,
         on_progress: ProgressCallback | None,
         request_slots: threading.Semaphore | None,
+        *,
+        stop: threading.Event | None = None,
     ) -> dict[int, RowResult]:
-        """Finish every row that still needs work; results by row number."""
+        """Finish every row that still needs work; results by row number (499 for rows `stop` kept back)."""
         results: dict[int, RowResult] = {}
         todo: list[Row] = []
         copy_only: list[Row] = []
@@ -216,11 +225,12 @@ class ShardWork:
         )
         size = self.config.records_per_request
         concurrency = self.config.requests_in_flight
-        stored = self._stored_results()
+        stored = self.lookups.stored_results()
         to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
         to_reuse = [reused[i : i + size] for i in range(0, len(reused), size)]
         to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
         slots = request_slots or threading.Semaphore(concurrency)
+        self._stop = stop or threading.Event()
         with ThreadPoolExecutor(WORKERS_PER_SLOT * concurrency, thread_name_prefix="removebg") as pool:
             # Answered rows first: their temporary URLs are the ones closest to expiring.
             futures: list[Future[list[RowResult | None]]] = (
@@ -247,56 +257,7 @@ class ShardWork:
         return results
 
     def _key(self, row: Row) -> tuple[str, str]:
-        return row[ID], self._fingerprint(row)
-
-    def _fingerprint(self, row: Row) -> str:
-        return self.config.fingerprint(row[REF], self.sources.get(row[ROW]))
-
-    @property
-    def sources(self) -> dict[int, str]:
-        """Each sendable row's source fingerprint, by row number (rows that have one), found on first use."""
-        if self._sources is None:
-            self._sources = self._source_fingerprints()
-        return self._sources
-
-    def _source_fingerprints(self) -> dict[int, str]:
-        """What identifies each sendable row's image: the catalog's column, else the store's metadata."""
-        found: dict[int, str] = {}
-        to_describe: dict[int, str] = {}
-        for row in self.rows:
-            if row[CANONICAL] is not None or not row[REF]:
-                continue
-            if row[SOURCE]:
-                # A catalog value such as a date names a version of this reference, not its bytes.
-                spelled = f"{comparable_uri(row[REF])}\n{row[SOURCE]}"
-                found[row[ROW]] = "column:" + hashlib.sha256(spelled.encode()).hexdigest()[:32]
-            else:
-                to_describe[row[ROW]] = row[REF]
-        described = self.storage.fingerprints(list(to_describe.values()), limit=self.config.max_image_bytes)
-        for row_number, reference in to_describe.items():
-            if (fingerprint := described.get(reference)) is not None:
-                found[row_number] = fingerprint
-        return found
-
-    def _stored_results(self) -> dict[int, StoredResult]:
-        """Rows (by number) whose image and options have a current entry in the result store."""
-        if self._stored is not None:
-            return self._stored
-        candidates = [row for row in self.rows if row[ROW] in self.sources] if self.store else []
-        with ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="removebg-lookup") as pool:
-            entries = list(pool.map(self._current_entry, candidates))
-        self._stored = {row[ROW]: entry for row, entry in zip(candidates, entries, strict=True) if entry}
-        return self._stored
-
-    def _store_key(self, row: Row) -> str:
-        return result_key(self.sources[row[ROW]], self.config)
-
-    def _current_entry(self, row: Row) -> StoredResult | None:
-        assert self.store is not None
-        entry = self.store.get(self._store_key(row))
-        if entry is None or not set(entry.destinations(self.config, row[ID])) <= set(entry.outputs):
-            return None
-        return entry if self.store.is_current(entry) else None
+        return row[ID], self.lookups.fingerprint(row)
 
     def _share_owner_results(self, results: dict[int, RowResult]) -> None:
         """Give each row whose bytes repeat an earlier row's that row's result, and checkpoint it."""
@@ -312,8 +273,8 @@ class ShardWork:
                 id=row[ID],
                 status_text=f"{owner.status_text} (same image bytes as {owner_id})",
                 attempts=0,
-                fingerprint=self._fingerprint(row),
-                source_fingerprint=self.sources.get(row[ROW]),
+                fingerprint=self.lookups.fingerprint(row),
+                source_fingerprint=self.lookups.sources.get(row[ROW]),
             )
             shared.append(results[row_number])
         self.staging.write_finished(shared)
@@ -338,14 +299,14 @@ class ShardWork:
         if self.store is None:
             return self._send_batch(batch, client, copier, budget, progress, request_slots)
         args = (client, copier, budget, progress, request_slots)
-        mine, elsewhere = self._claim(batch)
+        mine, elsewhere = self.lookups.claim(batch)
         by_id: dict[str, RowResult | None] = {}
         try:
             # Another run may have stored an image since this shard looked: serve it instead.
             now_stored = {
                 row[ROW]: entry
                 for row in mine
-                if row[ROW] in self.sources and (entry := self._current_entry(row)) is not None
+                if row[ROW] in self.lookups.sources and (entry := self.lookups.current_entry(row)) is not None
             }
             served, stale = self._serve_stored(
                 [r for r in mine if r[ROW] in now_stored], now_stored, progress
@@ -356,23 +317,11 @@ class ShardWork:
                 by_id.update(zip(_ids(to_send), self._send_batch(to_send, *args), strict=True))
         finally:
             for row in mine:
-                if row[ROW] in self.sources:
-                    self.store.release(self._store_key(row))
+                if row[ROW] in self.lookups.sources:
+                    self.store.release(self.lookups.store_key(row))
         if elsewhere:
             by_id.update(zip(_ids(elsewhere), self._after_other_runs(elsewhere, *args), strict=True))
         return [by_id.get(row[ID]) for row in batch]
-
-    def _claim(self, batch: list[Row]) -> tuple[list[Row], list[Row]]:
-        """The rows this run may send (claimed, or without a fingerprint) and those another run is sending."""
-        assert self.store is not None
-        mine: list[Row] = []
-        elsewhere: list[Row] = []
-        for row in batch:
-            if row[ROW] not in self.sources or self.store.claim(self._store_key(row)):
-                mine.append(row)
-            else:
-                elsewhere.append(row)
-        return mine, elsewhere
 
     def _after_other_runs(
         self,
@@ -389,7 +338,7 @@ class ShardWork:
         log.info(
             "shard %d: %d images are being sent by another run; waiting for them", self.shard.index, len(rows)
         )
-        found = {row[ROW]: self.store.wait_for(self._store_key(row)) for row in rows}
+        found = {row[ROW]: self.store.wait_for(self.lookups.store_key(row)) for row in rows}
         stored = {number: entry for number, entry in found.items() if entry is not None}
         served = [row for row in rows if row[ROW] in stored]
         again = [row for row in rows if row[ROW] not in stored]
@@ -410,6 +359,8 @@ class ShardWork:
     ) -> list[RowResult | None]:
         """Send a batch and copy its outputs; None for rows whose bytes an earlier row owns."""
         outcomes: dict[str, RowResult] = {}
+        if self._stop.is_set():
+            return self._stopped(batch, outcomes, progress)
         records: list[ImageRecord] = []
         for row in batch:
             record = self._record(row)
@@ -422,21 +373,73 @@ class ShardWork:
             for record in records:
                 outcomes[record.id] = self._failed(record.id, RowStatus.BUDGET_REACHED, error)
             records = []
-        api_results: list[RecordResult] = []
-        if records:
-            with request_slots:
-                api_results, billed = self._call_api(records, client)
-                if billed:
-                    # Durable before the slot is released: only requests holding a slot can be
-                    # billed without a checkpoint, so a kill re-bills at most concurrency x batch.
-                    fingerprints = {row[ID]: self._fingerprint(row) for row in batch}
-                    self.staging.write_answer(api_results, fingerprints, billed)
-                    with self._billed_lock:
-                        self.billed += billed
+        fingerprints = {row[ID]: self.lookups.fingerprint(row) for row in batch}
+        api_results = self._send(records, client, request_slots, fingerprints) if records else []
+        if api_results is None:
+            return self._stopped(batch, outcomes, progress)
+        sent = {record.id: record for record in records}
         rows = {row[ID]: row for row in batch}
         for api_result in api_results:
-            outcomes[api_result.id] = self._copy_outputs(api_result, copier, rows[api_result.id])
+            answered = _Answered(api_result, sent[api_result.id], rows[api_result.id])
+            outcomes[api_result.id] = self._copy_fresh(
+                answered, client, copier, budget, request_slots, fingerprints
+            )
         return self._finish(batch, outcomes, progress)
+
+    def _send(
+        self,
+        records: list[ImageRecord],
+        client: RemoveBgClient,
+        request_slots: threading.Semaphore,
+        fingerprints: dict[str, str],
+    ) -> list[RecordResult] | None:
+        """One request's answers, checkpointed and counted as billed before its slot is released.
+
+        None when the run was stopped while the request waited for its slot.
+        """
+        with request_slots:
+            # Checked again once a slot is free: batches wait here while the requests before them run.
+            if self._stop.is_set():
+                return None
+            api_results, billed = self._call_api(records, client)
+            if billed:
+                # Durable before the slot is released: only requests holding a slot can be
+                # billed without a checkpoint, so a kill re-bills at most concurrency x batch.
+                self.staging.write_answer(api_results, fingerprints, billed)
+                with self._billed_lock:
+                    self.billed += billed
+        return api_results
+
+    def _copy_fresh(
+        self,
+        answered: _Answered,
+        client: RemoveBgClient,
+        copier: OutputCopier,
+        budget: Budget,
+        request_slots: threading.Semaphore,
+        fingerprints: dict[str, str],
+    ) -> RowResult:
+        """Copy a just-answered record's outputs; if a URL is gone even after retries, request it once more.
+
+        The second request is billed (and counted), so it happens once per row at most; a URL gone
+        again gives the row 410.
+        """
+        api_result, record, row = answered
+        try:
+            return self._copy_outputs(api_result, copier, row, fresh=True)
+        except OutputGoneError as exc:
+            gone = exc
+        if not budget.reserve(1):
+            return self._copy_failed(api_result, gone)
+        log.warning("%s; requesting record %s once more", gone, api_result.id)
+        answered_again = self._send([record], client, request_slots, fingerprints)
+        if answered_again is None:
+            return self._copy_failed(api_result, gone)
+        (again,) = answered_again
+        try:
+            return self._copy_outputs(again, copier, row, fresh=True)
+        except OutputGoneError as gone_again:
+            return self._copy_failed(again, gone_again, "output URL gone twice, requested again once")
 
     def _reuse_batch(
         self,
@@ -504,6 +507,8 @@ class ShardWork:
     ) -> list[RowResult | None]:
         """Finish rows the API answered in an interrupted attempt, from the stored temporary URLs."""
         outcomes: dict[str, RowResult] = {}
+        if self._stop.is_set():
+            return self._stopped(batch, outcomes, progress)
         for row in batch:
             copied = self._copy_outputs(self.answers[self._key(row)], copier, row)
             if copied.ok:
@@ -518,8 +523,8 @@ class ShardWork:
         stamped = {
             row[ID]: dataclasses.replace(
                 outcomes[row[ID]],
-                fingerprint=self._fingerprint(row),
-                source_fingerprint=self.sources.get(row[ROW]),
+                fingerprint=self.lookups.fingerprint(row),
+                source_fingerprint=self.lookups.sources.get(row[ROW]),
             )
             for row in batch
             if row[ID] in outcomes
@@ -527,6 +532,17 @@ class ShardWork:
         self.staging.write_finished(list(stamped.values()))
         progress.advance(len(batch), sum(1 for r in stamped.values() if not r.ok))
         return [stamped.get(row[ID]) for row in batch]
+
+    def _stopped(
+        self, batch: list[Row], outcomes: dict[str, RowResult], progress: Progress
+    ) -> list[RowResult | None]:
+        """Finish a batch a stop kept from its request: rows without an outcome yet get 499."""
+        for row in batch:
+            if row[ID] not in outcomes:
+                outcomes[row[ID]] = dataclasses.replace(
+                    self._failed(row[ID], RowStatus.STOPPED, STOPPED_ERROR), status_text=STOPPED_TEXT
+                )
+        return self._finish(batch, outcomes, progress)
 
     def _call_api(self, records: list[ImageRecord], client: RemoveBgClient) -> tuple[list[RecordResult], int]:
         """The API's answer for each record, and how many records the API billed for it."""
@@ -541,7 +557,7 @@ class ShardWork:
         except ApiRequestError as exc:
             if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE and len(records) > 1:
                 # One oversized image must not sink its batch mates on every rerun: send each alone.
-                alone = [self._call_api([record], client) for record in records]
+                alone = [self._call_api_unless_stopped(record, client) for record in records]
                 answers = [answer for answered, _ in alone for answer in answered]
                 return answers, sum(billed for _, billed in alone)
             failures = [
@@ -549,6 +565,15 @@ class ShardWork:
                 for record in records
             ]
             return failures, 0
+
+    def _call_api_unless_stopped(
+        self, record: ImageRecord, client: RemoveBgClient
+    ) -> tuple[list[RecordResult], int]:
+        if self._stop.is_set():
+            return [
+                RecordResult.failure(record.id, RowStatus.STOPPED, STOPPED_TEXT, STOPPED_ERROR, attempts=0)
+            ], 0
+        return self._call_api([record], client)
 
     def _record(self, row: Row) -> ImageRecord | RowResult:
         reference: str = row[REF]
@@ -562,9 +587,43 @@ class ShardWork:
             return self._failed(row[ID], RowStatus.UNREADABLE_IMAGE, f"{reference} is empty")
         return ImageRecord(id=row[ID], data=data)
 
-    def _copy_outputs(self, api_result: RecordResult, copier: OutputCopier, row: Row) -> RowResult:
-        """The row result of an API answer: its outputs copied into storage, checked, kept in the store."""
-        base = RowResult(
+    def _copy_outputs(
+        self, api_result: RecordResult, copier: OutputCopier, row: Row, *, fresh: bool = False
+    ) -> RowResult:
+        """The row result of an API answer: its outputs copied into storage, checked, kept in the store.
+
+        `fresh` (the API has just answered): a gone output URL raises OutputGoneError instead.
+        """
+        base = self._answered(api_result)
+        if not api_result.ok:
+            return base
+        destinations = self.config.outputs_for(api_result.id)
+        if MASK.name in destinations and CUTOUT.name not in api_result.outputs:
+            # Ximilar's current documentation: a binary-mask request returns the mask instead of the cutout.
+            del destinations[CUTOUT.name]
+        try:
+            data = copier.copy_answer(api_result.outputs, destinations, fresh=fresh)
+        except CopyError as exc:
+            if fresh and isinstance(exc, OutputGoneError):
+                raise
+            return self._copy_failed(api_result, exc)
+        copied = dataclasses.replace(base, outputs=destinations)
+        if self.config.quality_check:
+            verdict = quality.assess(data.get(CUTOUT.name), data.get(MASK.name))
+            copied = dataclasses.replace(
+                copied, foreground_fraction=verdict.foreground_fraction, quality_flags=verdict.flags
+            )
+        self.lookups.keep(row, copied, {kind: (uri, data[kind]) for kind, uri in destinations.items()})
+        return copied
+
+    def _copy_failed(self, api_result: RecordResult, exc: CopyError, why: str | None = None) -> RowResult:
+        text = f"{exc.status_text} ({why})" if why else exc.status_text
+        return dataclasses.replace(
+            self._answered(api_result), status_code=exc.status_code, status_text=text, error=str(exc)
+        )
+
+    def _answered(self, api_result: RecordResult) -> RowResult:
+        return RowResult(
             id=api_result.id,
             status_code=api_result.status_code,
             status_text=api_result.status_text,
@@ -576,42 +635,6 @@ class ShardWork:
             attempts=api_result.attempts,
             processed_at=now(),
         )
-        if not api_result.ok:
-            return base
-        destinations = self.config.outputs_for(api_result.id)
-        if MASK.name in destinations and CUTOUT.name not in api_result.outputs:
-            # Ximilar's current documentation: a binary-mask request returns the mask instead of the cutout.
-            del destinations[CUTOUT.name]
-        try:
-            data = copier.copy_answer(api_result.outputs, destinations)
-        except CopyError as exc:
-            return dataclasses.replace(
-                base, status_code=exc.status_code, status_text=exc.status_text, error=str(exc)
-            )
-        copied = dataclasses.replace(base, outputs=destinations)
-        if self.config.quality_check:
-            verdict = quality.assess(data.get(CUTOUT.name), data.get(MASK.name))
-            copied = dataclasses.replace(
-                copied, foreground_fraction=verdict.foreground_fraction, quality_flags=verdict.flags
-            )
-        self._keep_in_store(row, copied, {kind: (uri, data[kind]) for kind, uri in destinations.items()})
-        return copied
-
-    def _keep_in_store(self, row: Row, result: RowResult, written: dict[str, tuple[str, bytes]]) -> None:
-        """Keep a finished result in the result store, under its image's content and the run's options."""
-        source = self.sources.get(row[ROW])
-        if self.store is None or source is None:
-            return
-        fields = {
-            "width": result.width,
-            "height": result.height,
-            "request_id": result.request_id,
-            "mode": result.mode,
-            "foreground_fraction": result.foreground_fraction,
-            "quality_flags": result.quality_flags,
-        }
-        key = result_key(source, self.config)
-        self.store.record(key, source, written, fields, result.processed_at or now())
 
     def _resumable(self, row: Row) -> RowResult | None:
         previous = self.prior.get(self._key(row))
@@ -620,7 +643,7 @@ class ShardWork:
         if self.store is not None:
             # A checkpoint cannot tell that a later run overwrote its outputs (an image changed and
             # changed back): the store's entry, checked against the outputs' versions, can.
-            entry = self._stored_results().get(row[ROW])
+            entry = self.lookups.stored_results().get(row[ROW])
             stored = {kind: comparable_uri(out.uri) for kind, out in entry.outputs.items()} if entry else None
             checkpointed = {kind: comparable_uri(uri) for kind, uri in previous.outputs.items()}
             return previous if stored == checkpointed else None
@@ -644,3 +667,11 @@ class ShardWork:
 
 def _ids(rows: list[Row]) -> list[str]:
     return [row[ID] for row in rows]
+
+
+class _Answered(NamedTuple):
+    """A record the API has just answered: its answer, what was sent, and its row."""
+
+    result: RecordResult
+    record: ImageRecord
+    row: Row

@@ -104,17 +104,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         # Liveness needs no token; a caller that sends one learns whether it is valid (a connection test).
         if request.headers.get("authorization") is not None and not service.authorized(request):
             return _error_response(401, _AUTH_HELP)
-        return JSONResponse(
-            {
-                "status": {"code": 200, "text": "OK"},
-                "engine": _engine_summary(service.engines),
-                "engines": {mode: engine_details(service.engines[mode]) for mode in MODES},
-                "workers": service.pool.workers,
-                "auth": "token" if settings.token else "off",
-                "queue": {"admitted_records": service.pool.admitted, "capacity": service.pool.capacity},
-                "pixels": {"in_flight": service.pixels.in_use, "capacity": service.pixels.capacity},
-            }
-        )
+        return JSONResponse(_health(service, settings))
 
     @app.get("/account/v2/user/")
     async def account(request: Request) -> JSONResponse:
@@ -123,6 +113,28 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         if not service.authorized(request):
             return _error_response(401, _AUTH_HELP)
         return JSONResponse({"username": "removebg-local", "auth": "token" if settings.token else "off"})
+
+    @app.get("/account/v2/details/")
+    async def account_details(request: Request) -> JSONResponse:
+        # The account's credits, as a preflight reads them before a run; null means unlimited.
+        if not service.authorized(request):
+            return _error_response(401, _AUTH_HELP)
+        return JSONResponse(
+            {"username": "removebg-local", "credits": service.credits_left, "credits_total": settings.credits}
+        )
+
+    @app.post("/authorization/v2/authorize")
+    async def authorize(request: Request) -> JSONResponse:
+        # ximilar-client's resource check: is the service activated for the token's account?
+        if not service.authorized(request):
+            return JSONResponse({"detail": "Invalid token."}, status_code=401)
+        try:
+            asked = (await request.json()).get("service")
+        except (ValueError, AttributeError):
+            asked = None
+        if asked != SERVICE_NAME:
+            return JSONResponse({"detail": f"User has no access for service {asked!r}."}, status_code=403)
+        return JSONResponse({"user_id": "removebg-local", "service": SERVICE_NAME})
 
     @app.get("/stats")
     async def stats(request: Request) -> JSONResponse:
@@ -141,9 +153,24 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
     return app
 
 
+def _health(service: _Service, settings: ServerSettings) -> dict[str, Any]:
+    """The /health body: the engines, the workers, whether a token is needed, how full the queue is."""
+    return {
+        "status": {"code": 200, "text": "OK"},
+        "engine": _engine_summary(service.engines),
+        "engines": {mode: engine_details(service.engines[mode]) for mode in MODES},
+        "workers": service.pool.workers,
+        "auth": "token" if settings.token else "off",
+        "queue": {"admitted_records": service.pool.admitted, "capacity": service.pool.capacity},
+        "pixels": {"in_flight": service.pixels.in_use, "capacity": service.pixels.capacity},
+    }
+
+
 # The engines model the backdrop from a border band; below this there is no photo to cut out.
 MIN_SIDE_PIXELS = 8
 _AUTH_HELP = "missing or invalid token; send the header 'Authorization: Token <your token>'"
+# The service name ximilar-client asks the authorization endpoint about for Remove Background.
+SERVICE_NAME = "remove-bg"
 
 
 class _Service:
@@ -156,11 +183,32 @@ class _Service:
         self.pool = EnginePool(settings.workers, settings.queue_records, settings.retry_after_seconds)
         self.pixels = PixelBudget(settings.pixels_in_flight)
         self.counters = Counters()
+        self.credits_used = 0  # unlike the counters, never reset: the account's balance
         self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self.fetch_limits = FetchLimits(
             settings.max_image_bytes, settings.fetch_timeout_seconds, settings.max_redirects
         )
         self.address_policy = allow_any_address if settings.allow_private_urls else is_public_address
+
+    @property
+    def credits_left(self) -> int | None:
+        """The local account's credits not yet spent; None when unlimited."""
+        if self.settings.credits is None:
+            return None
+        return max(0, self.settings.credits - self.credits_used)
+
+    def check_credits(self, records: int) -> None:
+        """Refuse a request (402) that could bill more records than the account has credits.
+
+        Records admitted but not yet billed count as spent, so concurrent requests never overdraw.
+        """
+        left = self.credits_left
+        if left is not None and self.pool.admitted + records > left:
+            raise RequestRejected(
+                402,
+                f"the account has {left} credit(s) left and {self.pool.admitted} record(s) in progress; "
+                f"this request of {records} record(s) could pass them",
+            )
 
     def authorized(self, request: Request) -> bool:
         if self.settings.token is None:
@@ -178,6 +226,7 @@ class _Service:
         request_id = str(uuid.uuid4())
         try:
             jobs = parse_request(await self._read_body(request), self.settings.max_records)
+            self.check_credits(len(jobs))
             self.pool.admit(len(jobs))
         except RequestRejected as rejection:
             self.counters.requests_rejected += 1
@@ -265,6 +314,7 @@ class _Service:
                         f"it needs at least {MIN_SIDE_PIXELS} on each side",
                     )
                 self.counters.records_billed += 1
+                self.credits_used += 1
                 names = await self.pool.run(_render, self.engines[mode], self.store, rgb, mode, job.options)
                 del rgb  # the pixels are freed before their share of the budget is
         except RecordRejected as rejection:

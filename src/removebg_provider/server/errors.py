@@ -15,7 +15,7 @@ class ServerError(RemoveBgError):
 
 
 class RequestRejected(ServerError):
-    """The whole request is refused (401, 400, 413, 429): no record is processed or billed."""
+    """The whole request is refused (401, 400, 402, 413, 429): no record is processed or billed."""
 
 
 class RecordRejected(ServerError):

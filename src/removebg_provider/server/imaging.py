@@ -20,6 +20,7 @@ from removebg_provider.server.errors import RecordRejected
 ImageFormat = Literal["png", "jpg", "webp"]
 
 _DATA_URI = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
 _WHITE = 255.0
 
 
@@ -42,7 +43,9 @@ class EncodedOutputs:
 
 def decode_base64(data: str, limits: ImageLimits) -> bytes:
     """The bytes of a `_base64` field (a bare string or a `data:image/...;base64,` URI)."""
-    payload = _DATA_URI.sub("", data.strip(), count=1)
+    # MIME encoders (`base64` on the command line, email libraries) wrap lines every 76 characters:
+    # whitespace is no data, so it is dropped; anything else outside the alphabet is still refused.
+    payload = _WHITESPACE.sub("", _DATA_URI.sub("", data.strip(), count=1))
     # Base64 grows data by 4/3, so the encoded length tells the size before anything is decoded.
     if len(payload) * 3 // 4 > limits.max_bytes + 3:
         raise RecordRejected(413, f"_base64 image is larger than the limit of {limits.max_bytes} bytes")

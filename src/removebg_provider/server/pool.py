@@ -1,31 +1,23 @@
 """The engine pool: N worker threads that run matting off the event loop, behind a bounded queue.
 
 Why threads and not processes: the expensive parts all release the GIL. OpenCV does its work in C++
-without the GIL, pymatting's numba kernels are compiled with `nogil=True` (its parallel ones run on
-numba's own thread pool), numpy/scipy release it in their inner loops, onnxruntime releases it for the
-whole `run`, and Pillow releases it while decoding and encoding. Threads therefore use every core while
-sharing one engine: an ONNX model is loaded once instead of once per process, and numba's compiled code
-is loaded once. Processes would also clash with OpenMP: numba's `omp` layer (and OpenCV/onnxruntime
-thread pools) do not survive `fork`, so a process pool would need `spawn`, paying a full import and
-model load per worker. One catch with threads: numba's fallback `workqueue` layer aborts the whole
-process when two threads enter parallel code at once, so with more than one worker we require a
-thread-safe layer (OpenMP or TBB) and fall back to a single worker when neither is installed.
+without the GIL, numpy releases it in its inner loops, onnxruntime releases it for the whole `run`,
+and Pillow releases it while decoding and encoding. Threads therefore use every core while sharing
+one engine: an ONNX model is loaded once instead of once per process. Processes would also clash with
+OpenCV's and onnxruntime's thread pools, which do not survive `fork`, so a process pool would need
+`spawn`, paying a full import and model load per worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from removebg_provider.server.errors import RequestRejected
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -40,7 +32,7 @@ class EnginePool:
     """
 
     def __init__(self, workers: int, capacity: int, retry_after_seconds: int) -> None:
-        self.workers = _thread_safe_worker_count(workers)
+        self.workers = workers
         self.capacity = capacity
         self.retry_after_seconds = retry_after_seconds
         self.admitted = 0
@@ -120,28 +112,3 @@ class PixelBudget:
             self._waiters.popleft()
             self.in_use += pixels
             granted.set_result(None)
-
-
-def _thread_safe_worker_count(workers: int) -> int:
-    if workers == 1:
-        return 1
-    try:
-        import numba
-    except ImportError:
-        return workers
-    if numba.config.THREADING_LAYER != "default":  # type: ignore[attr-defined]
-        return workers
-    for module in ("numba.np.ufunc.tbbpool", "numba.np.ufunc.omppool"):
-        try:
-            importlib.import_module(module)
-        except (ImportError, OSError):
-            continue
-        # "threadsafe" picks TBB or OpenMP; without this numba may settle on workqueue later.
-        numba.config.THREADING_LAYER = "threadsafe"  # type: ignore[attr-defined]
-        return workers
-    log.warning(
-        "numba has no thread-safe threading layer (install tbb or an OpenMP runtime); "
-        "running 1 engine worker instead of %d",
-        workers,
-    )
-    return 1

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PER_REQUEST
 from removebg_provider.engines import ENGINE_NAMES, MODES, Mode
 
 MIB = 1024 * 1024
@@ -35,8 +36,11 @@ class ServerSettings:
     max_body_bytes: int = 64 * MIB
     max_image_bytes: int = 20 * MIB
     max_image_pixels: int = 50_000_000
-    queue_records: int = 40
+    # Admit at once everything a client at its defaults has in flight (requests x records each), so a
+    # run at defaults against a server at defaults is never told it is busy.
+    queue_records: int = DEFAULT_CONCURRENCY * DEFAULT_MAX_RECORDS_PER_REQUEST
     retry_after_seconds: int = 5
+    credits: int | None = None  # the local account's credits; None: unlimited
     fetch_timeout_seconds: float = 20.0
     max_redirects: int = 5
     max_pixels_in_flight: int | None = None
@@ -96,6 +100,8 @@ class ServerSettings:
             for name, value in positive.items()
             if not value > 0
         ]
+        if self.credits is not None and self.credits < 0:
+            problems.append(f"credits must be 0 or more (or unset: unlimited), got {self.credits}")
         if self.max_redirects < 0:
             problems.append(f"max_redirects must be 0 or more, got {self.max_redirects}")
         if self.pixels_in_flight < self.max_image_pixels:

@@ -6,6 +6,7 @@ refuses schemes it has no transport for). Adding a store is one class here with 
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import itertools
@@ -70,7 +71,12 @@ class Backend:
 
     @contextmanager
     def atomic_writer(self, uri: str) -> Iterator[IO[bytes]]:
-        """Object stores publish an upload only when smart_open closes it cleanly, and abort it otherwise."""
+        """Object stores publish an upload only when smart_open closes it cleanly, and abort it otherwise.
+
+        S3 completes a multipart upload (or puts a single part) on close and aborts it on error; GCS
+        finalizes its resumable upload on close and deletes it on error; Azure commits the block list
+        on close and never on error. A reader therefore sees the whole object or the previous one.
+        """
         with self.open(uri, "wb") as stream:
             yield stream
 
@@ -157,7 +163,7 @@ def backend_class(scheme: str) -> type[Backend]:
 
 @register("file")
 class LocalBackend(Backend):
-    """Plain paths and file:// URIs: writes go to a temporary sibling renamed into place."""
+    """Plain paths and file:// URIs: writes go to a temporary sibling, fsynced, renamed into place."""
 
     def open(self, uri: str, mode: str) -> IO[Any]:
         return super().open(local_path(uri), mode)
@@ -222,10 +228,15 @@ class LocalBackend(Backend):
         try:
             with os.fdopen(handle, "wb") as stream:
                 yield stream
+                stream.flush()
+                # On disk before the name points at it: after a crash or power loss the name holds
+                # the whole new content or the old one, never an empty or torn file.
+                os.fsync(stream.fileno())
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)
             raise
+        _fsync_directory(directory)
 
     def list_prefix(self, prefix: str) -> list[str]:
         directory = local_path(prefix)
@@ -528,6 +539,20 @@ def _bucket_and_folder(prefix: str) -> tuple[str, str]:
     parsed = urlparse(prefix)
     folder = parsed.path.strip("/")
     return parsed.netloc, f"{folder}/" if folder else ""
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in `directory` durable (POSIX); filesystems that cannot sync a folder are skipped."""
+    if os.name != "posix":
+        return
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(handle)
 
 
 def _temporary_suffix() -> str:

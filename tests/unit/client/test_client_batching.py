@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from removebg_provider.client import ImageRecord, RemoveBgClient
-from removebg_provider.errors import OutOfCreditsError
+from removebg_provider.errors import PaymentRequiredError
 from support.fake_time import FakeClock
 from support.replay_server import CapturedRequest, ReplayServer, Reply, echo_ok, serve_replays
 
@@ -91,7 +91,7 @@ def test_failed_request_raises_its_error(server: ReplayServer) -> None:
 
     with (
         RemoveBgClient(server.base_url, max_records_per_request=2, concurrency=1) as client,
-        pytest.raises(OutOfCreditsError),
+        pytest.raises(PaymentRequiredError),
     ):
         client.remove_background(_records(4))
 

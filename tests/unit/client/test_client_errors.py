@@ -12,6 +12,7 @@ from removebg_provider.errors import (
     ApiRequestError,
     AuthenticationError,
     OutOfCreditsError,
+    PaymentRequiredError,
     RemoveBgError,
     TransientApiError,
 )
@@ -49,10 +50,14 @@ def test_refused_token_raises_authentication_error_naming_the_base_url(
     assert len(server.requests_to(FAST)) == 1
 
 
-def test_payment_required_raises_out_of_credits(server: ReplayServer, client: RemoveBgClient) -> None:
+def test_payment_required_with_no_credits_left_raises_out_of_credits(
+    server: ReplayServer, client: RemoveBgClient
+) -> None:
     server.script(
         FAST, Reply(402, api_body(code=402, text="aborted by error", error_description="no credits"))
     )
+    server.script("/account/v2/details/", Reply(200, {"credits": 0}))
+    server.script("/authorization/v2/authorize", Reply(200, {"user_id": 1}))
 
     with pytest.raises(OutOfCreditsError, match="aborted by error: no credits"):
         client.remove_batch([RECORD])
@@ -86,7 +91,7 @@ def test_error_body_with_http_200_raises_api_request_error(
 
 
 @pytest.mark.parametrize(
-    ("code", "error"), [(401, AuthenticationError), (403, AuthenticationError), (402, OutOfCreditsError)]
+    ("code", "error"), [(401, AuthenticationError), (403, AuthenticationError), (402, PaymentRequiredError)]
 )
 def test_error_body_with_http_200_maps_its_code(
     server: ReplayServer, client: RemoveBgClient, code: int, error: type[RemoveBgError]

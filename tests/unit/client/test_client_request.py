@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import logging
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -15,10 +18,19 @@ from removebg_provider.client import (
     RetryPolicy,
 )
 from removebg_provider.errors import ConfigurationError
-from support.replay_server import ReplayServer, Reply, api_body, echo_ok, ok_record, serve_replays
+from support.replay_server import (
+    CapturedRequest,
+    ReplayServer,
+    Reply,
+    api_body,
+    echo_ok,
+    ok_record,
+    serve_replays,
+)
 
 FAST = "/removebg/fast/removebg"
 TOKEN = "tok-request-spec-123"
+URL = "https://shop.example/photo.jpg"
 
 
 @pytest.fixture
@@ -225,7 +237,26 @@ def test_repr_does_not_show_the_token() -> None:
         assert "token=set" in repr(client)
 
 
-def test_connection_pool_size_follows_concurrency() -> None:
-    with RemoveBgClient(concurrency=7) as client:
-        adapter = client._session.get_adapter(client.endpoint)
-        assert adapter._pool_maxsize == 7  # type: ignore[attr-defined]
+def test_as_many_requests_as_the_concurrency_keep_their_connections(
+    server: ReplayServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More requests in flight than urllib3's default pool of 10 would discard connections, with a warning."""
+    in_flight = 12
+    together = threading.Barrier(in_flight, timeout=60)
+
+    def answer_when_all_arrived(request: CapturedRequest) -> Reply:
+        together.wait()
+        return echo_ok(request)
+
+    server.script(FAST, *[answer_when_all_arrived] * in_flight)
+    caplog.set_level(logging.WARNING, logger="urllib3")
+    with (
+        RemoveBgClient(server.base_url, token=TOKEN, timeout=(10, 120), concurrency=in_flight) as client,
+        ThreadPoolExecutor(in_flight) as pool,
+    ):
+        answers = list(
+            pool.map(lambda n: client.remove_batch([ImageRecord(f"sku-{n}", url=URL)]), range(in_flight))
+        )
+
+    assert [answer[0].status_code for answer in answers] == [200] * in_flight
+    assert [record.message for record in caplog.records if "pool is full" in record.message] == []

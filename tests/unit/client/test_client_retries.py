@@ -14,7 +14,7 @@ from email.utils import format_datetime
 import pytest
 
 from removebg_provider.client import ImageRecord, RemoveBgClient, RetryPolicy, parse_retry_after
-from removebg_provider.errors import ApiRequestError, TransientApiError
+from removebg_provider.errors import ApiRequestError, ConfigurationError, TransientApiError
 from support.fake_time import FakeClock
 from support.replay_server import ReplayServer, Reply, api_body, ok_record, serve_replays
 
@@ -80,10 +80,10 @@ def test_retry_after_as_http_date_is_waited_until(server: ReplayServer, clock: F
     assert 100 < wait <= 120
 
 
-def test_retry_after_past_the_deadline_gives_up_without_waiting(
+def test_retry_after_of_a_failure_past_the_deadline_gives_up_without_waiting(
     server: ReplayServer, clock: FakeClock
 ) -> None:
-    server.script(FAST, Reply(429, headers={"Retry-After": "3600"}))
+    server.script(FAST, Reply(502, headers={"Retry-After": "3600"}))
 
     with (
         _client(server, clock, retry_policy=RetryPolicy(deadline=300)) as client,
@@ -229,3 +229,52 @@ def test_retry_after_in_the_past_means_no_wait() -> None:
 @pytest.mark.parametrize("header", [None, "", "soon", "nan", "inf"])
 def test_unusable_retry_after_falls_back_to_the_backoff(header: str | None) -> None:
     assert parse_retry_after(header) is None
+
+
+# --- backpressure: "busy, retry after N s" is waited out, not counted as a failure ---------------------
+
+BUSY = Reply(429, {"status": {"code": 429, "text": "Too Many Requests"}}, {"Retry-After": "3"})
+UNAVAILABLE_FOR_NOW = Reply(503, {"status": {"code": 503, "text": "busy"}}, {"Retry-After": "3"})
+
+
+@pytest.mark.parametrize("busy", [BUSY, UNAVAILABLE_FOR_NOW], ids=["429", "503-with-retry-after"])
+def test_busy_answers_for_45_seconds_do_not_spend_the_retries(
+    server: ReplayServer, clock: FakeClock, busy: Reply
+) -> None:
+    server.script(FAST, *[busy] * 15, SUCCESS)
+
+    with _client(server, clock, max_retries=2) as client:
+        (result,) = client.remove_batch([RECORD])
+
+    assert (result.ok, clock.sleeps) == (True, [3.0] * 15)
+
+
+@pytest.mark.usefixtures("upper_bound_jitter")
+def test_failures_after_busy_answers_still_have_all_their_retries(
+    server: ReplayServer, clock: FakeClock
+) -> None:
+    server.script(FAST, *[BUSY] * 4, Reply(502), Reply(502), SUCCESS)
+
+    with _client(server, clock, max_retries=2) as client:
+        (result,) = client.remove_batch([RECORD])
+
+    assert (result.ok, result.attempts) == (True, 7)
+
+
+def test_busy_answers_are_waited_out_at_most_the_backpressure_deadline(
+    server: ReplayServer, clock: FakeClock
+) -> None:
+    server.script(FAST, *[BUSY] * 10)
+
+    with (
+        _client(server, clock, backpressure_deadline=10) as client,
+        pytest.raises(TransientApiError, match=r"answered busy 4 time\(s\).*10s backpressure deadline"),
+    ):
+        client.remove_batch([RECORD])
+
+    assert clock.sleeps == [3.0, 3.0, 3.0]
+
+
+def test_the_backpressure_deadline_must_be_positive() -> None:
+    with pytest.raises(ConfigurationError, match="backpressure_deadline"):
+        RetryPolicy(backpressure_deadline=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
@@ -159,3 +160,19 @@ def _png_header_only(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 100))
         + chunk(b"IEND", b"")
     )
+
+
+def test_mime_base64_with_line_breaks_decodes_to_the_same_bytes() -> None:
+    photo = encoded(Image.new("RGB", (64, 48), (200, 30, 30)), "PNG")
+
+    wrapped = base64.encodebytes(photo).decode()  # MIME: a line break every 76 characters
+
+    assert "\n" in wrapped.strip()
+    assert decode_base64(wrapped, ImageLimits(max_bytes=1 << 20, max_pixels=1 << 20)) == photo
+
+
+def test_base64_with_characters_outside_its_alphabet_is_still_refused() -> None:
+    with pytest.raises(RecordRejected) as refused:
+        decode_base64("iVBORw0K*GgoAAAA", ImageLimits(max_bytes=1 << 20, max_pixels=1 << 20))
+
+    assert refused.value.code == 400

@@ -1,0 +1,112 @@
+"""A shard's side of the result store: source fingerprints, stored results, claims, keeping results."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from removebg_provider.pipeline.checkpoints import now
+from removebg_provider.pipeline.config import PipelineConfig
+from removebg_provider.pipeline.planning import CANONICAL, ID, REF, ROW, SOURCE
+from removebg_provider.pipeline.results import RowResult
+from removebg_provider.pipeline.store import ResultStore, StoredResult, result_key
+from removebg_provider.storage import Storage, comparable_uri
+
+Row = dict[str, Any]
+# Store lookups in flight at once per shard: each is one small GET and a version check per output.
+_LOOKUP_WORKERS = 8
+
+
+class ShardLookups:
+    """What the result store knows of one shard's rows; fingerprints and entries are found on first use."""
+
+    def __init__(
+        self, rows: list[Row], config: PipelineConfig, storage: Storage, store: ResultStore | None
+    ) -> None:
+        self.rows = rows
+        self.config = config
+        self.storage = storage
+        self.store = store
+        self._sources: dict[int, str] | None = None
+        self._stored: dict[int, StoredResult] | None = None
+
+    def fingerprint(self, row: Row) -> str:
+        """The checkpoint key's fingerprint of `row`: its reference, the run's options and its source."""
+        return self.config.fingerprint(row[REF], self.sources.get(row[ROW]))
+
+    @property
+    def sources(self) -> dict[int, str]:
+        """Each sendable row's source fingerprint, by row number (rows that have one), found on first use."""
+        if self._sources is None:
+            self._sources = self._source_fingerprints()
+        return self._sources
+
+    def _source_fingerprints(self) -> dict[int, str]:
+        """What identifies each sendable row's image: the catalog's column, else the store's metadata."""
+        found: dict[int, str] = {}
+        to_describe: dict[int, str] = {}
+        for row in self.rows:
+            if row[CANONICAL] is not None or not row[REF]:
+                continue
+            if row[SOURCE]:
+                # A catalog value such as a date names a version of this reference, not its bytes.
+                spelled = f"{comparable_uri(row[REF])}\n{row[SOURCE]}"
+                found[row[ROW]] = "column:" + hashlib.sha256(spelled.encode()).hexdigest()[:32]
+            else:
+                to_describe[row[ROW]] = row[REF]
+        described = self.storage.fingerprints(list(to_describe.values()), limit=self.config.max_image_bytes)
+        for row_number, reference in to_describe.items():
+            if (fingerprint := described.get(reference)) is not None:
+                found[row_number] = fingerprint
+        return found
+
+    def stored_results(self) -> dict[int, StoredResult]:
+        """Rows (by number) whose image and options have a current entry in the result store."""
+        if self._stored is not None:
+            return self._stored
+        candidates = [row for row in self.rows if row[ROW] in self.sources] if self.store else []
+        with ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="removebg-lookup") as pool:
+            entries = list(pool.map(self.current_entry, candidates))
+        self._stored = {row[ROW]: entry for row, entry in zip(candidates, entries, strict=True) if entry}
+        return self._stored
+
+    def store_key(self, row: Row) -> str:
+        """The result store's key of `row`: its source fingerprint and the run's removal options."""
+        return result_key(self.sources[row[ROW]], self.config)
+
+    def current_entry(self, row: Row) -> StoredResult | None:
+        """The stored result of `row`'s image and options, if its outputs are still what it recorded."""
+        assert self.store is not None
+        entry = self.store.get(self.store_key(row))
+        if entry is None or not set(entry.destinations(self.config, row[ID])) <= set(entry.outputs):
+            return None
+        return entry if self.store.is_current(entry) else None
+
+    def claim(self, batch: list[Row]) -> tuple[list[Row], list[Row]]:
+        """The rows this run may send (claimed, or without a fingerprint) and those another run is sending."""
+        assert self.store is not None
+        mine: list[Row] = []
+        elsewhere: list[Row] = []
+        for row in batch:
+            if row[ROW] not in self.sources or self.store.claim(self.store_key(row)):
+                mine.append(row)
+            else:
+                elsewhere.append(row)
+        return mine, elsewhere
+
+    def keep(self, row: Row, result: RowResult, written: dict[str, tuple[str, bytes]]) -> None:
+        """Keep a finished result in the result store, under its image's content and the run's options."""
+        source = self.sources.get(row[ROW])
+        if self.store is None or source is None:
+            return
+        fields = {
+            "width": result.width,
+            "height": result.height,
+            "request_id": result.request_id,
+            "mode": result.mode,
+            "foreground_fraction": result.foreground_fraction,
+            "quality_flags": result.quality_flags,
+        }
+        key = result_key(source, self.config)
+        self.store.record(key, source, written, fields, result.processed_at or now())
