@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from removebg_provider import __version__
-from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PER_REQUEST
+from removebg_provider.client import (
+    DEFAULT_BACKPRESSURE_DEADLINE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_RECORDS_PER_REQUEST,
+)
 from removebg_provider.vocabulary import DEFAULT_MODE, MODES
 
 
@@ -68,6 +72,18 @@ def get_provider_info() -> dict[str, Any]:
                             "default": DEFAULT_MAX_RECORDS_PER_REQUEST,
                             "minimum": 1,
                         },
+                    },
+                    "backpressure_deadline": {
+                        "label": "Backpressure deadline (seconds)",
+                        "schema": {
+                            "type": ["number", "null"],
+                            "default": DEFAULT_BACKPRESSURE_DEADLINE,
+                            "exclusiveMinimum": 0,
+                        },
+                        "description": (
+                            "How long one request may wait out busy answers (429, 503 with Retry-After) "
+                            "in all; they spend no retries"
+                        ),
                     },
                     "requests_per_minute": {
                         "label": "Requests per minute",

@@ -104,8 +104,7 @@ def read_schema(uri: str, storage: Storage, fmt: str | None = None) -> pa.Schema
 
 
 def require_columns(uri: str, schema: pa.Schema, columns: Sequence[str]) -> None:
-    """Raise ManifestError naming the manifest when a column name repeats or any of `columns` is
-    missing or holds nested values (lists, structs, maps) instead of text or numbers."""
+    """Raise ManifestError naming the manifest when a column name repeats or any of `columns` is missing."""
     repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
     if repeated:
         raise ManifestError(
@@ -118,6 +117,11 @@ def require_columns(uri: str, schema: pa.Schema, columns: Sequence[str]) -> None
             f"manifest {uri} has no column {', '.join(repr(m) for m in missing)}; "
             f"its columns are {schema.names}"
         )
+
+
+def require_text_columns(uri: str, schema: pa.Schema, columns: Sequence[str]) -> None:
+    """Raise ManifestError naming the manifest when any of `columns` holds nested values (lists,
+    structs, maps) where one text (or a number) per row is needed: image references, ids."""
     for name in columns:
         kind = schema.field(name).type
         if pa.types.is_nested(kind):

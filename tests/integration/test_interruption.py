@@ -30,10 +30,10 @@ from PIL import Image
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.errors import RunStoppedError
-from removebg_provider.outputs import OutputCopier
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
 from support.faults import FaultProxy, FaultRates, start_fault_proxy
+from support.runs import CopierKilledBeforeCopying
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
 ROWS = 60
@@ -318,13 +318,6 @@ def _config(folder: Path, photos: list[str]) -> pipeline.PipelineConfig:
     )
 
 
-class _CopierKilled(OutputCopier):
-    """A real copier whose worker dies (like a killed process) on its first copy: after the API answered."""
-
-    def copy(self, source_url: str, destination_uri: str, ext: str) -> bytes:
-        raise KeyboardInterrupt("worker killed before copying")
-
-
 def test_a_run_whose_stop_is_set_sends_nothing_and_lists_every_row_as_stopped(
     api_server: LocalApiServer, tmp_path: Path
 ) -> None:
@@ -351,7 +344,9 @@ def test_a_stop_keeps_earlier_answers_usable_so_the_rerun_copies_them_without_bi
     planned = pipeline.plan(config, storage)
     with RemoveBgClient(api_server.base_url, api_server.token) as client:
         with pytest.raises(KeyboardInterrupt):
-            pipeline.process_shard(planned.shards[0], planned, client, storage, copier=_CopierKilled(storage))
+            pipeline.process_shard(
+                planned.shards[0], planned, client, storage, copier=CopierKilledBeforeCopying(storage)
+            )
         stop = threading.Event()
         stop.set()
         with pytest.raises(RunStoppedError):

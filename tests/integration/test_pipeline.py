@@ -26,12 +26,11 @@ from removebg_provider.errors import (
     ManifestError,
 )
 from removebg_provider.manifest import RESULT_SCHEMA
-from removebg_provider.outputs import OutputCopier
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
 from support.fake_time import FakeClock
 from support.replay_server import echo_ok, serve_replays
-from support.runs import pipeline_config, run_pipeline
+from support.runs import CopierKilledBeforeCopying, pipeline_config, run_pipeline
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
 
@@ -185,13 +184,6 @@ def test_an_interrupted_run_resumes_without_billing_finished_batches_again(
     assert summary.succeeded == 12
 
 
-class _CopierKilled(OutputCopier):
-    """A real copier whose worker dies (like a killed process) on its first copy: after the API answered."""
-
-    def copy(self, source_url: str, destination_uri: str, ext: str) -> bytes:
-        raise KeyboardInterrupt("worker killed before copying")
-
-
 def _answer_then_die(server: LocalApiServer, config: pipeline.PipelineConfig) -> None:
     """Send every row of a one-shard manifest, then die before any output is copied."""
     storage = Storage()
@@ -201,7 +193,9 @@ def _answer_then_die(server: LocalApiServer, config: pipeline.PipelineConfig) ->
         pytest.raises(KeyboardInterrupt),
         RemoveBgClient(server.base_url, server.token) as client,
     ):
-        pipeline.process_shard(planned.shards[0], planned, client, storage, copier=_CopierKilled(storage))
+        pipeline.process_shard(
+            planned.shards[0], planned, client, storage, copier=CopierKilledBeforeCopying(storage)
+        )
 
 
 def _answer_files(config: pipeline.PipelineConfig) -> list[Path]:

@@ -170,6 +170,8 @@ def test_removebg_run_exits_two_with_the_one_line(api_server: LocalApiServer, tm
         check=False,
     )
 
-    assert (done.returncode, done.stderr.count("\n")) == (2, 1), done.stderr
-    assert f"manifest {manifest} has more than one column named 'image_url'" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("removebg run: error:")]
+    assert done.returncode == 2, done.stderr
+    assert len(errors) == 1, done.stderr
+    assert f"manifest {manifest} has more than one column named 'image_url'" in errors[0]
     assert api_server.stats()["records_billed"] == 0

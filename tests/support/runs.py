@@ -13,6 +13,7 @@ from PIL import Image
 
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
+from removebg_provider.outputs import OutputCopier
 from removebg_provider.storage import Storage, join_uri
 from support.servers import LocalApiServer, sample_photo
 
@@ -74,3 +75,10 @@ def distinct_photos_manifest(folder: Path, rows: int) -> tuple[str, list[str]]:
     manifest = folder / "manifest.parquet"
     pq.write_table(pa.table({"sku": ids, "image_url": paths}), manifest)
     return str(manifest), ids
+
+
+class CopierKilledBeforeCopying(OutputCopier):
+    """A real copier whose worker dies (like a killed process) on its first copy: after the API answered."""
+
+    def copy(self, source_url: str, destination_uri: str, ext: str, *, fresh: bool = False) -> bytes:
+        raise KeyboardInterrupt("worker killed before copying")

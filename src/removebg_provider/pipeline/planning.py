@@ -24,6 +24,7 @@ from removebg_provider.manifest import (
     read_schema,
     require_columns,
     require_representable,
+    require_text_columns,
 )
 from removebg_provider.outputs import safe_key_id
 from removebg_provider.pipeline.config import PipelineConfig
@@ -98,6 +99,7 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
     schema = read_schema(config.manifest_uri, storage, config.manifest_format)
     wanted = [config.image_column] + [name for name in (config.id_column, config.fingerprint_column) if name]
     require_columns(config.manifest_uri, schema, wanted)
+    require_text_columns(config.manifest_uri, schema, wanted)
     replaced = [name for name in schema.names if name in RESULT_SCHEMA.names]
     if replaced:
         # An enriched manifest fed back in (the daily catalog run) is expected; silently is not.

@@ -106,6 +106,28 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
             return _error_response(401, _AUTH_HELP)
         return JSONResponse(_health(service, settings))
 
+    _add_account_routes(app, service, settings)
+
+    @app.get("/stats")
+    async def stats(request: Request) -> JSONResponse:
+        # Billing counters are the account's business, like the public API's usage pages.
+        if not service.authorized(request):
+            return _error_response(401, _AUTH_HELP)
+        return JSONResponse(asdict(service.counters))
+
+    @app.post("/stats/reset")
+    async def reset_stats(request: Request) -> JSONResponse:
+        if not service.authorized(request):
+            return _error_response(401, _AUTH_HELP)
+        service.counters = Counters()
+        return JSONResponse(asdict(service.counters))
+
+    return app
+
+
+def _add_account_routes(app: FastAPI, service: _Service, settings: ServerSettings) -> None:
+    """The account endpoints a preflight and the official client call: token, credits, service check."""
+
     @app.get("/account/v2/user/")
     async def account(request: Request) -> JSONResponse:
         # The public API's free token check (ximilar-client's get_user_details), so a connection
@@ -135,22 +157,6 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, clock: Cl
         if asked != SERVICE_NAME:
             return JSONResponse({"detail": f"User has no access for service {asked!r}."}, status_code=403)
         return JSONResponse({"user_id": "removebg-local", "service": SERVICE_NAME})
-
-    @app.get("/stats")
-    async def stats(request: Request) -> JSONResponse:
-        # Billing counters are the account's business, like the public API's usage pages.
-        if not service.authorized(request):
-            return _error_response(401, _AUTH_HELP)
-        return JSONResponse(asdict(service.counters))
-
-    @app.post("/stats/reset")
-    async def reset_stats(request: Request) -> JSONResponse:
-        if not service.authorized(request):
-            return _error_response(401, _AUTH_HELP)
-        service.counters = Counters()
-        return JSONResponse(asdict(service.counters))
-
-    return app
 
 
 def _health(service: _Service, settings: ServerSettings) -> dict[str, Any]:
