@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
+from removebg_provider.errors import ManifestError
 from removebg_provider.pipeline.store import ResultStore, result_key
 from removebg_provider.storage import Storage
 from support.file_server import serve_files
@@ -263,19 +264,19 @@ def test_a_trailing_slash_on_the_output_prefix_bills_nothing_on_a_rerun(
     assert billed == 0
 
 
-def test_correcting_an_unwritable_output_manifest_bills_nothing_on_the_rerun(
+def test_an_unwritable_output_manifest_is_refused_before_billing_and_the_corrected_run_bills_each_image_once(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
+    """Before: everything billed, then the write failed, and the corrected run billed it all again."""
     manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 4))
     (tmp_path / "a-file").write_text("not a folder")
-    with pytest.raises(NotADirectoryError):
-        _billed(
-            server, _config(tmp_path, manifest, output_manifest_uri=str(tmp_path / "a-file" / "e.parquet"))
-        )
+    unwritable = _config(tmp_path, manifest, output_manifest_uri=str(tmp_path / "a-file" / "e.parquet"))
+    with pytest.raises(ManifestError, match="cannot write the output manifest"):
+        _billed(server, unwritable)
 
     billed = _billed(server, _config(tmp_path, manifest))
 
-    assert billed == 0
+    assert billed == 4
 
 
 def test_without_the_cache_every_row_is_sent_again(server: LocalApiServer, tmp_path: Path) -> None:
