@@ -52,9 +52,9 @@ class CountingStorage(Storage):
             object.__getattribute__(self, "calls")[name] += 1
         return object.__getattribute__(self, name)
 
-    def fingerprints(self, uris: Any) -> dict[str, str | None]:
+    def fingerprints(self, uris: Any, limit: int | None = None) -> dict[str, str | None]:
         self.calls["fingerprints (per image)"] += len(uris)
-        return super().fingerprints(uris)
+        return super().fingerprints(uris, limit=limit)
 
 
 def _catalog(folder: Path, rows: int) -> list[str]:

@@ -29,6 +29,8 @@ TOY_RUNS = {
         ["--families", "bria", "--sizes", "0.25", "--repeats", "1"],
         "| bria-rmbg (shapes only) |",
     ),
+    "result_store.py": (["--rows", "200", "--s3-objects", "100"], "'day2_billed':"),
+    "cli_startup.py": (["--repeats", "1"], "| `removebg --help` |"),
     "server_attacks.py": (["memory", "--megapixels", "0.3", "--requests", "1", "--records", "2"], "peak RSS"),
 }
 
