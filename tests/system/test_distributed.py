@@ -309,6 +309,9 @@ def _start_run(deployment: Deployment, name: str, rows: int) -> _StartedRun:
         "output_prefix": str(output_prefix),
         "output_manifest_uri": str(enriched),
         "shard_size": rows // SHARDS,
+        # Every run here counts what it bills: a result store shared with the earlier runs of the
+        # same photos would serve them all without a request.
+        "cache_prefix": str(folder / "result-store"),
     }
     deployment.server.reset_stats()
     deployment.clock.clear()

@@ -53,7 +53,9 @@ class ShardLookups:
                 # A catalog value such as a date names a version of this reference, not its bytes.
                 spelled = f"{comparable_uri(row[REF])}\n{row[SOURCE]}"
                 found[row[ROW]] = "column:" + hashlib.sha256(spelled.encode()).hexdigest()[:32]
-            else:
+            elif self.store is not None:
+                # Without a store a fingerprint only sharpens the in-run resume key; not worth a HEAD
+                # (or reading a file) per row on every run.
                 to_describe[row[ROW]] = row[REF]
         described = self.storage.fingerprints(list(to_describe.values()), limit=self.config.max_image_bytes)
         for row_number, reference in to_describe.items():
