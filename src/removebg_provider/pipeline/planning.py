@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
 import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +24,8 @@ from removebg_provider.manifest import (
     require_representable,
     require_text_columns,
 )
-from removebg_provider.outputs import safe_key_id
 from removebg_provider.pipeline.config import PipelineConfig
+from removebg_provider.pipeline.duplicates import ManifestHashes, SharedReferences
 from removebg_provider.storage import Storage, comparable_uri, join_uri, local_path, scheme_of
 
 log = logging.getLogger(__name__)
@@ -110,7 +108,7 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
         )
     require_representable(config.output_manifest_uri, schema)
     _require_writable(config.output_manifest_uri)
-    total_rows, canonical_ids, duplicate_rows = _validate_ids(config, storage)
+    total_rows, shared = _validate_ids(config, storage)
 
     shard_size = max(config.shard_size, -(-total_rows // config.max_map_length))
     staging = config.staging
@@ -120,7 +118,7 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
 
     plan_uri = join_uri(staging, "plan.json")
     shards: list[ShardDescriptor] = []
-    for index, table in enumerate(_shard_tables(config, storage, shard_size)):
+    for index, table in enumerate(_shard_tables(config, storage, shard_size, shared)):
         shard_uri = join_uri(staging, f"shards/shard-{index:05d}.parquet")
         with storage.atomic_writer(shard_uri) as stream:
             pq.write_table(table, stream, compression="zstd")
@@ -132,8 +130,8 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
         config,
         tuple(shards),
         total_rows,
-        duplicate_rows,
-        frozenset(canonical_ids),
+        shared.duplicate_rows,
+        frozenset(shared.canonical_ids),
         schema_uri,
         run_id=uuid.uuid4().hex,
     )
@@ -144,7 +142,7 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
         total_rows,
         len(shards),
         shard_size,
-        duplicate_rows,
+        shared.duplicate_rows,
     )
     return result
 
@@ -183,45 +181,30 @@ def read_parquet(uri: str, storage: Storage, columns: list[str] | None = None) -
         return parquet.read(columns=columns, use_threads=False)
 
 
-def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, set[str], int]:
-    """One pass over the id and image columns: count rows, refuse bad ids, find duplicate images."""
-    columns = [config.image_column] + ([config.id_column] if config.id_column else [])
-    seen_ids: set[str] = set()
-    keys: dict[str, str] = {}
-    duplicates: list[str] = []
-    collisions: list[str] = []
-    first_rows = _FirstRows()
-    canonical_ids: set[str] = set()
+def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, SharedReferences]:
+    """One pass over the id and image columns: count rows, refuse bad ids, find duplicate images.
+
+    Only hashes are kept per row (`ManifestHashes`); a second look at the ids, made only when a
+    hash repeats, confirms and names the repeated ids and colliding keys.
+    """
+    hashes = ManifestHashes()
     inputs_under_outputs = _InputsUnderOutputs(config.output_prefix)
-    duplicate_rows = 0
-    total = 0
-    for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format, columns=columns):
-        references = _as_text(batch, config.image_column, config.manifest_uri)
-        ids = _as_text(batch, config.id_column, config.manifest_uri) if config.id_column else None
-        for offset, reference in enumerate(references):
-            row = total + offset
-            record_id = ids[offset] if ids is not None else derive_id(reference, row)
+    for start, references, record_ids in _id_batches(config, storage):
+        for offset, record_id in enumerate(record_ids):
             if not record_id:
                 raise ManifestError(
-                    f"manifest {config.manifest_uri} row {row} has an empty id in column {config.id_column!r}"
+                    f"manifest {config.manifest_uri} row {start + offset} has an empty id in column "
+                    f"{config.id_column!r}"
                 )
+        for reference in references:
             inputs_under_outputs.note(reference)
-            canonical = first_rows.canonical(reference, record_id, row)
-            if canonical is not None:
-                duplicate_rows += 1
-                canonical_ids.add(canonical)
-            if ids is None and canonical is not None:
-                continue
-            if record_id in seen_ids:
-                if len(duplicates) < _FIRST_ERRORS:
-                    duplicates.append(record_id)
-                continue
-            seen_ids.add(record_id)
-            key = safe_key_id(record_id)
-            other = keys.setdefault(key, record_id)
-            if other != record_id and len(collisions) < _FIRST_ERRORS:
-                collisions.append(f"{other!r} and {record_id!r} -> {key!r}")
-        total += batch.num_rows
+        hashes.add(references, record_ids)
+    shared, repeated = hashes.finish(ids_follow_references=config.id_column is None)
+    duplicates, collisions = (
+        repeated.confirm((start, ids) for start, _, ids in _id_batches(config, storage))
+        if repeated.any
+        else ([], [])
+    )
     if duplicates:
         raise ManifestError(
             f"manifest {config.manifest_uri} has duplicate ids in column {config.id_column!r}: "
@@ -232,13 +215,34 @@ def _validate_ids(config: PipelineConfig, storage: Storage) -> tuple[int, set[st
             f"manifest {config.manifest_uri} has ids that become the same output key once made safe: "
             f"{'; '.join(collisions)}"
         )
-    overwritten = inputs_under_outputs.overwritten(config, seen_ids)
+    overwritten = inputs_under_outputs.overwritten(
+        config, (record_id for _, _, ids in _id_batches(config, storage) for record_id in ids)
+    )
     if overwritten:
         raise ManifestError(
             f"manifest {config.manifest_uri}: outputs under {config.output_prefix} would overwrite input "
             f"images ({', '.join(overwritten)}); choose another output prefix or key template"
         )
-    return total, canonical_ids, duplicate_rows
+    return hashes.rows, shared
+
+
+def _id_batches(
+    config: PipelineConfig, storage: Storage
+) -> Iterator[tuple[int, list[str | None], list[str]]]:
+    """The manifest's image references and ids (derived when there is no id column), batch by batch.
+
+    Yields (first row of the batch, references, ids); an empty id is an empty string.
+    """
+    columns = [config.image_column] + ([config.id_column] if config.id_column else [])
+    start = 0
+    for batch in iter_batches(config.manifest_uri, storage, fmt=config.manifest_format, columns=columns):
+        references = _as_text(batch, config.image_column, config.manifest_uri)
+        if config.id_column:
+            ids = [value or "" for value in _as_text(batch, config.id_column, config.manifest_uri)]
+        else:
+            ids = [derive_id(reference, start + offset) for offset, reference in enumerate(references)]
+        yield start, references, ids
+        start += batch.num_rows
 
 
 def _require_writable(uri: str) -> None:
@@ -278,22 +282,23 @@ class _InputsUnderOutputs:
         if (spelled := comparable_uri(reference)).startswith(self._prefix):
             self._found.add(spelled)
 
-    def overwritten(self, config: PipelineConfig, ids: set[str]) -> list[str]:
-        """The first few inputs some row's output would be written over."""
+    def overwritten(self, config: PipelineConfig, ids: Iterable[str]) -> list[str]:
+        """The first few inputs some row's output would be written over (`ids` read only if any lie there)."""
         if not self._found:
             return []
-        hits = (
-            uri
-            for record_id in ids
-            for uri in config.outputs_for(record_id).values()
-            if comparable_uri(uri) in self._found
-        )
-        return sorted(itertools.islice(hits, _FIRST_ERRORS))
+        hits: set[str] = set()
+        for record_id in ids:
+            outputs = config.outputs_for(record_id).values()
+            hits.update(uri for uri in outputs if comparable_uri(uri) in self._found)
+            if len(hits) >= _FIRST_ERRORS:
+                break
+        return sorted(hits)[:_FIRST_ERRORS]
 
 
-def _shard_tables(config: PipelineConfig, storage: Storage, shard_size: int) -> Iterator[pa.Table]:
+def _shard_tables(
+    config: PipelineConfig, storage: Storage, shard_size: int, shared: SharedReferences
+) -> Iterator[pa.Table]:
     """The manifest with the internal columns added, cut into tables of `shard_size` rows."""
-    first_rows = _FirstRows()
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     row = 0
@@ -305,18 +310,15 @@ def _shard_tables(config: PipelineConfig, storage: Storage, shard_size: int) -> 
             if config.fingerprint_column
             else [None] * batch.num_rows
         )
-        record_ids: list[str] = []
-        canonical: list[str | None] = []
-        for offset, reference in enumerate(references):
-            record_id = ids[offset] if ids is not None else derive_id(reference, row + offset)
-            assert record_id is not None
-            record_ids.append(record_id)
-            canonical.append(first_rows.canonical(reference, record_id, row + offset))
+        record_ids = [
+            (ids[offset] or "") if ids is not None else derive_id(reference, row + offset)
+            for offset, reference in enumerate(references)
+        ]
         extra = [
             pa.array(range(row, row + batch.num_rows), type=pa.int64()),
             pa.array(record_ids, type=pa.string()),
             pa.array(references, type=pa.string()),
-            pa.array(canonical, type=pa.string()),
+            pa.array(shared.canonical(row, references, record_ids), type=pa.string()),
             pa.array([source or None for source in sources], type=pa.string()),
         ]
         batch = pa.RecordBatch.from_arrays(
@@ -333,21 +335,6 @@ def _shard_tables(config: PipelineConfig, storage: Storage, shard_size: int) -> 
                 pending, pending_rows = [], 0
     if pending_rows:
         yield pa.Table.from_batches(pending)
-
-
-class _FirstRows:
-    """Remembers the first row of every image reference, in 16-byte digests to stay small."""
-
-    def __init__(self) -> None:
-        self._first: dict[bytes, tuple[str, int]] = {}
-
-    def canonical(self, reference: str | None, record_id: str, row: int) -> str | None:
-        """The id of the earlier row with the same reference, or None when this row is the first."""
-        if not reference:
-            return None
-        digest = hashlib.blake2b(reference.encode(), digest_size=16).digest()
-        first_id, first_row = self._first.setdefault(digest, (record_id, row))
-        return first_id if first_row != row else None
 
 
 def _as_text(batch: pa.RecordBatch, name: str, uri: str) -> list[str | None]:
