@@ -14,8 +14,11 @@ A run sends an image only after creating its claim with a conditional write (exc
 disk, `If-None-Match: *` on S3, `if_generation_match=0` on GCS, `overwrite=False` on Azure), so
 two runs, shard tasks or DAG runs sharing a store never both bill one image: the other waits for
 the entry and serves it. A claim is removed once its result is stored (or has failed); one left by
-a dead process is taken over after `CLAIM_LEASE`, at once when that process ran on this host, and
-at once by the same shard of the same run (a retried task: Airflow runs one try at a time).
+a dead process is taken over after its lease (`CLAIM_LEASE`, recorded in the claim), at once when
+that process ran on this host, and at once by the same shard of the same run (a retried task:
+Airflow runs one try at a time). A live process writes its claims again with a fresh time every
+third of their lease, so work that takes longer than the lease (a slow API, long retries) keeps
+its claims and no other run sends, and bills, the same image.
 
 An entry records, for each output, the URI it was written to, that object's version (ETag,
 generation, or size + mtime + inode on disk) and the SHA-256 of its bytes. Outputs are named per
@@ -32,6 +35,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -49,8 +53,10 @@ log = logging.getLogger(__name__)
 # Bumped when the key or the entry changes meaning: older entries then simply miss.
 _KEY_VERSION = 1
 # How long a claim keeps other runs from sending its image: well over one request with its retries
-# and the copy of its outputs. A claim older than this is taken to be a dead run's.
+# and the copy of its outputs. A claim not renewed for this long is taken to be a dead run's.
 CLAIM_LEASE = timedelta(minutes=10)
+# A held claim is renewed this many times per lease: a renewal may come late by two thirds of it.
+_RENEWALS_PER_LEASE = 3
 # How often a run waiting for another run's result looks for it: from the first to the last value.
 _WAIT_POLL_SECONDS = (0.2, 2.0)
 
@@ -159,16 +165,28 @@ class StoredResult:
 class ResultStore:
     """Reads, checks, serves and records entries under one store prefix."""
 
-    def __init__(self, prefix: str, storage: Storage, holder: str) -> None:
-        """`holder` names the work claiming images (a run's shard): its later tries take its claims over."""
+    def __init__(self, prefix: str, storage: Storage, holder: str, *, lease: timedelta = CLAIM_LEASE) -> None:
+        """`holder` names the work claiming images (a run's shard): its later tries take its claims over.
+
+        `lease`: how long this process's claims stay valid without a renewal (they are renewed
+        while held).
+        """
         self.prefix = prefix.rstrip("/")
         self.storage = storage
+        self.lease = lease
         self._claimant = {
             "holder": holder,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "token": uuid.uuid4().hex,
+            "lease_seconds": lease.total_seconds(),
         }
+        # Claims this process holds, renewed by one thread while there are any.
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        # Set when the last held claim is released: the renewer ends at once instead of at its next turn.
+        self._none_held = threading.Event()
 
     def entry_uri(self, key: str) -> str:
         """Where the entry of `key` lives."""
@@ -181,11 +199,17 @@ class ResultStore:
     def claim(self, key: str) -> bool:
         """Take `key` for this process before sending its image; False while another live run holds it.
 
-        A store whose scheme has no conditional write cannot arbitrate: the image is sent, as it
-        would be without a store, with a warning.
+        A claim taken is renewed until it is released. A store whose scheme has no conditional
+        write cannot arbitrate: the image is sent, as it would be without a store, with a warning.
         """
+        taken = self._take(key)
+        if taken:
+            self._hold(key)
+        return taken
+
+    def _take(self, key: str) -> bool:
         uri = self.claim_uri(key)
-        body = json.dumps({**self._claimant, "claimed_at": _now().isoformat()}).encode()
+        body = self._claim_body()
         try:
             if self.storage.create_new(uri, body):
                 return True
@@ -206,12 +230,66 @@ class ResultStore:
     def release(self, key: str) -> None:
         """Give `key` back once its result is stored or has failed (only this process's own claim)."""
         uri = self.claim_uri(key)
+        # Under the renewals' lock: a renewal in progress never writes a released claim back.
+        with self._held_lock:
+            self._held.discard(key)
+            if not self._held:
+                self._none_held.set()
+            try:
+                held = self._claim_at(uri)
+                if held is not None and held.get("token") == self._claimant["token"]:
+                    self.storage.delete(uri)
+            except StorageError as exc:
+                log.warning(
+                    "result store claim %s not released (it expires after %s): %s", uri, self.lease, exc
+                )
+
+    def _claim_body(self) -> bytes:
+        return json.dumps({**self._claimant, "claimed_at": _now().isoformat()}).encode()
+
+    def _hold(self, key: str) -> None:
+        with self._held_lock:
+            self._held.add(key)
+            if self._renewer is None:
+                self._renewer = threading.Thread(
+                    target=self._keep_renewing, name="removebg-claim-renewal", daemon=True
+                )
+                self._renewer.start()
+
+    def _keep_renewing(self) -> None:
+        """Write every held claim again with a fresh time, every third of the lease; end once none is held."""
+        interval = self.lease.total_seconds() / _RENEWALS_PER_LEASE
+        while True:
+            emptied = self._none_held.wait(interval)
+            with self._held_lock:
+                self._none_held.clear()
+                if not self._held:
+                    self._renewer = None
+                    return
+                if emptied:
+                    # Every claim held now was taken since the last release emptied the set: fresh.
+                    continue
+                for key in sorted(self._held):
+                    self._renew(key)
+
+    def _renew(self, key: str) -> None:
+        uri = self.claim_uri(key)
         try:
             held = self._claim_at(uri)
             if held is not None and held.get("token") == self._claimant["token"]:
-                self.storage.delete(uri)
+                self.storage.write_bytes(uri, self._claim_body())
+                return
         except StorageError as exc:
-            log.warning("result store claim %s not released (it expires after %s): %s", uri, CLAIM_LEASE, exc)
+            log.warning(
+                "result store claim %s not renewed (tried again in %s): %s",
+                uri,
+                self.lease / _RENEWALS_PER_LEASE,
+                exc,
+            )
+            return
+        # Gone, or taken over after a renewal came later than the lease: nothing left to renew.
+        log.warning("result store claim %s is no longer this run's: %s", uri, held)
+        self._held.discard(key)
 
     def wait_for(self, key: str) -> StoredResult | None:
         """The result another run is storing for `key`, once it is there; None when that run gave up.
@@ -369,9 +447,10 @@ def _now() -> datetime:
 
 
 def _abandoned(claim: Mapping[str, Any]) -> bool:
-    """Whether a claim's run is gone: the lease ran out, or its process on this host has ended."""
+    """Whether a claim's run is gone: its lease ran out unrenewed, or its process on this host has ended."""
     claimed_at = datetime.fromisoformat(claim["claimed_at"])
-    if _now() - claimed_at > CLAIM_LEASE:
+    lease = claim.get("lease_seconds")
+    if _now() - claimed_at > (timedelta(seconds=lease) if isinstance(lease, (int, float)) else CLAIM_LEASE):
         return True
     if claim.get("host") != socket.gethostname() or not isinstance(claim.get("pid"), int):
         return False
