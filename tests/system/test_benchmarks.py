@@ -30,6 +30,7 @@ TOY_RUNS = {
         "| bria-rmbg (shapes only) |",
     ),
     "result_store.py": (["--rows", "200", "--s3-objects", "100"], "'day2_billed':"),
+    "store_scale.py": (["--rows", "500"], "plan + lookup + merge:"),
     "cli_startup.py": (["--repeats", "1"], "| `removebg --help` |"),
     "server_attacks.py": (["memory", "--megapixels", "0.3", "--requests", "1", "--records", "2"], "peak RSS"),
 }
