@@ -20,9 +20,9 @@ import numpy as np
 from removebg_provider.outputs import safe_key_id
 
 _FIRST_ERRORS = 5
-# Ids made only of these characters, not too long, are their own safe key (`safe_key_id` keeps them):
-# the rest, usually none, are passed through `safe_key_id`.
-_PLAINLY_SAFE = re.compile(r"[A-Za-z0-9=+-]{1,120}")
+# Ids that `safe_key_id` keeps as they are (safe characters, no "..", no "." or "_" at either end,
+# at most 120 characters) are their own key; the rest, usually few, are passed through it.
+_PLAINLY_SAFE = re.compile(r"(?!.*\.\.)[A-Za-z0-9=+-](?:[A-Za-z0-9._=+-]{0,118}[A-Za-z0-9=+-])?")
 
 
 class ManifestHashes:
@@ -32,8 +32,8 @@ class ManifestHashes:
         self._references: list[np.ndarray] = []
         self._has_reference: list[np.ndarray] = []
         self._ids: list[np.ndarray] = []
-        self._unsafe_rows: list[int] = []
-        self._unsafe_keys: list[int] = []
+        self._unsafe_rows: list[np.ndarray] = []
+        self._unsafe_keys: list[np.ndarray] = []
         self.rows = 0
 
     def add(self, references: Sequence[str | None], record_ids: Sequence[str]) -> None:
@@ -44,10 +44,13 @@ class ManifestHashes:
         )
         self._has_reference.append(np.fromiter((bool(r) for r in references), dtype=bool, count=count))
         self._ids.append(np.fromiter(map(hash, record_ids), dtype=np.int64, count=count))
-        for offset, record_id in enumerate(record_ids):
-            if _PLAINLY_SAFE.fullmatch(record_id) is None:
-                self._unsafe_rows.append(self.rows + offset)
-                self._unsafe_keys.append(hash(safe_key_id(record_id)))
+        unsafe = [
+            offset for offset, record_id in enumerate(record_ids) if not _PLAINLY_SAFE.fullmatch(record_id)
+        ]
+        if unsafe:
+            self._unsafe_rows.append(np.asarray(unsafe, dtype=np.int64) + self.rows)
+            keys = (hash(safe_key_id(record_ids[offset])) for offset in unsafe)
+            self._unsafe_keys.append(np.fromiter(keys, dtype=np.int64, count=len(unsafe)))
         self.rows += count
 
     def finish(self, *, ids_follow_references: bool) -> tuple[SharedReferences, RepeatedIds]:
@@ -66,7 +69,7 @@ class ManifestHashes:
             checked[shared.rows] = False
         repeated_ids = _repeated(ids if checked is None else ids[checked])
         # Every id that is its own safe key keeps its id's hash; the others take their key's.
-        ids[np.asarray(self._unsafe_rows, dtype=np.int64)] = np.asarray(self._unsafe_keys, dtype=np.int64)
+        ids[_joined(self._unsafe_rows)] = _joined(self._unsafe_keys)
         repeated_keys = _repeated(ids if checked is None else ids[checked])
         return shared, RepeatedIds(checked, repeated_ids, repeated_keys)
 

@@ -75,3 +75,9 @@ def test_a_row_whose_reference_only_shares_a_hash_with_an_earlier_one_is_its_own
 
     assert shared.canonical(0, ["a.jpg", "b.jpg"], ["1", "2"]) == [None, None]
     assert shared.duplicate_rows == 0
+
+
+def test_an_id_whose_safe_key_is_another_id_is_named_with_it() -> None:
+    _, _, repeated, collisions = _scan([(["1", "2", "3"], ["_a", "SKU_1.b", "a"])])
+
+    assert (repeated, collisions) == ([], ["'_a' and 'a' -> 'a'"])
