@@ -8,7 +8,7 @@ some shards failed, and fails when more than 5 % of the rows failed.
 
 Connection `removebg_default`: type `removebg`, host = API base URL (empty for the public
 Ximilar API), password = API token; e.g. as an environment variable
-`AIRFLOW_CONN_REMOVEBG_DEFAULT='{"conn_type": "removebg", "host": "http://127.0.0.1:8765",
+`AIRFLOW_CONN_REMOVEBG_DEFAULT='{"conn_type": "removebg", "host": "http://localhost:8765",
 "password": "..."}'`.
 
 Pool `removebg_api`: caps concurrent API use across every DAG that uses it. Its slots are a

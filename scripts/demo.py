@@ -157,7 +157,7 @@ def _api_server() -> Iterator[str]:
     ]
     env = {**os.environ, "REMOVEBG_SERVER_TOKEN": DEMO_TOKEN}
     with _process(command, env, f"http://127.0.0.1:{port}/health", "local API server"):
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://localhost:{port}"
 
 
 @contextmanager

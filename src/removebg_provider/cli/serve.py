@@ -33,7 +33,9 @@ def add_parser(subcommands: Any) -> None:
         description=(
             "Serve POST /removebg/fast/removebg and POST /removebg/precise/removebg exactly like the Ximilar "
             "Remove Background API, plus GET /files/{name} (outputs, until their TTL), GET /health and "
-            "GET /stats. Point the provider or the official ximilar-client at http://HOST:PORT/."
+            "GET /stats. Point the provider or the official ximilar-client at the URL it logs on start, "
+            "http://localhost:PORT/ on this machine (the official client sends the token to Ximilar's "
+            "authorization endpoint unless the URL says localhost)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -260,9 +262,9 @@ def run(args: argparse.Namespace) -> int:
         log.error("cannot start the engines (%s): %s", _describe(engines), error)
         return 2
     log.info(
-        "serving the Remove Background API on http://%s:%d/ (%s, outputs in %s for %g h)",
+        "serving the Remove Background API on %s (bound to %s; %s, outputs in %s for %g h)",
+        _client_url(args.host, args.port),
         args.host,
-        args.port,
         _describe(engines),
         app.state.storage_dir,
         settings.ttl_hours,
@@ -274,6 +276,18 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     return 0 if server.started else 1
+
+
+def _client_url(host: str, port: int) -> str:
+    """The base URL a client on this machine should use to reach a server bound to `host`.
+
+    A loopback or all-interfaces address is named `localhost`: the official ximilar-client skips its
+    call to the public authorization endpoint only when the endpoint contains "localhost", so with
+    `127.0.0.1` it would send the local token to Ximilar.
+    """
+    if _is_loopback(host) or _is_unspecified(host):
+        return f"http://localhost:{port}/"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def _named_model_missing(settings: ServerSettings) -> bool:
@@ -292,5 +306,12 @@ def _is_loopback(host: str) -> bool:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return False
