@@ -435,7 +435,7 @@ class RemoveBgClient:
             raise AuthenticationError(
                 f"The API at {self.base_url} refused the token ({described}). Check the API token "
                 "and that the Remove Background service is enabled for the account "
-                "(`removebg check` or the connection's Test button tells which)."
+                "(`removebg check` tells which)."
             )
         if code == 402:
             raise self._payment_refused(described, n_records)
