@@ -185,6 +185,16 @@ def test_dags_folder_imports_without_errors() -> None:
     assert "catalog_remove_background" in bag.dag_ids
 
 
+def test_the_shipped_example_dag_belongs_to_the_dags_folder_file_that_imports_it() -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag_file = ROOT / "dags" / "catalog_remove_background.py"
+    bag = DagBag(dag_folder=str(dag_file))
+
+    # Workers parse the DAG again from its file: it must be the one in the dags folder, not the package's.
+    assert bag.dags["catalog_remove_background"].fileloc == str(dag_file)
+
+
 def test_both_whole_run_operators_offer_the_report_link() -> None:
     with _dag():
         whole = RemoveBackgroundOperator(task_id="cut", **URIS)
