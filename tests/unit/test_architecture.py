@@ -33,6 +33,7 @@ CORE = {
     "removebg_provider.ratelimit",
     "removebg_provider.report",
     "removebg_provider.storage",
+    "removebg_provider.transport",
 } | SHARED_WORDS
 FACES = ("removebg_provider.hooks", "removebg_provider.operators", "removebg_provider.cli")
 
