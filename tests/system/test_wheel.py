@@ -1,4 +1,4 @@
-"""The wheel users install carries the example DAG, not only the modules the code imports."""
+"""The wheel users install carries the example DAG and the report template, not only Python modules."""
 
 from __future__ import annotations
 
@@ -49,3 +49,7 @@ def wheel_files(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
 def test_the_wheel_ships_the_example_dag(wheel_files: set[str]) -> None:
     assert "removebg_provider/example_dags/catalog_remove_background.py" in wheel_files
+
+
+def test_the_wheel_ships_the_report_template(wheel_files: set[str]) -> None:
+    assert "removebg_provider/templates/report.html.j2" in wheel_files

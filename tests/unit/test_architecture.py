@@ -32,6 +32,7 @@ CORE = {
     "removebg_provider.quality",
     "removebg_provider.ratelimit",
     "removebg_provider.report",
+    "removebg_provider.report_page",
     "removebg_provider.storage",
     "removebg_provider.transport",
 } | SHARED_WORDS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import html
 import http.server
 import io
 import math
@@ -238,6 +239,27 @@ def test_header_counts_rows_by_status_and_flag(tmp_path: Path, small_run: list[d
     assert "<tr><td>503</td><td>1</td></tr>" in page
     assert "<tr><td>touches_border</td><td>1</td></tr>" in page
     assert "7 rows: 2 failed, 2 flagged, 3 fine" in page
+
+
+def test_text_from_the_manifest_is_escaped_in_the_page(tmp_path: Path, images: list[Images]) -> None:
+    script = '<script>alert("x")</script>'
+    rows = [
+        _row(str(images[0].original), 200, str(images[0].cutout), sku=f"sku{script}", flags=[f"odd{script}"]),
+        _row(
+            str(tmp_path / "gone<img src=x onerror=alert(1)>.jpg"), 422, sku="failed", error=f"bad {script}"
+        ),
+    ]
+    manifest = _write_parquet(tmp_path / "run<b>.parquet", rows)
+
+    page = Path(build_report(manifest, Storage(), id_column="sku").html_uri).read_text()
+
+    assert "<script>" not in page
+    assert "<img src=x" not in page
+    assert "<b>." not in page
+    # the id, the flag (in the caption and the table of flags) and the error
+    assert page.count("&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;") == 4
+    assert "gone&lt;img src=x onerror=alert(1)&gt;.jpg" in page
+    assert "removebg report: " + html.escape(manifest) in page
 
 
 def test_histogram_counts_every_known_fraction(tmp_path: Path, small_run: list[dict[str, Any]]) -> None:
