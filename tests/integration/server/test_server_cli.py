@@ -97,7 +97,9 @@ def test_serve_logs_a_localhost_url_the_official_client_uses_without_calling_xim
 
     with serve_process() as server:  # binds 127.0.0.1, the default
         logged = server.wait_for_log(r"serving the Remove Background API on (\S+) ")
+        uvicorn_line = server.wait_for_log(r"Uvicorn running on (\S+) ")
         assert logged is not None
+        assert uvicorn_line is not None
         port = server.base_url.rsplit(":", 1)[1]
         # With a URL naming 127.0.0.1 the official client would first post the token to
         # api.ximilar.com; this sandbox has no route there, so the call below would fail.
@@ -105,6 +107,7 @@ def test_serve_logs_a_localhost_url_the_official_client_uses_without_calling_xim
         result = client.removebg_fast([{"_base64": sample_photo_base64(), "_id": "a"}])
 
     assert logged.group(1) == f"http://localhost:{port}/"
+    assert uvicorn_line.group(1) == f"http://localhost:{port}"
     assert result["records"][0]["_status"]["code"] == 200
 
 
