@@ -66,6 +66,7 @@ def test_without_verify_a_server_of_a_private_ca_is_refused(tls_server: LocalApi
     assert TOKEN not in message
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # what verify=False means
 def test_verify_false_skips_the_certificate_check(tls_server: LocalApiServer) -> None:
     with RemoveBgClient(tls_server.base_url, TOKEN, verify=False) as client:
         ok, _ = client.check_connection()
