@@ -17,8 +17,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
-from removebg_provider.downloads import Downloader
-from removebg_provider.errors import CopyError, ManifestError, StorageError
+from removebg_provider.errors import FetchRefused, ManifestError, StorageError
+from removebg_provider.guarded_fetch import (
+    AddressPolicy,
+    FetchLimits,
+    allow_any_address,
+    fetch_url,
+    is_public_address,
+)
 from removebg_provider.manifest import derive_id, iter_batches, read_schema, require_columns
 from removebg_provider.progress import Progress
 from removebg_provider.report_page import Figure, PageSummary, html_page
@@ -47,8 +53,11 @@ TILE_HEIGHT = PAD + THUMB + CAPTION_HEIGHT + PAD
 SHEET_COLUMNS = 4
 HEADER_HEIGHT = 200
 HISTOGRAM_BINS = 20
+# Per image, all redirects included: a host that drips bytes cannot hold the report (or `run`) up.
 FETCH_TIMEOUT_SECONDS = 10.0
 MAX_IMAGE_BYTES = 64 << 20
+MAX_REDIRECTS = 5
+_FETCH_LIMITS = FetchLimits(MAX_IMAGE_BYTES, FETCH_TIMEOUT_SECONDS, MAX_REDIRECTS)
 FETCH_WORKERS = 8
 
 FLAGGED, FAILED, SAMPLED = "flagged", "failed", "sample"
@@ -77,6 +86,7 @@ def build_report(
     image_column: str = "image_url",
     id_column: str | None = None,
     manifest_format: str | None = None,
+    allow_private_urls: bool = False,
 ) -> ReportResult:
     """Write `<out_prefix>.html` and `<out_prefix>.png` for an enriched manifest.
 
@@ -97,7 +107,7 @@ def build_report(
         scan.counts.rows,
         len(chosen),
     )
-    tiles = _render_tiles(chosen, storage)
+    tiles = _render_tiles(chosen, storage, allow_any_address if allow_private_urls else is_public_address)
     prefix = _out_prefix(enriched_manifest_uri, out_prefix)
     html_uri, png_uri = f"{prefix}.html", f"{prefix}.png"
     storage.write_bytes(html_uri, _html_page(enriched_manifest_uri, scan.counts, tiles).encode())
@@ -343,34 +353,29 @@ def _share(budget: int, available: Sequence[int]) -> list[int]:
     return shares
 
 
-def _render_tiles(rows: list[_Row], storage: Storage) -> list[_Tile]:
+def _render_tiles(rows: list[_Row], storage: Storage, address_policy: AddressPolicy) -> list[_Tile]:
     if not rows:
         return []
     progress = Progress(len(rows), "report tiles")
-    downloader = Downloader(
-        pool_size=FETCH_WORKERS, timeout=FETCH_TIMEOUT_SECONDS, max_attempts=1, max_bytes=MAX_IMAGE_BYTES
-    )
+    fetcher = _ImageFetcher(storage, address_policy)
 
     def render(row: _Row) -> _Tile:
-        tile = _tile(row, storage, downloader)
+        tile = _tile(row, fetcher)
         progress.advance(1, 1 if tile.problems else 0)
         return tile
 
-    try:
-        with ThreadPoolExecutor(min(FETCH_WORKERS, len(rows)), thread_name_prefix="report") as pool:
-            return list(pool.map(render, rows))
-    finally:
-        downloader.close()
+    with ThreadPoolExecutor(min(FETCH_WORKERS, len(rows)), thread_name_prefix="report") as pool:
+        return list(pool.map(render, rows))
 
 
-def _tile(row: _Row, storage: Storage, downloader: Downloader) -> _Tile:
+def _tile(row: _Row, fetcher: _ImageFetcher) -> _Tile:
     problems: list[str] = []
 
     def load(uri: str | None, what: str, missing: str) -> Image.Image | str:
         if not uri:
             return missing
         try:
-            return _decode(_fetch(uri, storage, downloader))
+            return _decode(fetcher.fetch(uri))
         except _Unavailable as exc:
             problems.append(f"{what} unavailable: {exc}")
             return f"{what} unavailable: {exc}"
@@ -394,17 +399,25 @@ class _Unavailable(Exception):
     pass
 
 
-def _fetch(uri: str, storage: Storage, downloader: Downloader) -> bytes:
-    if scheme_of(uri) in ("http", "https"):
+@dataclass(frozen=True)
+class _ImageFetcher:
+    """Reads a tile's image: from storage, or over http(s) under the address rules and limits."""
+
+    storage: Storage
+    address_policy: AddressPolicy
+
+    def fetch(self, uri: str) -> bytes:
+        if scheme_of(uri) in ("http", "https"):
+            try:
+                return fetch_url(uri, _FETCH_LIMITS, self.address_policy)
+            except FetchRefused as exc:
+                hint = " (allow private URLs for the report to fetch it)" if exc.code == 403 else ""
+                raise _Unavailable(str(exc).replace(uri, "it")[:160] + hint) from exc
         try:
-            return downloader.download(uri)
-        except CopyError as exc:
-            raise _Unavailable(str(exc)[:120]) from exc
-    try:
-        return storage.read_bytes(uri, limit=MAX_IMAGE_BYTES)
-    except StorageError as exc:
-        reason = str(exc).removeprefix(f"cannot read {uri}: ")
-        raise _Unavailable(reason[:120]) from exc
+            return self.storage.read_bytes(uri, limit=MAX_IMAGE_BYTES)
+        except StorageError as exc:
+            reason = str(exc).removeprefix(f"cannot read {uri}: ")
+            raise _Unavailable(reason[:120]) from exc
 
 
 def _decode(data: bytes) -> Image.Image:

@@ -138,6 +138,11 @@ class PipelineConfig:
     )
     report: bool = _setting(True, "write the contact-sheet report next to the enriched manifest")
     report_sample: int = _setting(48, "tiles in the report, flagged and failed rows first")
+    report_private_urls: bool = _setting(
+        False,
+        "let the report fetch http(s) images from loopback, private and reserved addresses (refused by "
+        "default, as the local server refuses such a _url)",
+    )
 
     def __post_init__(self) -> None:
         problems = _problems(self)
