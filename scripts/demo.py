@@ -53,11 +53,13 @@ def main() -> int:
         photo_url = servers.enter_context(_photo_server(DEMO_DIR / "photos"))
         api_url = servers.enter_context(_api_server())
         manifest = _write_manifest(DEMO_DIR / "manifests" / ds / "products.csv", photos, photo_url)
-        conf: dict[str, str | int] = {
+        conf: dict[str, str | int | bool] = {
             "manifest_uri": str(manifest),
             "output_prefix": str(DEMO_DIR / "cutouts" / ds),
             "output_manifest_uri": str(DEMO_DIR / "enriched" / ds / "products.parquet"),
             "shard_size": SHARD_SIZE,
+            # Half the photos come from the demo's photo server on 127.0.0.1.
+            "report_private_urls": True,
         }
         code = _run_dag(api_url, ds, conf)
         billed = _json(f"{api_url}/stats", {"Authorization": f"Token {DEMO_TOKEN}"}).get("records_billed")
@@ -79,7 +81,7 @@ def _write_manifest(path: Path, photos: list[Path], photo_url: str) -> Path:
     return path
 
 
-def _run_dag(api_url: str, ds: str, conf: dict[str, str | int]) -> int:
+def _run_dag(api_url: str, ds: str, conf: dict[str, str | int | bool]) -> int:
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(AIRFLOW_HOME),
@@ -157,7 +159,7 @@ def _api_server() -> Iterator[str]:
     ]
     env = {**os.environ, "REMOVEBG_SERVER_TOKEN": DEMO_TOKEN}
     with _process(command, env, f"http://127.0.0.1:{port}/health", "local API server"):
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://localhost:{port}"
 
 
 @contextmanager

@@ -41,6 +41,7 @@ from removebg_provider.records import (
     status_code,
     status_text,
 )
+from removebg_provider.transport import request_options
 from removebg_provider.vocabulary import (
     DEFAULT_MODE,
     MODES,
@@ -157,6 +158,9 @@ class RemoveBgClient:
         concurrency: int = DEFAULT_CONCURRENCY,
         requests_per_minute: float | None = None,
         rate_limit_redis_url: str | None = None,
+        proxies: Mapping[str, str] | None = None,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -167,6 +171,10 @@ class RemoveBgClient:
 
         `requests_per_minute` is kept by this client alone, or, with `rate_limit_redis_url`, shared
         with every client of the same base URL and token that uses that Redis (see `ratelimit`).
+
+        `proxies` (scheme to proxy URL), `verify` (False, or a CA bundle path) and `cert` (a client
+        certificate file, or a [certificate, key] pair) go with every API request and win over the
+        environment (see `transport`).
         """
         self.base_url = _validated_base_url(base_url)
         if mode not in MODES:
@@ -195,6 +203,7 @@ class RemoveBgClient:
             clock=clock,
             sleep=sleep,
         )
+        self._request_options = request_options(proxies, verify, cert)
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=self.concurrency, pool_maxsize=self.concurrency)
         self._session.mount("http://", adapter)
@@ -371,7 +380,11 @@ class RemoveBgClient:
         started = self._clock()
         try:
             response = self._session.post(
-                self.endpoint, json=body, headers=self._auth_headers(), timeout=self.timeout
+                self.endpoint,
+                json=body,
+                headers=self._auth_headers(),
+                timeout=self.timeout,
+                **self._request_options,
             )
         except (
             requests.ConnectionError,
@@ -435,7 +448,7 @@ class RemoveBgClient:
             raise AuthenticationError(
                 f"The API at {self.base_url} refused the token ({described}). Check the API token "
                 "and that the Remove Background service is enabled for the account "
-                "(`removebg check` or the connection's Test button tells which)."
+                "(`removebg check` tells which)."
             )
         if code == 402:
             raise self._payment_refused(described, n_records)
@@ -507,6 +520,7 @@ class RemoveBgClient:
                 json=json,
                 headers=self._auth_headers() if authenticated else {},
                 timeout=_PROBE_TIMEOUT,
+                **self._request_options,
             )
         except requests.RequestException as exc:
             latency = self._clock() - started

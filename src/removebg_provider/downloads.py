@@ -1,4 +1,4 @@
-"""The package's one HTTP download client: bytes from temporary output URLs and report images, verified.
+"""The HTTP download client of the API's temporary output URLs: pooled, retried, size-capped, verified.
 
 Downloads go through pooled connections that never carry the API token, through the proxy the
 environment names (HTTP_PROXY, HTTPS_PROXY, NO_PROXY) if any; transient failures (connection

@@ -86,5 +86,16 @@ class OutputGoneError(CopyError):
     """An output URL answered 403, 404 or 410: the file is gone (or, just after the answer, not yet there)."""
 
 
+class FetchRefused(RemoveBgError):
+    """A URL chosen by someone else was not fetched: not public, too slow, too large, or it failed.
+
+    `code` is the HTTP status that describes why (400, 403 not a public address, 408, 413).
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class ConfigurationError(RemoveBgError, ValueError):
     """An argument, record, option or connection setting is invalid; the message names it and what fits."""

@@ -106,6 +106,30 @@ def get_provider_info() -> dict[str, Any]:
                         "schema": {"type": ["integer", "null"], "default": DEFAULT_CONCURRENCY, "minimum": 1},
                         "description": "Requests in flight at once",
                     },
+                    "proxies": {
+                        "label": "Proxies",
+                        "schema": {"type": ["object", "null"]},
+                        "description": (
+                            'Proxy URL per scheme, e.g. {"https": "http://proxy:3128"}; wins over '
+                            "HTTPS_PROXY; a password in it is masked in logs"
+                        ),
+                    },
+                    "verify": {
+                        "label": "Verify TLS",
+                        "schema": {"type": ["boolean", "string", "null"]},
+                        "description": (
+                            "false to skip certificate checks, or the path of a CA bundle on the "
+                            "workers; empty for the system's (REQUESTS_CA_BUNDLE, else certifi)"
+                        ),
+                    },
+                    "cert": {
+                        "label": "Client certificate",
+                        "schema": {"type": ["string", "array", "null"]},
+                        "description": (
+                            "Path of a client certificate with its key, or [certificate, key] paths, "
+                            "on the workers (mutual TLS)"
+                        ),
+                    },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "login"],

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import logging
 import math
@@ -12,7 +10,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -20,10 +17,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
-from removebg_provider.downloads import Downloader
-from removebg_provider.errors import CopyError, ManifestError, StorageError
+from removebg_provider.errors import FetchRefused, ManifestError, StorageError
+from removebg_provider.guarded_fetch import (
+    AddressPolicy,
+    FetchLimits,
+    allow_any_address,
+    fetch_url,
+    is_public_address,
+)
 from removebg_provider.manifest import derive_id, iter_batches, read_schema, require_columns
 from removebg_provider.progress import Progress
+from removebg_provider.report_page import Figure, PageSummary, html_page
 from removebg_provider.storage import Storage, scheme_of
 from removebg_provider.vocabulary import (
     CUTOUT,
@@ -49,8 +53,11 @@ TILE_HEIGHT = PAD + THUMB + CAPTION_HEIGHT + PAD
 SHEET_COLUMNS = 4
 HEADER_HEIGHT = 200
 HISTOGRAM_BINS = 20
+# Per image, all redirects included: a host that drips bytes cannot hold the report (or `run`) up.
 FETCH_TIMEOUT_SECONDS = 10.0
 MAX_IMAGE_BYTES = 64 << 20
+MAX_REDIRECTS = 5
+_FETCH_LIMITS = FetchLimits(MAX_IMAGE_BYTES, FETCH_TIMEOUT_SECONDS, MAX_REDIRECTS)
 FETCH_WORKERS = 8
 
 FLAGGED, FAILED, SAMPLED = "flagged", "failed", "sample"
@@ -79,6 +86,7 @@ def build_report(
     image_column: str = "image_url",
     id_column: str | None = None,
     manifest_format: str | None = None,
+    allow_private_urls: bool = False,
 ) -> ReportResult:
     """Write `<out_prefix>.html` and `<out_prefix>.png` for an enriched manifest.
 
@@ -99,7 +107,7 @@ def build_report(
         scan.counts.rows,
         len(chosen),
     )
-    tiles = _render_tiles(chosen, storage)
+    tiles = _render_tiles(chosen, storage, allow_any_address if allow_private_urls else is_public_address)
     prefix = _out_prefix(enriched_manifest_uri, out_prefix)
     html_uri, png_uri = f"{prefix}.html", f"{prefix}.png"
     storage.write_bytes(html_uri, _html_page(enriched_manifest_uri, scan.counts, tiles).encode())
@@ -345,34 +353,29 @@ def _share(budget: int, available: Sequence[int]) -> list[int]:
     return shares
 
 
-def _render_tiles(rows: list[_Row], storage: Storage) -> list[_Tile]:
+def _render_tiles(rows: list[_Row], storage: Storage, address_policy: AddressPolicy) -> list[_Tile]:
     if not rows:
         return []
     progress = Progress(len(rows), "report tiles")
-    downloader = Downloader(
-        pool_size=FETCH_WORKERS, timeout=FETCH_TIMEOUT_SECONDS, max_attempts=1, max_bytes=MAX_IMAGE_BYTES
-    )
+    fetcher = _ImageFetcher(storage, address_policy)
 
     def render(row: _Row) -> _Tile:
-        tile = _tile(row, storage, downloader)
+        tile = _tile(row, fetcher)
         progress.advance(1, 1 if tile.problems else 0)
         return tile
 
-    try:
-        with ThreadPoolExecutor(min(FETCH_WORKERS, len(rows)), thread_name_prefix="report") as pool:
-            return list(pool.map(render, rows))
-    finally:
-        downloader.close()
+    with ThreadPoolExecutor(min(FETCH_WORKERS, len(rows)), thread_name_prefix="report") as pool:
+        return list(pool.map(render, rows))
 
 
-def _tile(row: _Row, storage: Storage, downloader: Downloader) -> _Tile:
+def _tile(row: _Row, fetcher: _ImageFetcher) -> _Tile:
     problems: list[str] = []
 
     def load(uri: str | None, what: str, missing: str) -> Image.Image | str:
         if not uri:
             return missing
         try:
-            return _decode(_fetch(uri, storage, downloader))
+            return _decode(fetcher.fetch(uri))
         except _Unavailable as exc:
             problems.append(f"{what} unavailable: {exc}")
             return f"{what} unavailable: {exc}"
@@ -396,17 +399,25 @@ class _Unavailable(Exception):
     pass
 
 
-def _fetch(uri: str, storage: Storage, downloader: Downloader) -> bytes:
-    if scheme_of(uri) in ("http", "https"):
+@dataclass(frozen=True)
+class _ImageFetcher:
+    """Reads a tile's image: from storage, or over http(s) under the address rules and limits."""
+
+    storage: Storage
+    address_policy: AddressPolicy
+
+    def fetch(self, uri: str) -> bytes:
+        if scheme_of(uri) in ("http", "https"):
+            try:
+                return fetch_url(uri, _FETCH_LIMITS, self.address_policy)
+            except FetchRefused as exc:
+                hint = " (allow private URLs for the report to fetch it)" if exc.code == 403 else ""
+                raise _Unavailable(str(exc).replace(uri, "it")[:160] + hint) from exc
         try:
-            return downloader.download(uri)
-        except CopyError as exc:
-            raise _Unavailable(str(exc)[:120]) from exc
-    try:
-        return storage.read_bytes(uri, limit=MAX_IMAGE_BYTES)
-    except StorageError as exc:
-        reason = str(exc).removeprefix(f"cannot read {uri}: ")
-        raise _Unavailable(reason[:120]) from exc
+            return self.storage.read_bytes(uri, limit=MAX_IMAGE_BYTES)
+        except StorageError as exc:
+            reason = str(exc).removeprefix(f"cannot read {uri}: ")
+            raise _Unavailable(reason[:120]) from exc
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -558,98 +569,31 @@ def _draw_histogram(draw: ImageDraw.ImageDraw, counts: _Counts, box: tuple[int, 
         draw.text((min(x, right - 24), plot_bottom + 3), f"{value:g}", fill=(0, 0, 0), font=_font(11))
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:16px;color:#222}
-h1{font-size:18px;margin:0 0 4px}
-.summary{display:flex;gap:32px;flex-wrap:wrap;align-items:flex-start;margin-bottom:16px}
-table{border-collapse:collapse;font-size:13px}
-td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:10px}
-figure{margin:0;border:2px solid #555;border-radius:4px;padding:6px}
-figure.flagged{border-color:#d67800}figure.failed{border-color:#c82828}
-figure img{width:160px;height:160px;margin-right:4px}
-figcaption{font-size:12px;word-break:break-all}
-.flag{display:inline-block;background:#d67800;color:#fff;border-radius:3px;padding:0 4px;margin-right:3px}
-.error{color:#c82828}
-"""
-
-
 def _html_page(manifest_uri: str, counts: _Counts, tiles: list[_Tile]) -> str:
-    title = html.escape(f"removebg report: {manifest_uri}")
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    status_rows = "".join(
-        f"<tr><td>{code}</td><td>{n}</td></tr>" for code, n in sorted(counts.by_status.items())
+    summary = PageSummary(
+        manifest_uri=manifest_uri,
+        headline=_headline(counts),
+        by_status=sorted(counts.by_status.items()),
+        by_flag=counts.by_flag.most_common(),
+        histogram=counts.histogram.tolist(),
+        without_fraction=counts.without_fraction,
     )
-    flag_rows = (
-        "".join(
-            f"<tr><td>{html.escape(flag)}</td><td>{n}</td></tr>" for flag, n in counts.by_flag.most_common()
-        )
-        or "<tr><td colspan=2>no flags</td></tr>"
-    )
-    figures = "\n".join(_html_tile(tile) for tile in tiles)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style></head>
-<body>
-<h1>{title}</h1>
-<p>{html.escape(_headline(counts))}; {len(tiles)} shown (flagged, then failed, then a random sample).
-Generated {generated}.</p>
-<div class="summary">
-<table><tr><th>status</th><th>rows</th></tr>{status_rows}</table>
-<table><tr><th>flag</th><th>rows</th></tr>{flag_rows}</table>
-{_svg_histogram(counts)}
-</div>
-<div class="grid">
-{figures}
-</div>
-</body></html>
-"""
+    return html_page(summary, [_figure(tile) for tile in tiles])
 
 
-def _html_tile(tile: _Tile) -> str:
+def _figure(tile: _Tile) -> Figure:
     row = tile.row
-    images = "".join(
-        f'<img alt="{name}" title="{name}" src="data:image/jpeg;base64,'
-        f'{base64.b64encode(_encode(panel, "JPEG")).decode()}">'
-        for name, panel in zip(("original", "cutout", "mask"), tile.panels, strict=True)
-    )
     status = f"{row.status_code if row.status_code is not None else '-'} {row.status_text or ''}"
-    parts = [f"<b>#{row.row} {html.escape(row.id)}</b>", html.escape(status.strip())]
-    if row.flags:
-        parts.append("".join(f'<span class="flag">{html.escape(flag)}</span>' for flag in row.flags))
-    if row.fraction is not None:
-        parts.append(f"foreground {row.fraction:.1%}")
-    if row.error:
-        parts.append(f'<span class="error">{html.escape(row.error)}</span>')
-    parts.extend(f'<span class="error">{html.escape(problem)}</span>' for problem in tile.problems)
-    if row.image:
-        parts.append(f"original: {html.escape(row.image)}")
-    return (
-        f'<figure class="{row.group}" data-row="{row.row}" data-group="{row.group}">{images}'
-        f"<figcaption>{'<br>'.join(parts)}</figcaption></figure>"
-    )
-
-
-def _svg_histogram(counts: _Counts, width: int = 420, height: int = 140) -> str:
-    peak = max(int(counts.histogram.max()), 1)
-    plot = height - 30
-    bar = width / HISTOGRAM_BINS
-    bars = []
-    for i, count in enumerate(counts.histogram.tolist()):
-        bar_height = plot * count / peak
-        low, high = i / HISTOGRAM_BINS, (i + 1) / HISTOGRAM_BINS
-        bars.append(
-            f'<rect x="{i * bar:.1f}" y="{20 + plot - bar_height:.1f}" width="{bar - 2:.1f}" '
-            f'height="{bar_height:.1f}" fill="#466eb4"><title>{low:.2f}-{high:.2f}: {count} rows'
-            "</title></rect>"
-        )
-    without = f", {counts.without_fraction} without" if counts.without_fraction else ""
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'aria-label="histogram of foreground fractions">'
-        f'<text x="0" y="12" font-size="12">foreground fraction ({int(counts.histogram.sum())} rows'
-        f"{without})</text>{''.join(bars)}"
-        f'<line x1="0" y1="{20 + plot}" x2="{width}" y2="{20 + plot}" stroke="#000"/>'
-        f'<text x="0" y="{height - 2}" font-size="11">0</text>'
-        f'<text x="{width / 2 - 8}" y="{height - 2}" font-size="11">0.5</text>'
-        f'<text x="{width - 10}" y="{height - 2}" font-size="11">1</text></svg>'
+    jpeg = tuple(_encode(panel, "JPEG") for panel in tile.panels)
+    return Figure(
+        row=row.row,
+        id=row.id,
+        group=row.group,
+        status=status.strip(),
+        flags=row.flags,
+        fraction=row.fraction,
+        error=row.error,
+        problems=tile.problems,
+        image=row.image,
+        panels=(jpeg[0], jpeg[1], jpeg[2]),
     )

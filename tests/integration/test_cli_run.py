@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PER_REQUEST
+from removebg_provider.vocabulary import DEFAULT_MODE
 from support.faults import FaultRates, start_fault_proxy
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
@@ -168,6 +170,7 @@ def test_a_wrong_token_exits_four_and_never_prints_the_token(server: LocalApiSer
     assert done.returncode == 4
     assert server.base_url in done.stderr
     assert "wrong-token-value" not in done.stdout + done.stderr
+    assert "connection" not in done.stderr.lower()
 
 
 def test_a_missing_column_exits_two_naming_the_manifest(server: LocalApiServer, tmp_path: Path) -> None:
@@ -220,6 +223,22 @@ def test_help_documents_every_option() -> None:
         "REMOVEBG_API_TOKEN",
     ):
         assert option in done.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_help_shows_the_api_defaults_without_speaking_of_airflow_connections(command: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "removebg_provider", command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+    text = " ".join(done.stdout.split())
+    assert "connection" not in text.lower()
+    assert f"API endpoint (default: {DEFAULT_MODE})" in text
+    assert f"records per API request (default: {DEFAULT_MAX_RECORDS_PER_REQUEST})" in text
+    assert f"API requests in flight (default: {DEFAULT_CONCURRENCY})" in text
 
 
 def _day(server: LocalApiServer, folder: Path, photos: list[str | None], name: str, *flags: str) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +14,10 @@ from airflow.sdk.log import redact
 from removebg_provider.client import DEFAULT_BASE_URL, ImageRecord
 from removebg_provider.errors import ConfigurationError
 from removebg_provider.hooks import RemoveBgHook
+from support.forward_proxy import start_forward_proxy
 from support.replay_server import ReplayServer, Reply, echo_ok, serve_replays
-from support.servers import LocalApiServer
+from support.servers import LocalApiServer, sample_photo, start_api_server
+from support.tls import ServerTls, make_certificates
 
 TOKEN = "tok-hook-spec-5e1d"
 
@@ -126,6 +130,9 @@ def test_creating_the_hook_does_not_read_the_connection() -> None:
         ({"max_retries": -1}, "extra 'max_retries'=-1: must be an integer >= 0"),
         ({"concurrency": "many"}, "extra 'concurrency'='many'"),
         ({"requests_per_minute": 0}, "extra 'requests_per_minute'=0: must be a positive number"),
+        ({"verify": "/nonexistent/ca.pem"}, "extra 'verify'='/nonexistent/ca.pem': verify names a CA bundle"),
+        ({"cert": ["/nonexistent/c.pem"]}, "extra 'cert'=['/nonexistent/c.pem']: cert names a file"),
+        ({"proxies": ["http://proxy:3128"]}, "extra 'proxies'=['http://proxy:3128']: proxies must map"),
     ],
 )
 def test_invalid_extra_is_reported_naming_the_connection(
@@ -216,3 +223,49 @@ def test_test_connection_checks_the_token_against_the_local_server(
         f"{api_server.base_url} is reachable and accepted the API token; the Remove Background service "
         "is activated; credits not limited or not reported by /account/v2/details/",
     )
+
+
+def test_unknown_extras_are_logged_by_name(set_connection: Any, caplog: pytest.LogCaptureFixture) -> None:
+    set_connection(extra={"mode": "fast", "proxy": "http://proxy:3128", "verify_ssl": False})
+
+    with caplog.at_level(logging.WARNING, logger="removebg_provider"):
+        RemoveBgHook().get_conn().close()
+
+    assert "unknown removebg connection extras: proxy, verify_ssl" in caplog.text
+
+
+def test_verify_and_cert_extras_reach_a_server_that_requires_a_client_certificate(
+    set_connection: Any, tmp_path: Path
+) -> None:
+    certificates = make_certificates(tmp_path / "tls")
+    tls = ServerTls(certificates, require_client_cert=True)
+    with start_api_server(tmp_path, token=TOKEN, tls=tls) as server:
+        set_connection(
+            host=server.base_url,
+            password=TOKEN,
+            extra={"verify": str(certificates.ca), "cert": list(certificates.client_pair)},
+        )
+        with RemoveBgHook().get_conn() as client:
+            (result,) = client.remove_batch([ImageRecord("a", data=sample_photo())])
+        ok, message = RemoveBgHook().test_connection()
+
+    assert result.status_code == 200
+    assert ok is True, message
+
+
+def test_the_proxies_extra_routes_the_api_requests_and_its_password_is_masked(
+    api_server: LocalApiServer, set_connection: Any
+) -> None:
+    secret = "proxy-pass-5b7e"
+    with start_forward_proxy("catalog", secret) as proxy:
+        set_connection(
+            host=api_server.base_url,
+            password=api_server.token,
+            extra={"proxies": {"http": proxy.url_with("catalog", secret)}},
+        )
+        with RemoveBgHook().get_conn() as client:
+            (result,) = client.remove_batch([ImageRecord("a", data=sample_photo())])
+
+    assert result.status_code == 200
+    assert ("POST", f"{api_server.base_url}/removebg/fast/removebg") in proxy.relayed
+    assert secret not in str(redact(f"proxy refused {secret}"))

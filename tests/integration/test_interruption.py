@@ -56,6 +56,7 @@ class StoppedRun:
     requests_forwarded: int
     enriched: pa.Table
     rerun_returncode: int
+    rerun_stderr: str
     billed_by_rerun: int
     forwarded_ids: Counter[str]
     rerun_enriched: pa.Table
@@ -194,6 +195,7 @@ def _stop_and_rerun(tmp_path: Path, signum: signal.Signals) -> StoppedRun:
             requests_forwarded=requests_forwarded,
             enriched=enriched,
             rerun_returncode=rerun.returncode,
+            rerun_stderr=rerun.stderr[-3000:],
             billed_by_rerun=server.stats()["records_billed"] - billed_by_run,
             forwarded_ids=Counter(proxy.counters.forwarded_ids),
             rerun_enriched=pq.read_table(tmp_path / "catalog" / "enriched.parquet"),
@@ -253,7 +255,7 @@ def test_a_stopped_run_lists_every_row_once_and_marks_the_rows_not_reached_499(
 
 
 def test_a_rerun_after_ctrl_c_bills_exactly_the_rows_not_done(after_ctrl_c: StoppedRun) -> None:
-    assert after_ctrl_c.rerun_returncode == 0
+    assert after_ctrl_c.rerun_returncode == 0, after_ctrl_c.rerun_stderr
     assert after_ctrl_c.billed_by_rerun == ROWS - after_ctrl_c.billed_by_run
     assert sorted(after_ctrl_c.forwarded_ids.values()) == [1] * ROWS
     assert after_ctrl_c.rerun_enriched.column("removebg_status_code").to_pylist() == [RowStatus.OK] * ROWS
@@ -263,9 +265,9 @@ def test_sigterm_stops_the_run_like_ctrl_c_and_exits_143(tmp_path: Path) -> None
     stopped = _stop_and_rerun(tmp_path, signal.SIGTERM)
 
     assert stopped.returncode == 143, stopped.stderr
-    assert stopped.billed_by_run == (PASSED_REQUESTS + CONCURRENCY) * BATCH
-    assert stopped.rerun_returncode == 0
-    assert sorted(stopped.forwarded_ids.values()) == [1] * ROWS
+    assert stopped.billed_by_run == (PASSED_REQUESTS + CONCURRENCY) * BATCH, stopped.stderr
+    assert stopped.rerun_returncode == 0, stopped.rerun_stderr
+    assert sorted(stopped.forwarded_ids.values()) == [1] * ROWS, stopped.rerun_stderr
 
 
 def test_a_second_ctrl_c_aborts_without_waiting_for_the_requests_in_flight(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ Any test that needs a Ximilar-compatible endpoint uses this:
 `settings` are `ServerSettings` fields (max_records=2, allow_private_urls=True, ...). `engine` replaces
 the configured engine with any object that has `name` and `matte(rgb, mode)`; `clock` replaces
 `time.time` for output-file expiry; `wrap_app` wraps the ASGI app, e.g. in a `RequestClock` that
-records when each removal request arrives.
+records when each removal request arrives; `tls` (see `tls.py`) serves https with a private CA.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from removebg_provider.engines import Engine
 from removebg_provider.server import ServerSettings, create_app
 from removebg_provider.server.connections import server_config
 from removebg_provider.server.files import Clock
+from support.tls import ServerTls
 
 # A hang guard: a busy 2-core machine starts uvicorn slowly.
 _STARTUP_TIMEOUT_SECONDS = 180.0
@@ -74,6 +75,7 @@ def start_api_server(
     engine: Engine | None = None,
     clock: Clock = time.time,
     wrap_app: Callable[[ASGIApp], ASGIApp] | None = None,
+    tls: ServerTls | None = None,
     **settings: Any,
 ) -> Iterator[LocalApiServer]:
     """Run uvicorn with the app in a background thread until the `with` block ends."""
@@ -86,12 +88,13 @@ def start_api_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(server_config(app, config, log_level="warning", lifespan="on"))
+    tls_options = tls.uvicorn_options() if tls else {}
+    server = uvicorn.Server(server_config(app, config, log_level="warning", lifespan="on", **tls_options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="api-server")
     thread.start()
-    base_url = f"http://127.0.0.1:{port}"
+    base_url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
-        _wait_until_healthy(base_url, thread)
+        _wait_until_healthy(base_url, thread, tls)
         yield LocalApiServer(base_url=base_url, token=token, storage_dir=storage_dir)
     finally:
         server.should_exit = True
@@ -124,13 +127,16 @@ class RequestClock:
         await self._app(scope, receive, send)
 
 
-def _wait_until_healthy(base_url: str, thread: threading.Thread) -> None:
+def _wait_until_healthy(base_url: str, thread: threading.Thread, tls: ServerTls | None = None) -> None:
+    trust: dict[str, Any] = {}
+    if tls is not None:
+        trust = {"verify": str(tls.certificates.ca), "cert": tls.certificates.client_pair}
     deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if not thread.is_alive():
             raise RuntimeError(f"the API server thread died during startup ({base_url})")
         try:
-            if requests.get(f"{base_url}/health", timeout=10).status_code == 200:
+            if requests.get(f"{base_url}/health", timeout=10, **trust).status_code == 200:
                 return
         except (requests.ConnectionError, requests.Timeout):
             pass  # not listening yet, or too busy to answer: a loaded machine is no error

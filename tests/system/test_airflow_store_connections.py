@@ -5,7 +5,7 @@ moto (tests/support/stores.py) or Azurite; every cloud SDK variable (AWS_*, AZUR
 so the connection is the only way the client can find the emulator. The pipeline then reads the
 manifest and images from the bucket and writes the cutouts and the enriched manifest back, checked
 through an independent client. The last test runs RemoveBackgroundOperator with `aws_conn_id`
-under a real `airflow dags test`.
+under a real `airflow dags test`; its report, in the bucket, is linked through a presigned URL.
 
 The Google provider is not installed by the dev extra (it pulls in ray, litellm and about a hundred
 other packages, 1.3 GB), so the `gcp_conn_id` test stands a small GCSHook in for the provider's
@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import types
@@ -27,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import requests
 
 from removebg_provider.operators.storage_connections import storage_from_connections
 from support.runs import pipeline_config, run_pipeline
@@ -66,6 +68,7 @@ with DAG("remove_background_in_s3", schedule=None, start_date=datetime(2024, 1, 
         max_records_per_request=2,
         concurrency=2,
         aws_conn_id="catalog_s3",
+        report_link_expiry=3600,
     )
 '''
 
@@ -239,6 +242,17 @@ def test_operator_with_aws_conn_id_runs_a_manifest_in_s3_under_airflow_dags_test
     assert "state=success" in result.stdout, result.stdout[-3000:]
     assert f"run: {PHOTOS} rows, {PHOTOS} succeeded, 0 failed" in result.stdout
     _assert_outputs_written(s3_bucket)
+    link = _report_link(tmp_path / "airflow" / "airflow.db")
+    assert link.startswith(f"{moto_s3.endpoint}/{s3_bucket.bucket}/out/enriched.report.html?")
+    assert requests.get(link, timeout=30).content.startswith(b"<!doctype html>")
+
+
+def _report_link(database: Path) -> str:
+    """The `report_url` XCom the task pushed, read from the Airflow database `airflow dags test` used."""
+    with sqlite3.connect(database) as db:
+        (value,) = db.execute("SELECT value FROM xcom WHERE key = 'report_url'").fetchone()
+    link: str = json.loads(value)
+    return link
 
 
 def _aws_connection(moto: MotoS3) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import airflow
 import pytest
 import yaml
 
+from removebg_provider.example_dags.catalog_remove_background import POOL
 from support import REPO_ROOT
 from support.airflow_deployment import CELERY_RECOVERY_SETTINGS
 
@@ -313,16 +314,12 @@ def test_execution_api_url_points_at_the_api_server(services: dict[str, dict[str
 
 
 def test_init_creates_the_pool_the_example_dag_uses(services: dict[str, dict[str, Any]]) -> None:
-    dag_pool = re.search(
-        r'^POOL = "(\w+)"$', (ROOT / "dags" / "catalog_remove_background.py").read_text(), re.M
-    )
-    assert dag_pool is not None
     pools = [
         argv
         for name, argv in _airflow_commands(services)
         if name == "airflow-init" and argv[:2] == ["pools", "set"]
     ]
-    assert [argv[2] for argv in pools] == [dag_pool.group(1)]
+    assert [argv[2] for argv in pools] == [POOL]
 
 
 def test_seed_script_writes_photos_and_a_manifest_of_them(tmp_path: Path) -> None:

@@ -25,14 +25,19 @@ SHARED_WORDS = {"removebg_provider.vocabulary", "removebg_provider.errors"}
 CORE = {
     "removebg_provider.client",
     "removebg_provider.downloads",
+    "removebg_provider.guarded_fetch",
     "removebg_provider.manifest",
     "removebg_provider.outputs",
     "removebg_provider.pipeline",
     "removebg_provider.progress",
     "removebg_provider.quality",
     "removebg_provider.ratelimit",
+    "removebg_provider.records",
     "removebg_provider.report",
+    "removebg_provider.report_page",
+    "removebg_provider.samples",
     "removebg_provider.storage",
+    "removebg_provider.transport",
 } | SHARED_WORDS
 FACES = ("removebg_provider.hooks", "removebg_provider.operators", "removebg_provider.cli")
 

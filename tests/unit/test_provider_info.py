@@ -12,10 +12,13 @@ from typing import Any
 
 import airflow
 import jsonschema
+import tomllib
 from airflow.sdk import BaseOperatorLink
+from packaging.requirements import Requirement
 
 from removebg_provider.get_provider_info import get_provider_info
 from removebg_provider.hooks.removebg import CONNECTION_EXTRAS, RemoveBgHook
+from support import REPO_ROOT
 
 AIRFLOW_DIR = Path(airflow.__file__).parent
 
@@ -74,6 +77,19 @@ def test_extra_links_are_operator_link_classes() -> None:
 
 def test_package_name_matches_the_distribution() -> None:
     assert get_provider_info()["package-name"] == "airflow-provider-removebg"
+
+
+def test_the_airflow_requirement_starts_where_airflow_reads_the_declarative_connection_form() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    (airflow_requirement,) = [
+        Requirement(line) for line in project["dependencies"] if Requirement(line).name == "apache-airflow"
+    ]
+
+    # The form is `conn-fields` in the provider info alone (no get_ui_field_behaviour): Airflow 3.2+.
+    assert "get_connection_form_widgets" not in vars(RemoveBgHook)
+    assert "3.1.9" not in airflow_requirement.specifier
+    assert "3.2.0" in airflow_requirement.specifier
+    assert airflow.__version__ in airflow_requirement.specifier
 
 
 def _airflow_cli(tmp_path: Path, *args: str) -> list[dict[str, Any]]:

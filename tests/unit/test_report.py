@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import functools
+import html
 import http.server
 import io
+import json
 import math
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +31,13 @@ from removebg_provider.cli import report as report_cli
 from removebg_provider.errors import ManifestError
 from removebg_provider.manifest import RESULT_SCHEMA
 from removebg_provider.report import (
+    FETCH_TIMEOUT_SECONDS,
     HEADER_HEIGHT,
+    MAX_IMAGE_BYTES,
     SHEET_COLUMNS,
     TILE_HEIGHT,
     TILE_WIDTH,
+    ReportResult,
     build_report,
 )
 from removebg_provider.samples import make_product_photo
@@ -240,6 +247,27 @@ def test_header_counts_rows_by_status_and_flag(tmp_path: Path, small_run: list[d
     assert "7 rows: 2 failed, 2 flagged, 3 fine" in page
 
 
+def test_text_from_the_manifest_is_escaped_in_the_page(tmp_path: Path, images: list[Images]) -> None:
+    script = '<script>alert("x")</script>'
+    rows = [
+        _row(str(images[0].original), 200, str(images[0].cutout), sku=f"sku{script}", flags=[f"odd{script}"]),
+        _row(
+            str(tmp_path / "gone<img src=x onerror=alert(1)>.jpg"), 422, sku="failed", error=f"bad {script}"
+        ),
+    ]
+    manifest = _write_parquet(tmp_path / "run<b>.parquet", rows)
+
+    page = Path(build_report(manifest, Storage(), id_column="sku").html_uri).read_text()
+
+    assert "<script>" not in page
+    assert "<img src=x" not in page
+    assert "<b>." not in page
+    # the id, the flag (in the caption and the table of flags) and the error
+    assert page.count("&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;") == 4
+    assert "gone&lt;img src=x onerror=alert(1)&gt;.jpg" in page
+    assert "removebg report: " + html.escape(manifest) in page
+
+
 def test_histogram_counts_every_known_fraction(tmp_path: Path, small_run: list[dict[str, Any]]) -> None:
     manifest = _write_parquet(tmp_path / "out.parquet", small_run)
 
@@ -262,7 +290,7 @@ def test_unreachable_original_becomes_a_placeholder_that_says_so(
     assert len(_DATA_URI.findall(figure)) == 3
 
 
-def test_http_originals_are_fetched_and_dead_links_become_placeholders(
+def test_http_originals_on_private_addresses_are_fetched_when_allowed_and_dead_links_become_placeholders(
     tmp_path: Path, images: list[Images], http_images: str
 ) -> None:
     with socket.socket() as probe:
@@ -275,12 +303,61 @@ def test_http_originals_are_fetched_and_dead_links_become_placeholders(
     ]
     manifest = _write_parquet(tmp_path / "out.parquet", rows)
 
-    page = Path(build_report(manifest, Storage(), id_column="sku").html_uri).read_text()
+    page = _page(build_report(manifest, Storage(), id_column="sku", allow_private_urls=True))
 
-    tiles = {m.group(1): m.group(0) for m in re.finditer(r"<b>#\d+ ([\w-]+)</b>.*?</figcaption>", page)}
+    tiles = _tiles_by_id(page)
     assert "unavailable" not in tiles["served"]
-    assert "original unavailable: HTTP 404" in tiles["not-found"]
-    assert "original unavailable: cannot download" in tiles["refused"]
+    assert "original unavailable: fetching it failed: the server answered HTTP 404" in tiles["not-found"]
+    assert "original unavailable: fetching it failed: cannot connect" in tiles["refused"]
+
+
+def test_an_http_original_on_a_loopback_address_is_not_fetched_by_default(
+    tmp_path: Path, images: list[Images]
+) -> None:
+    with _image_host(_CountingHandler) as (base_url, requests_seen):
+        rows = [_row(f"{base_url}/secret.jpg", 200, str(images[0].cutout), sku="internal")]
+        page = _page(build_report(_write_parquet(tmp_path / "out.parquet", rows), Storage(), id_column="sku"))
+
+    assert requests_seen == []
+    assert "which is not a public address (allow private URLs for the report to fetch it)" in html.unescape(
+        _tiles_by_id(page)["internal"]
+    )
+
+
+def test_an_http_original_that_drips_its_bytes_is_cut_off_at_the_fetch_deadline(
+    tmp_path: Path, images: list[Images]
+) -> None:
+    with _image_host(_DrippingHandler) as (base_url, _):
+        rows = [_row(f"{base_url}/slow.jpg", 200, str(images[0].cutout), sku="drip")]
+        manifest = _write_parquet(tmp_path / "out.parquet", rows)
+        page = _page(build_report(manifest, Storage(), id_column="sku", allow_private_urls=True))
+
+    assert f"took longer than {FETCH_TIMEOUT_SECONDS:g} s" in _tiles_by_id(page)["drip"]
+
+
+def test_an_http_original_larger_than_the_byte_cap_is_not_read(tmp_path: Path, images: list[Images]) -> None:
+    with _image_host(_HugeHandler) as (base_url, _):
+        rows = [_row(f"{base_url}/huge.jpg", 200, str(images[0].cutout), sku="huge")]
+        manifest = _write_parquet(tmp_path / "out.parquet", rows)
+        page = _page(build_report(manifest, Storage(), id_column="sku", allow_private_urls=True))
+
+    assert f"the limit is {MAX_IMAGE_BYTES} bytes" in _tiles_by_id(page)["huge"]
+
+
+def test_cli_fetches_private_http_originals_only_with_allow_private_urls(
+    tmp_path: Path, images: list[Images], http_images: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [_row(f"{http_images}/{images[0].original.name}", 200, str(images[0].cutout), sku="lan")]
+    manifest = _write_parquet(tmp_path / "out.parquet", rows)
+    pages = {}
+    for name, extra in (("default", []), ("allowed", ["--allow-private-urls"])):
+        out = str(tmp_path / name)
+        args = _cli().parse_args(["report", manifest, "--out", out, "--id-column", "sku", *extra])
+        assert args.handler(args) == 0
+        pages[name] = Path(json.loads(capsys.readouterr().out)["html"]).read_text()
+
+    assert "original unavailable" in _tiles_by_id(pages["default"])["lan"]
+    assert "unavailable" not in _tiles_by_id(pages["allowed"])["lan"]
 
 
 def test_manifest_without_quality_columns_still_reports(
@@ -434,3 +511,65 @@ def _cli() -> argparse.ArgumentParser:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def _page(result: ReportResult) -> str:
+    return Path(result.html_uri).read_text()
+
+
+def _tiles_by_id(page: str) -> dict[str, str]:
+    return {m.group(1): m.group(0) for m in re.finditer(r"<b>#\d+ ([\w-]+)</b>.*?</figcaption>", page)}
+
+
+@contextlib.contextmanager
+def _image_host(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on a free 127.0.0.1 port; yields its URL and the paths it was asked for."""
+    requests_seen: list[str] = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests_seen = requests_seen  # type: ignore[attr-defined]
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests_seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+class _CountingHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.server.requests_seen.append(self.path)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _DrippingHandler(_CountingHandler):
+    """Answers 200 and then one byte a second, for longer than the report's fetch deadline."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.end_headers()
+        for _ in range(int(FETCH_TIMEOUT_SECONDS) * 3):
+            try:
+                self.wfile.write(b"x")
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(1)
+
+
+class _HugeHandler(_CountingHandler):
+    """Declares a body one byte over the report's cap (and never sends it)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(MAX_IMAGE_BYTES + 1))
+        self.end_headers()

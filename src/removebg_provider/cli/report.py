@@ -18,7 +18,8 @@ _EPILOG = """
 Writes <out>.html (self-contained: thumbnails are embedded, so it opens from any bucket or laptop)
 and <out>.png (a contact sheet). Each tile shows the original, the cutout on a checkerboard and the
 mask, with the row id, status and quality flags. Flagged rows come first, then failed rows, then a
-random sample of the rest. Only the shown rows' images are fetched. Prints the two URIs as JSON.
+random sample of the rest. Only the shown rows' images are fetched; http(s) images only from public
+addresses (--allow-private-urls lifts that), each within 10 s and 64 MiB. Prints the two URIs as JSON.
 Exit codes: 0 written; 2 the manifest cannot be read or the report cannot be written.
 """
 
@@ -61,6 +62,11 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument(
         "--manifest-format", choices=("parquet", "csv", "jsonl"), help="override the extension"
     )
+    parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch http(s) images from loopback, private and reserved addresses too (refused by default)",
+    )
     parser.set_defaults(handler=report)
 
 
@@ -78,6 +84,7 @@ def report(args: argparse.Namespace) -> int:
             image_column=args.image_column,
             id_column=args.id_column,
             manifest_format=args.manifest_format,
+            allow_private_urls=args.allow_private_urls,
         )
     except RemoveBgError as exc:
         return _fail(str(exc))

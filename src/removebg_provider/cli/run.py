@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -29,7 +29,7 @@ from removebg_provider.errors import (
     RemoveBgError,
     RunStoppedError,
 )
-from removebg_provider.pipeline.config import FIELDS, PipelineConfig, field_type
+from removebg_provider.pipeline.config import CONNECTION_SETTINGS, FIELDS, PipelineConfig, field_type
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
 
@@ -151,7 +151,10 @@ def add_setting(
 
     `optional`: nothing is required (the positional manifest may be left out).
     """
-    meta = item.metadata
+    meta: Mapping[str, Any] = item.metadata
+    if item.name in CONNECTION_SETTINGS:
+        # Left None in the config (an Airflow connection may give it); the command line has only the default.
+        meta = {**meta, "help": f"{meta['help']} (default: {CONNECTION_SETTINGS[item.name]})"}
     if meta.get("positional"):
         parser.add_argument(
             item.name, metavar=meta["flag"], help=meta["help"], nargs="?" if optional else None

@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from removebg_provider.cli import subcommand_help
 from removebg_provider.cli.models import MODEL_HOME_HELP, pull_with_progress
@@ -17,6 +17,9 @@ from removebg_provider.engines.model_store import model_home
 from removebg_provider.engines.presets import PRESETS
 from removebg_provider.errors import ConfigurationError, RemoveBgError
 from removebg_provider.server.settings import MIB, ServerSettings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,9 @@ def add_parser(subcommands: Any) -> None:
         description=(
             "Serve POST /removebg/fast/removebg and POST /removebg/precise/removebg exactly like the Ximilar "
             "Remove Background API, plus GET /files/{name} (outputs, until their TTL), GET /health and "
-            "GET /stats. Point the provider or the official ximilar-client at http://HOST:PORT/."
+            "GET /stats. Point the provider or the official ximilar-client at the URL it logs on start, "
+            "http://localhost:PORT/ on this machine (the official client sends the token to Ximilar's "
+            "authorization endpoint unless the URL says localhost)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -260,9 +265,9 @@ def run(args: argparse.Namespace) -> int:
         log.error("cannot start the engines (%s): %s", _describe(engines), error)
         return 2
     log.info(
-        "serving the Remove Background API on http://%s:%d/ (%s, outputs in %s for %g h)",
+        "serving the Remove Background API on %s (bound to %s; %s, outputs in %s for %g h)",
+        _client_url(args.host, args.port),
         args.host,
-        args.port,
         _describe(engines),
         app.state.storage_dir,
         settings.ttl_hours,
@@ -270,10 +275,51 @@ def run(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         server_config(app, settings, host=args.host, port=args.port, log_level="info", access_log=True)
     )
-    # uvicorn raises Ctrl-C again once it has shut down cleanly: that is the normal way to stop.
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
-    return 0 if server.started else 1
+    return 0 if _run_until_stopped(server, _client_url(args.host, args.port)) else 1
+
+
+def _run_until_stopped(server: uvicorn.Server, url: str) -> bool:
+    """Serve until Ctrl-C or SIGTERM, uvicorn's startup line naming `url`; whether the server started."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    startup_line = _StartupLineUrl(url)
+    uvicorn_log.addFilter(startup_line)
+    try:
+        # uvicorn raises Ctrl-C again once it has shut down cleanly: that is the normal way to stop.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+    finally:
+        uvicorn_log.removeFilter(startup_line)
+    return bool(server.started)
+
+
+def _client_url(host: str, port: int) -> str:
+    """The base URL a client on this machine should use to reach a server bound to `host`.
+
+    A loopback or all-interfaces address is named `localhost`: the official ximilar-client skips its
+    call to the public authorization endpoint only when the endpoint contains "localhost", so with
+    `127.0.0.1` it would send the local token to Ximilar.
+    """
+    if _is_loopback(host) or _is_unspecified(host):
+        return f"http://localhost:{port}/"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+class _StartupLineUrl(logging.Filter):
+    """Makes uvicorn's "Uvicorn running on http://HOST:PORT" line name the URL clients should use.
+
+    Its last line is the one people copy; with a loopback bind it would say 127.0.0.1 again.
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url.rstrip("/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Uvicorn running on %s://"):
+            record.msg = "Uvicorn running on %s (Press CTRL+C to quit)"
+            record.args = (self.url,)
+            record.__dict__.pop("color_message", None)
+        return True
 
 
 def _named_model_missing(settings: ServerSettings) -> bool:
@@ -292,5 +338,12 @@ def _is_loopback(host: str) -> bool:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return False

@@ -12,6 +12,7 @@ from airflow.sdk.log import mask_secret
 
 from removebg_provider.client import DEFAULT_BASE_URL, AccountStatus, RemoveBgClient
 from removebg_provider.errors import ConfigurationError, RemoveBgError
+from removebg_provider.transport import parse_cert, parse_proxies, parse_verify, proxy_passwords
 from removebg_provider.vocabulary import MODES
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,9 @@ class RemoveBgHook(BaseHook):
     Extras: `mode` (fast|precise), `timeout` (seconds or [connect, read]), `max_retries`,
     `backpressure_deadline` (seconds a request may wait out "busy" answers in total),
     `max_records_per_request`, `requests_per_minute`, `concurrency`, `rate_limit_redis_url` (every
-    task on every worker then shares the one `requests_per_minute` budget kept in that Redis).
+    task on every worker then shares the one `requests_per_minute` budget kept in that Redis),
+    `proxies` ({"https": "http://proxy:3128"}), `verify` (false, or a CA bundle path on the workers)
+    and `cert` (a client certificate file, or [certificate, key] files). Unknown extras are logged.
     Keyword arguments given to the hook (or to `get_conn`) are passed to RemoveBgClient and win over
     the connection: a pipeline task resolves its settings against `connection_settings()` and passes
     the result.
@@ -68,8 +71,9 @@ class RemoveBgHook(BaseHook):
                 **overrides,
             }
             redis_password = urlsplit(settings.get("rate_limit_redis_url") or "").password
-            if redis_password:
-                mask_secret(redis_password)
+            for secret in [redis_password, *proxy_passwords(settings.get("proxies") or {})]:
+                if secret:
+                    mask_secret(secret)
             return RemoveBgClient(**settings)
 
         return self._invalid_connection_is_configuration_error(build)
@@ -188,4 +192,7 @@ CONNECTION_EXTRAS: dict[str, Callable[[Any], Any]] = {
     "requests_per_minute": _number,
     "concurrency": _integer(1),
     "rate_limit_redis_url": _text,
+    "proxies": parse_proxies,
+    "verify": parse_verify,
+    "cert": parse_cert,
 }

@@ -1,19 +1,22 @@
-"""The "Remove-background report" extra link: the run's contact-sheet report at its http(s) URL."""
+"""The "Remove-background report" extra link: the run's report at an http(s) URL, or a presigned one."""
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from airflow.sdk import BaseOperatorLink, BaseXCom
 
-from removebg_provider.errors import ConfigurationError
-from removebg_provider.storage import join_uri, scheme_of
+from removebg_provider.errors import ConfigurationError, StorageError
+from removebg_provider.storage import Storage, check_presign_seconds, join_uri, scheme_of
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
+
+log = logging.getLogger(__name__)
 
 REPORT_URL_XCOM_KEY = "report_url"
 _WEB_SCHEMES = ("http", "https")
@@ -24,7 +27,8 @@ class RemoveBackgroundReportLink(BaseOperatorLink):
 
     The task pushes the report's URL under the XCom key `report_url`; without one (no report, or a
     report only in s3://, gs://, azure:// or a local folder, which a browser cannot open from the
-    Airflow UI, and no `report_base_url`) the link is empty and the UI shows no button.
+    Airflow UI, and neither `report_base_url` nor `report_link_expiry`) the link is empty and the UI
+    shows no button.
     """
 
     name = "Remove-background report"
@@ -48,6 +52,34 @@ def report_url(report_uri: str | None, report_base_url: str | None) -> str | Non
     if not report_base_url:
         return None
     return join_uri(report_base_url, posixpath.basename(urlparse(report_uri).path))
+
+
+def report_link(
+    report_uri: str | None, report_base_url: str | None, expiry: int | None, storage: Storage
+) -> str:
+    """The link the task pushes: `report_url`, else (with `expiry`) a presigned URL, else "".
+
+    A presigned URL lets anyone holding it read the report (nothing else) for `expiry` seconds; one
+    that cannot be signed (a local report, credentials that cannot sign) is logged, not an error:
+    the run itself succeeded.
+    """
+    url = report_url(report_uri, report_base_url)
+    if url is None and report_uri and expiry:
+        try:
+            url = storage.presigned_url(report_uri, expiry)
+        except StorageError as exc:
+            log.warning("the report gets no link: %s", exc)
+    return url or ""
+
+
+def check_report_link_expiry(value: int | None, task_id: str) -> int | None:
+    """`value` when unset or a lifetime a presigned URL may have; ConfigurationError names the task."""
+    if value is None:
+        return None
+    try:
+        return check_presign_seconds(value)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"task {task_id!r}: report_link_expiry: {exc}") from exc
 
 
 def check_report_base_url(value: str | None, task_id: str) -> str | None:

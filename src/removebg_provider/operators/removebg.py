@@ -19,7 +19,8 @@ from removebg_provider.operators.links import (
     REPORT_URL_XCOM_KEY,
     RemoveBackgroundReportLink,
     check_report_base_url,
-    report_url,
+    check_report_link_expiry,
+    report_link,
 )
 from removebg_provider.operators.storage_connections import storage_from_connections
 from removebg_provider.pipeline.config import CONNECTION_SETTINGS, FIELDS, REQUIRED_FIELDS, options_doc
@@ -94,11 +95,14 @@ class _RunOutputsMixin:
 
     `report_base_url` is the http(s) URL at which the enriched manifest's folder is served; the
     report written next to the manifest then gets a "Remove-background report" link in the UI.
+    Without it, `report_link_expiry` (seconds) links a report in s3://, gs:// or az:// through a
+    presigned URL that lives that long.
     """
 
     operator_extra_links: Collection[BaseOperatorLink] = (RemoveBackgroundReportLink(),)
     task_id: str
     report_base_url: str | None
+    report_link_expiry: int | None
     _lineage: RunLineage | None = None
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
@@ -108,18 +112,30 @@ class _RunOutputsMixin:
     def _checked_report_base_url(self) -> str | None:
         return check_report_base_url(self.report_base_url, self.task_id)
 
+    def _set_report_options(self, report_base_url: str | None, report_link_expiry: int | None) -> None:
+        self.report_base_url = report_base_url
+        self.report_link_expiry = check_report_link_expiry(report_link_expiry, self.task_id)
+        if not is_templated(report_base_url):
+            self._checked_report_base_url()
+
     def _publishing_failures(
-        self, produce: Callable[[], pipeline.RunSummary], base_url: str | None, context: Context
+        self,
+        produce: Callable[[], pipeline.RunSummary],
+        base_url: str | None,
+        storage: Storage,
+        context: Context,
     ) -> pipeline.RunSummary:
         """Run `produce`; when the run breaks the failure policy, still publish its report, then fail."""
         try:
             return produce()
         except (FailurePolicyError, RunStoppedError) as exc:
-            self._publish_report(exc.summary, base_url, context)
+            self._publish_report(exc.summary, base_url, storage, context)
             log.error("%s", exc.summary.describe())
             raise
 
-    def _publish_report(self, summary: pipeline.RunSummary, base_url: str | None, context: Context) -> None:
+    def _publish_report(
+        self, summary: pipeline.RunSummary, base_url: str | None, storage: Storage, context: Context
+    ) -> None:
         """Count the rows into the lineage and push the report's browser URL ("" when it has none).
 
         Always pushed: Airflow reads the extra link after every run, and a missing key is logged as
@@ -127,8 +143,8 @@ class _RunOutputsMixin:
         """
         if self._lineage is not None:
             self._lineage = dataclasses.replace(self._lineage, rows=summary.rows)
-        url = report_url(summary.report_html_uri, base_url)
-        context["ti"].xcom_push(key=REPORT_URL_XCOM_KEY, value=url or "")
+        url = report_link(summary.report_html_uri, base_url, self.report_link_expiry, storage)
+        context["ti"].xcom_push(key=REPORT_URL_XCOM_KEY, value=url)
 
 
 class _ManifestConfigOperator(_StorageOperator):
@@ -202,6 +218,8 @@ class RemoveBackgroundOperator(_StopOnKillMixin, _RunOutputsMixin, _ManifestConf
 
     :param report_base_url: optional http(s) URL at which the enriched manifest's folder is served;
         the run report then gets a "Remove-background report" link (XCom key `report_url`).
+    :param report_link_expiry: optional seconds (1 to 604800): without `report_base_url`, a report
+        in s3://, gs:// or az:// is linked through a presigned URL that lives that long.
     :param aws_conn_id: optional Amazon connection for s3:// URIs (extra `amazon`).
     :param gcp_conn_id: optional Google connection for gs:// URIs (extra `google`).
     :param wasb_conn_id: optional Azure Blob Storage connection for azure:// URIs (extra `microsoft-azure`).
@@ -209,14 +227,14 @@ class RemoveBackgroundOperator(_StopOnKillMixin, _RunOutputsMixin, _ManifestConf
 
     template_fields: Sequence[str] = (*_CONFIG_FIELDS, "report_base_url")
 
-    def __init__(self, *, report_base_url: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, report_base_url: str | None = None, report_link_expiry: int | None = None, **kwargs: Any
+    ) -> None:
         uri = kwargs.get("output_manifest_uri")
         if kwargs.get("outlets") is None and isinstance(uri, str) and uri and not is_templated(uri):
             kwargs["outlets"] = [manifest_asset(uri)]
         super().__init__(**kwargs)
-        self.report_base_url = report_base_url
-        if not is_templated(report_base_url):
-            self._checked_report_base_url()
+        self._set_report_options(report_base_url, report_link_expiry)
 
     def execute(self, context: Context) -> dict[str, Any]:
         hook = RemoveBgHook(self.removebg_conn_id)
@@ -227,9 +245,9 @@ class RemoveBackgroundOperator(_StopOnKillMixin, _RunOutputsMixin, _ManifestConf
         stop = self._new_stop_request()
         with hook.get_conn(**config.client_settings()) as client:
             summary = self._publishing_failures(
-                lambda: pipeline.run(config, client, storage, stop=stop), base_url, context
+                lambda: pipeline.run(config, client, storage, stop=stop), base_url, storage, context
             )
-        self._publish_report(summary, base_url, context)
+        self._publish_report(summary, base_url, storage, context)
         return self._report(summary, context)
 
 
@@ -316,16 +334,23 @@ class MergeEnrichedManifestOperator(_RunOutputsMixin, _StorageOperator):
     :param plan_uri: the plan's URI, usually `plan_task.output["plan_uri"]`.
     :param report_base_url: optional http(s) URL at which the enriched manifest's folder is served;
         the run report then gets a "Remove-background report" link (XCom key `report_url`).
+    :param report_link_expiry: optional seconds (1 to 604800): without `report_base_url`, a report
+        in s3://, gs:// or az:// is linked through a presigned URL that lives that long.
     """
 
     template_fields: Sequence[str] = ("plan_uri", "report_base_url")
 
-    def __init__(self, *, plan_uri: str | XComArg, report_base_url: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        plan_uri: str | XComArg,
+        report_base_url: str | None = None,
+        report_link_expiry: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.plan_uri = plan_uri
-        self.report_base_url = report_base_url
-        if not is_templated(report_base_url):
-            self._checked_report_base_url()
+        self._set_report_options(report_base_url, report_link_expiry)
 
     def execute(self, context: Context) -> dict[str, Any]:
         if not isinstance(self.plan_uri, str):
@@ -335,8 +360,8 @@ class MergeEnrichedManifestOperator(_RunOutputsMixin, _StorageOperator):
         plan = pipeline.load_plan(self.plan_uri, storage)
         config = plan.config
         self._lineage = run_lineage(config, storage)
-        summary = self._publishing_failures(lambda: pipeline.merge(plan, storage), base_url, context)
-        self._publish_report(summary, base_url, context)
+        summary = self._publishing_failures(lambda: pipeline.merge(plan, storage), base_url, storage, context)
+        self._publish_report(summary, base_url, storage, context)
         return self._report(summary, context)
 
 
@@ -352,6 +377,7 @@ def remove_background_task_group(
     max_active_tis_per_dagrun: int = DEFAULT_MAX_ACTIVE_SHARDS,
     outlets: Sequence[Asset] | None = None,
     report_base_url: str | None = None,
+    report_link_expiry: int | None = None,
     aws_conn_id: str | None = None,
     gcp_conn_id: str | None = None,
     wasb_conn_id: str | None = None,
@@ -366,7 +392,8 @@ def remove_background_task_group(
     of one run are processed at once. The merge runs when every shard task has finished, failed or
     not, and is not retried; its outlets default to the enriched manifest's Asset when that URI has
     no Jinja expression. With `report_base_url` (the http(s) URL serving the enriched manifest's
-    folder) the merge task links to the run report.
+    folder) the merge task links to the run report; without it, `report_link_expiry` (seconds) links
+    a report in s3://, gs:// or az:// through a presigned URL that lives that long.
     """
     storage = {"aws_conn_id": aws_conn_id, "gcp_conn_id": gcp_conn_id, "wasb_conn_id": wasb_conn_id}
     concurrency = options.get("concurrency") or CONNECTION_SETTINGS["concurrency"]
@@ -400,6 +427,7 @@ def remove_background_task_group(
             retries=0,
             outlets=list(outlets or []),
             report_base_url=report_base_url,
+            report_link_expiry=report_link_expiry,
             **storage,
         )
         shard_tasks >> merge_task

@@ -84,9 +84,7 @@ class PipelineConfig:
     id_column: str | None = _setting(
         None, "column with unique row ids (default: derived from the image reference)"
     )
-    mode: str | None = _setting(
-        None, f"API endpoint (default: the connection's, else {DEFAULT_MODE})", choices=MODES
-    )
+    mode: str | None = _setting(None, "API endpoint", choices=MODES)
     binary_mask: bool = _setting(False, "also store a binary mask ({id}.mask.jpg)")
     white_background: bool = _setting(False, "also store a white-background jpg ({id}.whitebg.jpg)")
     image_format: str | None = _setting(
@@ -102,13 +100,11 @@ class PipelineConfig:
     )
     max_records_per_request: int | None = _setting(
         None,
-        f"records per API request (default: the connection's, else {DEFAULT_MAX_RECORDS_PER_REQUEST})",
+        "records per API request",
         flag="--batch-size",
         aliases=("--max-records-per-request",),
     )
-    concurrency: int | None = _setting(
-        None, f"API requests in flight (default: the connection's, else {DEFAULT_CONCURRENCY})"
-    )
+    concurrency: int | None = _setting(None, "API requests in flight")
     resume: bool = _setting(True, "reuse checkpointed results of an earlier run of the same job")
     skip_existing: bool = _setting(
         False,
@@ -142,6 +138,11 @@ class PipelineConfig:
     )
     report: bool = _setting(True, "write the contact-sheet report next to the enriched manifest")
     report_sample: int = _setting(48, "tiles in the report, flagged and failed rows first")
+    report_private_urls: bool = _setting(
+        False,
+        "let the report fetch http(s) images from loopback, private and reserved addresses (refused by "
+        "default, as the local server refuses such a _url)",
+    )
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -277,7 +278,10 @@ def options_doc() -> str:
     """`:param:` lines for every setting, from the fields' help and defaults (for operator docs)."""
     lines = []
     for item in FIELDS:
-        default = "" if item.default is dataclasses.MISSING else f" (default {item.default!r})"
+        if item.name in CONNECTION_SETTINGS:
+            default = f" (default: the connection's extra, else {CONNECTION_SETTINGS[item.name]!r})"
+        else:
+            default = "" if item.default is dataclasses.MISSING else f" (default {item.default!r})"
         lines.append(f"    :param {item.name}: {item.metadata['help']}{default}")
     return "\n".join(lines) + "\n"
 

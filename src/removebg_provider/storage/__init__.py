@@ -10,7 +10,7 @@ from typing import IO, Any
 
 import tenacity
 
-from removebg_provider.errors import StorageError
+from removebg_provider.errors import ConfigurationError, StorageError
 from removebg_provider.storage.backends import (
     AZURE_CONNECTION_ENV,
     Backend,
@@ -22,13 +22,27 @@ from removebg_provider.storage.uris import comparable_uri, join_uri, local_path,
 
 __all__ = [
     "AZURE_CONNECTION_ENV",
+    "MAX_PRESIGN_SECONDS",
     "Storage",
+    "check_presign_seconds",
     "comparable_uri",
     "join_uri",
     "local_path",
     "scheme_of",
     "unique_name",
 ]
+
+# The longest life S3 (SigV4) and GCS (V4) allow a presigned URL: 7 days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+
+
+def check_presign_seconds(value: object) -> int:
+    """`value` when it is a whole number of seconds a presigned URL may live (1 to 7 days)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PRESIGN_SECONDS:
+        raise ConfigurationError(
+            f"a presigned URL lives 1 to {MAX_PRESIGN_SECONDS} seconds (7 days), not {value!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,15 @@ class Storage:
     def version(self, uri: str) -> str | None:
         """A token that changes whenever the object at `uri` is written again; None when it is missing."""
         return self._backend(uri).version(uri)
+
+    def presigned_url(self, uri: str, expires_in: int) -> str:
+        """An http(s) URL that lets anyone GET the object at `uri` for `expires_in` seconds (1 to 604800).
+
+        s3:// (as the client signs), gs:// (V4, with credentials that can sign) and az:// (a read-only
+        SAS signed with the account key); StorageError for other schemes or credentials that cannot sign.
+        """
+        check_presign_seconds(expires_in)
+        return self._backend(uri).presigned_url(uri, expires_in)
 
     def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
         """What identifies the content of each object (its scheme's metadata, else a hash of its bytes).

@@ -6,6 +6,7 @@ refuses schemes it has no transport for). Adding a store is one class here with 
 
 from __future__ import annotations
 
+import datetime
 import errno
 import functools
 import hashlib
@@ -126,6 +127,10 @@ class Backend:
     def version(self, uri: str) -> str | None:
         """A token that changes whenever the object at `uri` is written again; None when it is missing."""
         return self.fingerprint(uri)
+
+    def presigned_url(self, uri: str, expires_in: int) -> str:
+        """An http(s) URL that lets anyone GET the object at `uri` for `expires_in` seconds."""
+        raise StorageError(f"cannot presign {uri}: only s3://, gs:// and az:// objects get presigned URLs")
 
     def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
         """`fingerprint` of each URI (None also for one that cannot be described), side by side."""
@@ -317,6 +322,18 @@ class S3Backend(Backend):
             found.update({f"s3://{bucket}/{key}": listed.get(key) for key in keys})
         return found | super().fingerprints(alone, limit)
 
+    def presigned_url(self, uri: str, expires_in: int) -> str:
+        # Signed as the client is configured: boto3 uses SigV2 where S3 still accepts it, unless
+        # the client's Config says signature_version="s3v4".
+        bucket, key = _bucket_and_key(uri)
+        try:
+            url: str = self._client().generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_in
+            )
+        except storage_errors() as exc:
+            raise StorageError(f"cannot presign {uri}: {short_error(exc)}") from exc
+        return url
+
     def _listed(self, bucket: str, folder: str, first: str, last: str) -> dict[str, str]:
         """Fingerprints of the objects of `folder` from key `first` to key `last`, from its listing."""
         prefix = f"{folder}/" if folder else ""
@@ -389,6 +406,19 @@ class GcsBackend(Backend):
             pass
         except storage_errors() as exc:
             raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
+
+    def presigned_url(self, uri: str, expires_in: int) -> str:
+        try:
+            url: str = self._new_blob(uri).generate_signed_url(
+                version="v4", expiration=datetime.timedelta(seconds=expires_in), method="GET"
+            )
+        except AttributeError as exc:  # google-auth's answer for credentials holding no private key
+            raise StorageError(
+                f"cannot presign {uri}: the Google credentials cannot sign (use a service account key)"
+            ) from exc
+        except storage_errors() as exc:
+            raise StorageError(f"cannot presign {uri}: {short_error(exc)}") from exc
+        return url
 
     def _new_blob(self, uri: str) -> Any:
         from google.cloud import storage as gcs
@@ -471,6 +501,25 @@ class AzureBackend(Backend):
             pass
         except storage_errors() as exc:
             raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
+
+    def presigned_url(self, uri: str, expires_in: int) -> str:
+        from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+
+        blob = self._blob_client(uri)
+        account_key = getattr(blob.credential, "account_key", None)
+        if not account_key:
+            raise StorageError(
+                f"cannot presign {uri}: a SAS is signed with the account's key (give a connection string)"
+            )
+        sas = generate_blob_sas(
+            blob.account_name,
+            blob.container_name,
+            blob.blob_name,
+            account_key=account_key,
+            permission=BlobSasPermissions(read=True),
+            expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=expires_in),
+        )
+        return f"{blob.url}?{sas}"
 
     def _blob_client(self, uri: str) -> Any:
         if "client" not in self.params:

@@ -16,6 +16,8 @@ import requests
 
 from removebg_provider.cli import main
 from support import REPO_ROOT
+from support.serve_process import TOKEN, serve_process
+from support.servers import sample_photo_base64
 
 REPO = REPO_ROOT
 OPTIONS = [
@@ -88,6 +90,25 @@ def test_serve_runs_with_the_token_from_the_environment(tmp_path: Path) -> None:
     assert health.status_code == 200
     assert stats.status_code == 401
     assert b"env-token" not in output
+
+
+def test_serve_logs_a_localhost_url_the_official_client_uses_without_calling_ximilar() -> None:
+    from ximilar.client import RemoveBGClient
+
+    with serve_process() as server:  # binds 127.0.0.1, the default
+        logged = server.wait_for_log(r"serving the Remove Background API on (\S+) ")
+        uvicorn_line = server.wait_for_log(r"Uvicorn running on (\S+) ")
+        assert logged is not None
+        assert uvicorn_line is not None
+        port = server.base_url.rsplit(":", 1)[1]
+        # With a URL naming 127.0.0.1 the official client would first post the token to
+        # api.ximilar.com; this sandbox has no route there, so the call below would fail.
+        client = RemoveBGClient(token=TOKEN, endpoint=logged.group(1))
+        result = client.removebg_fast([{"_base64": sample_photo_base64(), "_id": "a"}])
+
+    assert logged.group(1) == f"http://localhost:{port}/"
+    assert uvicorn_line.group(1) == f"http://localhost:{port}"
+    assert result["records"][0]["_status"]["code"] == 200
 
 
 def _free_port() -> int:

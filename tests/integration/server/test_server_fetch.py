@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import requests
 
-from removebg_provider.server.errors import RecordRejected
-from removebg_provider.server.fetch import FetchLimits, fetch_url, is_public_address
+from removebg_provider.errors import FetchRefused
+from removebg_provider.guarded_fetch import FetchLimits, fetch_url, is_public_address
 from support.servers import LocalApiServer, sample_photo, sample_photo_base64, start_api_server
 
 PHOTO = sample_photo(96, 64, "JPEG")
@@ -145,7 +145,7 @@ def test_loopback_url_is_refused_by_default_and_the_batch_goes_on(
     ],
 )
 def test_private_link_local_and_reserved_addresses_are_refused(url: str) -> None:
-    with pytest.raises(RecordRejected) as refused:
+    with pytest.raises(FetchRefused) as refused:
         fetch_url(url, FetchLimits(max_bytes=10_000, timeout_seconds=2, max_redirects=2))
 
     assert refused.value.code == 403
@@ -155,11 +155,11 @@ def test_a_redirect_to_a_private_address_is_refused_at_that_hop(image_host: str)
     def loopback_only(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return address.is_loopback
 
-    with pytest.raises(RecordRejected) as refused:
+    with pytest.raises(FetchRefused) as refused:
         fetch_url(f"{image_host}/to-private", FetchLimits(10_000, 2, 2), is_allowed=loopback_only)
 
     assert refused.value.code == 403
-    assert "10.11.12.13" in refused.value.message
+    assert "10.11.12.13" in str(refused.value)
 
 
 def test_the_connection_keeps_the_host_name_in_the_host_header(image_host: str) -> None:
@@ -194,7 +194,7 @@ def test_public_addresses_pass_the_address_policy() -> None:
 
 @pytest.mark.parametrize("url", ["ftp://example.com/x.jpg", "file:///etc/passwd", "gopher://x/"])
 def test_non_http_schemes_are_refused(url: str) -> None:
-    with pytest.raises(RecordRejected) as refused:
+    with pytest.raises(FetchRefused) as refused:
         fetch_url(url, FetchLimits(10_000, 2, 2))
 
     assert refused.value.code == 400
@@ -219,7 +219,7 @@ def test_a_missing_url_reports_the_http_status(tmp_path: Path, image_host: str) 
 
 
 def test_a_stalled_download_times_out(image_host: str) -> None:
-    with pytest.raises(RecordRejected) as timed_out:
+    with pytest.raises(FetchRefused) as timed_out:
         fetch_url(f"{image_host}/stall", FetchLimits(10_000, 0.5, 2), is_allowed=_anything)
 
     assert timed_out.value.code == 408
@@ -238,11 +238,11 @@ def test_a_refused_connection_is_reported_as_unreachable_not_as_a_timeout() -> N
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
 
-    with pytest.raises(RecordRejected) as refused:
+    with pytest.raises(FetchRefused) as refused:
         fetch_url(f"http://127.0.0.1:{closed_port}/x.jpg", FetchLimits(10_000, 5, 2), is_allowed=_anything)
 
     assert refused.value.code == 400
-    assert "cannot connect" in refused.value.message
+    assert "cannot connect" in str(refused.value)
 
 
 def _anything(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from removebg_provider.server.fetch import is_public_address
+from removebg_provider.guarded_fetch import is_public_address
 from support.servers import LocalApiServer, start_api_server
 
 FETCH_TIMEOUT_SECONDS = 3

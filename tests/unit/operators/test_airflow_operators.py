@@ -21,7 +21,12 @@ from removebg_provider.operators import (
     remove_background_task_group,
 )
 from removebg_provider.operators.lineage import RunLineage, dataset_name, operator_lineage, run_lineage
-from removebg_provider.operators.links import RemoveBackgroundReportLink, check_report_base_url, report_url
+from removebg_provider.operators.links import (
+    RemoveBackgroundReportLink,
+    check_report_base_url,
+    report_link,
+    report_url,
+)
 from removebg_provider.operators.storage_connections import storage_from_connections
 from removebg_provider.pipeline import PipelineConfig
 from removebg_provider.storage import Storage
@@ -185,6 +190,16 @@ def test_dags_folder_imports_without_errors() -> None:
     assert "catalog_remove_background" in bag.dag_ids
 
 
+def test_the_shipped_example_dag_belongs_to_the_dags_folder_file_that_imports_it() -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag_file = ROOT / "dags" / "catalog_remove_background.py"
+    bag = DagBag(dag_folder=str(dag_file))
+
+    # Workers parse the DAG again from its file: it must be the one in the dags folder, not the package's.
+    assert bag.dags["catalog_remove_background"].fileloc == str(dag_file)
+
+
 def test_both_whole_run_operators_offer_the_report_link() -> None:
     with _dag():
         whole = RemoveBackgroundOperator(task_id="cut", **URIS)
@@ -219,6 +234,35 @@ def test_report_base_url_that_is_not_http_is_refused_at_parse_time(operator: Any
     arguments = URIS if operator is RemoveBackgroundOperator else {"plan_uri": "s3://staging/plan.json"}
     with _dag(), pytest.raises(ConfigurationError, match=r"'cut'.*report_base_url must be an http\(s\) URL"):
         operator(task_id="cut", report_base_url="s3://catalog/enriched", **arguments)
+
+
+@pytest.mark.parametrize("operator", [RemoveBackgroundOperator, MergeEnrichedManifestOperator])
+@pytest.mark.parametrize("seconds", [0, 8 * 24 * 3600, 2.5])
+def test_a_report_link_expiry_outside_one_second_to_seven_days_is_refused_at_parse_time(
+    operator: Any, seconds: Any
+) -> None:
+    arguments = URIS if operator is RemoveBackgroundOperator else {"plan_uri": "s3://staging/plan.json"}
+    with _dag(), pytest.raises(ConfigurationError, match=r"'cut'.*report_link_expiry: .*1 to 604800 seconds"):
+        operator(task_id="cut", report_link_expiry=seconds, **arguments)
+
+
+def test_the_base_url_wins_over_a_presigned_link() -> None:
+    uri = "s3://catalog/enriched/products.report.html"
+
+    link = report_link(uri, "https://cdn.example.com/day", 3600, Storage())
+
+    assert link == "https://cdn.example.com/day/products.report.html"
+
+
+def test_a_report_that_cannot_be_presigned_gets_no_link_and_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    local_report = str(tmp_path / "products.report.html")
+
+    link = report_link(local_report, None, 3600, Storage())
+
+    assert link == ""
+    assert f"the report gets no link: cannot presign {local_report}" in caplog.text
 
 
 def test_rendered_unset_report_base_url_means_no_link() -> None:

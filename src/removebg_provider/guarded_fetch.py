@@ -1,7 +1,8 @@
-"""Download a record's `_url` without letting it reach private networks or exhaust memory or time.
+"""Download a URL someone else chose without letting it reach private networks or exhaust memory or time.
 
-Server-side request forgery is the risk: a caller could point `_url` at the metadata service, at
-localhost, or at the catalog team's intranet. Each hop is therefore resolved once, *every* address the
+Server-side request forgery is the risk: whoever writes a record's `_url` (for the local server) or a
+manifest's image column (for the QA report) could point it at the metadata service, at localhost,
+or at the catalog team's intranet. Each hop is therefore resolved once, *every* address the
 name resolves to is checked, and the connection goes to the checked address itself (Host header and
 TLS SNI/certificate check still use the name). Re-resolving at connect time would let a DNS-rebinding
 name answer "public" to the check and "private" to the connection. Redirects are followed by hand so
@@ -23,7 +24,7 @@ from urllib.parse import urljoin, urlsplit
 
 import certifi
 
-from removebg_provider.server.errors import RecordRejected
+from removebg_provider.errors import FetchRefused
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
@@ -66,12 +67,12 @@ def is_public_address(address: IPAddress) -> bool:
 
 
 def allow_any_address(address: IPAddress) -> bool:
-    """The policy of `--allow-private-urls`: every address may be fetched."""
+    """The policy of `--allow-private-urls` and `report_private_urls`: every address may be fetched."""
     return True
 
 
 def fetch_url(url: str, limits: FetchLimits, is_allowed: AddressPolicy = is_public_address) -> bytes:
-    """Return the body of `url` (http or https), following redirects, or raise `RecordRejected`."""
+    """Return the body of `url` (http or https), following redirects, or raise `FetchRefused`."""
     watchdog = _Watchdog(limits.timeout_seconds)
     try:
         current = url
@@ -84,15 +85,15 @@ def fetch_url(url: str, limits: FetchLimits, is_allowed: AddressPolicy = is_publ
                     current = urljoin(current, location)
                     continue
                 if response.status != 200:
-                    raise RecordRejected(
-                        400, f"fetching _url {url} failed: the server answered HTTP {response.status}"
+                    raise FetchRefused(
+                        400, f"fetching {url} failed: the server answered HTTP {response.status}"
                     )
                 return _read_capped(response, url, limits, watchdog)
             except (http.client.HTTPException, OSError) as error:
                 raise watchdog.failure(url, "while reading", error) from error
             finally:
                 connection.close()
-        raise RecordRejected(400, f"fetching _url {url} failed: more than {limits.max_redirects} redirects")
+        raise FetchRefused(400, f"fetching {url} failed: more than {limits.max_redirects} redirects")
     finally:
         watchdog.stop()
 
@@ -132,13 +133,13 @@ class _Watchdog:
             if self.expired:
                 _shut_down(duplicate)
 
-    def failure(self, url: str, stage: str, error: Exception) -> RecordRejected:
+    def failure(self, url: str, stage: str, error: Exception) -> FetchRefused:
         """The record's status for `error`: a timeout when the deadline cut it short."""
         if self.expired:
-            return RecordRejected(408, f"fetching _url {url} took longer than {self.seconds:g} s")
+            return FetchRefused(408, f"fetching {url} took longer than {self.seconds:g} s")
         if isinstance(error, TimeoutError):
-            return RecordRejected(408, f"fetching _url {url} timed out {stage}")
-        return RecordRejected(400, f"fetching _url {url} failed {stage}: {error}")
+            return FetchRefused(408, f"fetching {url} timed out {stage}")
+        return FetchRefused(400, f"fetching {url} failed {stage}: {error}")
 
     def stop(self) -> None:
         """Cancel the deadline and release the duplicate sockets."""
@@ -165,14 +166,14 @@ def _connect(url: str, is_allowed: AddressPolicy, watchdog: _Watchdog) -> http.c
     """An HTTP connection to a checked address of `url`'s host, TLS verified for the host name."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise RecordRejected(400, f"_url {url} is not an http(s) URL")
+        raise FetchRefused(400, f"{url} is not an http(s) URL")
     host = parts.hostname
     if not host:
-        raise RecordRejected(400, f"_url {url} has no host name")
+        raise FetchRefused(400, f"{url} has no host name")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as error:
-        raise RecordRejected(400, f"_url {url} has an invalid port") from error
+        raise FetchRefused(400, f"{url} has an invalid port") from error
     unreachable: list[str] = []
     # Like any client, try each address in turn (say ::1, then 127.0.0.1); every one was checked.
     for address in _resolve_checked(host, port, url, is_allowed):
@@ -195,7 +196,7 @@ def _connect(url: str, is_allowed: AddressPolicy, watchdog: _Watchdog) -> http.c
         connection = http.client.HTTPConnection(host, port)
         connection.sock = sock
         return connection
-    raise RecordRejected(400, f"fetching _url {url} failed: cannot connect ({'; '.join(unreachable)})")
+    raise FetchRefused(400, f"fetching {url} failed: cannot connect ({'; '.join(unreachable)})")
 
 
 def _get(connection: http.client.HTTPConnection, url: str) -> http.client.HTTPResponse:
@@ -205,7 +206,7 @@ def _get(connection: http.client.HTTPConnection, url: str) -> http.client.HTTPRe
         target = f"{target}?{parts.query}"
     headers = {
         "Host": parts.netloc.rsplit("@", 1)[-1],
-        "User-Agent": "removebg-local-server",
+        "User-Agent": "removebg-provider",
         "Accept": "image/*,*/*;q=0.5",
         # A compressed body could inflate far past the byte cap inside a single decoded chunk.
         "Accept-Encoding": "identity",
@@ -214,7 +215,7 @@ def _get(connection: http.client.HTTPConnection, url: str) -> http.client.HTTPRe
         connection.request("GET", target, headers=headers)
     except (http.client.InvalidURL, UnicodeError) as error:
         # Control characters in the path, or a host name that is not ASCII in the Host header.
-        raise RecordRejected(400, f"_url {url} is not a valid URL: {error}") from error
+        raise FetchRefused(400, f"{url} is not a valid URL: {error}") from error
     return connection.getresponse()
 
 
@@ -222,16 +223,15 @@ def _resolve_checked(host: str, port: int, url: str, is_allowed: AddressPolicy) 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as error:
-        raise RecordRejected(400, f"fetching _url {url} failed: cannot resolve host {host!r}") from error
+        raise FetchRefused(400, f"fetching {url} failed: cannot resolve host {host!r}") from error
     addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos))
     if not addresses:
-        raise RecordRejected(400, f"fetching _url {url} failed: host {host!r} has no address")
+        raise FetchRefused(400, f"fetching {url} failed: host {host!r} has no address")
     refused = [address for address in addresses if not is_allowed(address)]
     if refused:
-        raise RecordRejected(
+        raise FetchRefused(
             403,
-            f"refusing to fetch _url {url}: {host!r} resolves to {refused[0]}, which is not a public "
-            "address (start the server with --allow-private-urls to permit this)",
+            f"refusing to fetch {url}: {host!r} resolves to {refused[0]}, which is not a public address",
         )
     return addresses
 
@@ -241,12 +241,12 @@ def _read_capped(
 ) -> bytes:
     declared = response.getheader("Content-Length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
-        raise RecordRejected(413, f"_url {url} is {declared} bytes; the limit is {limits.max_bytes} bytes")
+        raise FetchRefused(413, f"{url} is {declared} bytes; the limit is {limits.max_bytes} bytes")
     body = bytearray()
     while chunk := response.read(_CHUNK):
         body += chunk
         if len(body) > limits.max_bytes:
-            raise RecordRejected(413, f"_url {url} is larger than the limit of {limits.max_bytes} bytes")
+            raise FetchRefused(413, f"{url} is larger than the limit of {limits.max_bytes} bytes")
     # A body without a length ends when the connection does, which is also what the deadline's
     # shutdown looks like: only a fetch that finished in time has the whole body.
     if watchdog.expired:
