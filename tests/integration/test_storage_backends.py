@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from removebg_provider.errors import StorageError
 from removebg_provider.storage import Storage
-from support.stores import AzuriteBlob, ObjectStore
+from support.stores import AzuriteBlob, MotoS3, ObjectStore
 
 
 def test_write_bytes_then_read_bytes_round_trips(object_store: ObjectStore) -> None:
@@ -179,3 +182,35 @@ def test_a_local_file_s_fingerprint_is_its_content_wherever_it_lies(tmp_path: Pa
     found = Storage().fingerprints([str(first), str(second), str(other)])
 
     assert found[str(first)] == found[str(second)] != found[str(other)]
+
+
+def test_many_threads_using_s3_at_once_keep_their_connections(
+    moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """boto3's default pool of 10 would drop every connection past it, each with a warning."""
+    readers = 24
+    for name, value in moto_s3.env.items():
+        monkeypatch.setenv(name, value)
+    store = moto_s3.new_store()
+    try:
+        uris = [store.uri(f"photos/{n}.jpg") for n in range(readers)]
+        for uri in uris:
+            store.storage.write_bytes(uri, uri.encode())
+        storage = Storage()  # the environment's client, as a user without `storage_options` gets
+        together = threading.Barrier(readers, timeout=120)
+
+        def read_together(uri: str) -> tuple[str | None, bytes]:
+            together.wait()
+            version = storage.version(uri)
+            together.wait()
+            return version, storage.read_bytes(uri)
+
+        caplog.set_level(logging.WARNING, logger="urllib3")
+        with ThreadPoolExecutor(readers) as pool:
+            contents = list(pool.map(read_together, uris))
+    finally:
+        store.delete_bucket()
+
+    assert [content for _, content in contents] == [uri.encode() for uri in uris]
+    assert None not in [version for version, _ in contents]
+    assert [record.message for record in caplog.records if "pool is full" in record.message] == []

@@ -254,6 +254,11 @@ class LocalBackend(Backend):
         )
 
 
+# boto3 keeps 10 connections by default; a run's copy workers, store lookups and claims use many
+# more at once, and every connection past the pool is opened, used once and dropped with a warning.
+S3_POOL_CONNECTIONS = 64
+
+
 @register("s3")
 class S3Backend(Backend):
     """Amazon S3 and compatible stores, through boto3 (the given client, else the environment's)."""
@@ -265,6 +270,14 @@ class S3Backend(Backend):
         super().__init__(params)
         self._client_lock = threading.Lock()
         self._default_client: Any = None
+
+    def open(self, uri: str, mode: str) -> IO[Any]:
+        # Without a client smart_open builds a boto3 client for every object it opens (slow, and each
+        # with a connection pool of its own); every object shares the backend's one client instead.
+        opened: IO[Any] = smart_open.open(
+            uri, mode, transport_params={**self.params, "client": self._client()}, compression="disable"
+        )
+        return opened
 
     def list_prefix(self, prefix: str) -> list[str]:
         bucket, key_prefix = _bucket_and_folder(prefix)
@@ -358,8 +371,11 @@ class S3Backend(Backend):
             # Creating a boto3 client is slow and not thread-safe; every thread shares this one.
             if self._default_client is None:
                 import boto3
+                from botocore.config import Config
 
-                self._default_client = boto3.client("s3")
+                self._default_client = boto3.client(
+                    "s3", config=Config(max_pool_connections=S3_POOL_CONNECTIONS)
+                )
             return self._default_client
 
 
