@@ -12,6 +12,7 @@ each hop is checked the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import ipaddress
 import socket
@@ -31,7 +32,6 @@ AddressPolicy = Callable[[IPAddress], bool]
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
-_TLS = ssl.create_default_context(cafile=certifi.where())
 
 # IPv6 forms that carry an IPv4 address: a NAT64 gateway or a 6to4 relay would deliver a request
 # for them to that IPv4 address, so they are judged by it (RFC 6052, RFC 3056, RFC 2765).
@@ -156,6 +156,13 @@ class _Watchdog:
                 _shut_down(duplicate)
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Built at the first https fetch, not at import: loading the CA bundle takes about 50 ms, and
+    # every run imports this module through the report whether or not it fetches anything.
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 def _shut_down(sock: socket.socket) -> None:
     # An OSError means it is already disconnected: nothing is left to wake.
     with contextlib.suppress(OSError):
@@ -187,7 +194,7 @@ def _connect(url: str, is_allowed: AddressPolicy, watchdog: _Watchdog) -> http.c
         try:
             watchdog.watch(sock)
             if parts.scheme == "https":
-                sock = _TLS.wrap_socket(sock, server_hostname=host)
+                sock = _tls_context().wrap_socket(sock, server_hostname=host)
         except OSError as error:
             sock.close()
             raise watchdog.failure(url, "while connecting", error) from error

@@ -6,6 +6,7 @@ import contextlib
 import http.server
 import ipaddress
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import requests
 from removebg_provider.errors import FetchRefused
 from removebg_provider.guarded_fetch import FetchLimits, fetch_url, is_public_address
 from support.servers import LocalApiServer, sample_photo, sample_photo_base64, start_api_server
+from support.tls import make_certificates
 
 PHOTO = sample_photo(96, 64, "JPEG")
 RELEASE_SLOW_HANDLER = threading.Event()
@@ -243,6 +245,30 @@ def test_a_refused_connection_is_reported_as_unreachable_not_as_a_timeout() -> N
 
     assert refused.value.code == 400
     assert "cannot connect" in str(refused.value)
+
+
+def test_an_https_host_whose_certificate_no_public_authority_signed_is_refused(tmp_path: Path) -> None:
+    certificates = make_certificates(tmp_path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(certificates.server_cert, certificates.server_key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(FetchRefused) as refused:
+            fetch_url(
+                f"https://localhost:{server.server_address[1]}/x.jpg",
+                FetchLimits(10_000, 10, 2),
+                is_allowed=_anything,
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    assert refused.value.code == 400
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
 
 
 def _anything(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
