@@ -22,6 +22,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -56,8 +57,9 @@ class FakeApi:
     cutout: tuple[int, int]
     pid: int
 
-    def stats(self) -> dict[str, int]:
-        counters: dict[str, int] = requests.get(f"{self.base_url}/stats", timeout=10).json()
+    def stats(self) -> dict[str, float]:
+        """Requests and records billed; after a request, `first_request_at` and `last_answer_at` (Unix)."""
+        counters: dict[str, float] = requests.get(f"{self.base_url}/stats", timeout=10).json()
         return counters
 
     def cpu_seconds(self) -> float:
@@ -122,6 +124,19 @@ def cutout_png(width: int, height: int, size: int = 0) -> bytes:
     kind, body = b"paDd", b"\0" * padding
     chunk = len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
     return png[:-12] + chunk + png[-12:]
+
+
+def extract_source(revision: str, target: Path) -> Path:
+    """The `src` tree of a git revision, unpacked under `target`: the "before" of a same-run comparison."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", revision, "src"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    target.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target / "src"
 
 
 def load_average() -> str:
@@ -192,13 +207,16 @@ def _serve(port: int, latency: float, output_bytes: int, cutout: tuple[int, int]
     from starlette.routing import Route
 
     output = cutout_png(*cutout, size=output_bytes)
-    counters = {"requests": 0, "records_billed": 0}
+    counters: dict[str, float] = {"requests": 0, "records_billed": 0}
 
     async def removebg(request: Request) -> JSONResponse:
         body = await request.json()
+        # Wall-clock times, so a benchmark can tell its process's start-up and wind-down from the API's.
+        counters.setdefault("first_request_at", time.time())
         counters["requests"] += 1
         counters["records_billed"] += len(body["records"])
         await asyncio.sleep(latency)
+        counters["last_answer_at"] = time.time()
         base = str(request.base_url).rstrip("/")
         records = [
             {

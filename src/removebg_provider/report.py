@@ -484,7 +484,9 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, fmt, **({"quality": 85} if fmt == "JPEG" else {"optimize": True}))
+    # PNG at zlib's default level: `optimize` made the contact sheet 5 % smaller for 2.3 times the
+    # encoding time, which a run spends after its last request.
+    image.save(buffer, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
     return buffer.getvalue()
 
 

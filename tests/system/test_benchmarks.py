@@ -31,6 +31,10 @@ TOY_RUNS = {
     ),
     "result_store.py": (["--rows", "200", "--s3-objects", "100"], "'day2_billed':"),
     "store_scale.py": (["--rows", "500"], "plan + lookup + merge:"),
+    "end_to_end.py": (
+        ["--latency", "0.05", "--concurrency", "2", "--lengths", "0.2", "--baseline", "HEAD"],
+        "| baseline HEAD |",
+    ),
     "cli_startup.py": (["--repeats", "1"], "| `removebg --help` |"),
     "server_attacks.py": (["memory", "--megapixels", "0.3", "--requests", "1", "--records", "2"], "peak RSS"),
 }

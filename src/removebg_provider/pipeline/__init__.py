@@ -1,8 +1,9 @@
 """The manifest pipeline, resumable, without Airflow: plan -> shards -> batches -> API -> copy -> merge.
 
 Its rooms: `config` (the settings), `planning` (manifest -> shards), `shard` (a shard's batches,
-requests and copies), `checkpoints` (durable progress), `results` (row results and summaries),
-`merging` (the enriched manifest) and `running` (all of it in one process).
+requests and copies), `workers` (the threads that run batches, shard after shard), `checkpoints`
+(durable progress), `results` (row results and summaries), `merging` (the enriched manifest) and
+`running` (all of it in one process).
 """
 
 from removebg_provider.pipeline.config import PipelineConfig

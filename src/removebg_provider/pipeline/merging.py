@@ -10,7 +10,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from removebg_provider import report
 from removebg_provider.errors import RemoveBgError
 from removebg_provider.manifest import RESULT_SCHEMA, ManifestWriter
 from removebg_provider.pipeline.checkpoints import ShardStaging
@@ -110,6 +109,10 @@ def _write_report(config: PipelineConfig, storage: Storage) -> tuple[str | None,
     """Build the run's contact-sheet report next to the enriched manifest; a failure only warns."""
     if not config.report:
         return None, None
+    # Imported here: the report's stack (Pillow, Jinja2, the guarded fetch) is half a second of
+    # start-up that a run spends before its first request otherwise.
+    from removebg_provider import report
+
     try:
         built = report.build_report(
             config.output_manifest_uri,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections import Counter
@@ -16,12 +17,12 @@ from removebg_provider.pipeline.merging import merge
 from removebg_provider.pipeline.planning import Plan, plan
 from removebg_provider.pipeline.results import BillingEstimate, RunSummary
 from removebg_provider.pipeline.shard import (
-    WORKERS_PER_SLOT,
     Budget,
     ShardWork,
     check_client_agrees,
     process_shard,
 )
+from removebg_provider.pipeline.workers import WORKERS_PER_SLOT, BatchWorkers
 from removebg_provider.progress import ProgressCallback
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
@@ -71,8 +72,10 @@ def run(
 ) -> RunSummary:
     """Plan, process every shard and merge: the whole pipeline in one process (the CLI's path).
 
-    Two shards are processed side by side, sharing `concurrency` request slots, so the API stays
-    busy while one shard drains its last batches. The failure policy is applied once, run-wide.
+    Two shards are processed side by side, sharing `concurrency` request slots and one set of batch
+    workers that takes each shard's batches together, in turn: while one shard's last batches run,
+    the next shard is read and its batches queue behind them, so the API stays busy between shards.
+    The failure policy is applied once, run-wide.
     Connection-level settings the config leaves unset are taken from the client's.
 
     Setting `stop` (from a signal handler, another thread, Airflow's `on_kill`) stops the run
@@ -99,7 +102,10 @@ def run(
     copier = OutputCopier(storage, pool_size=WORKERS_PER_SLOT * concurrency)
     relaxed = dataclasses.replace(plan_, config=dataclasses.replace(plan_.config, max_failed_fraction=1.0))
     try:
-        with ThreadPoolExecutor(_SHARDS_SIDE_BY_SIDE, thread_name_prefix="removebg-shard") as shards:
+        with (
+            ThreadPoolExecutor(_SHARDS_SIDE_BY_SIDE, thread_name_prefix="removebg-shard") as shards,
+            contextlib.closing(BatchWorkers(WORKERS_PER_SLOT * concurrency)) as batches,
+        ):
             futures = [
                 shards.submit(
                     process_shard,
@@ -111,6 +117,7 @@ def run(
                     budget=budget,
                     on_progress=on_progress,
                     request_slots=slots,
+                    batch_workers=batches,
                     stop=stop,
                 )
                 for shard in plan_.shards

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, wait
 from http import HTTPStatus
 from typing import Any, NamedTuple
 
@@ -39,15 +40,13 @@ from removebg_provider.pipeline.planning import (
 )
 from removebg_provider.pipeline.results import RowResult, RunSummary, enforce_failure_policy, summarise
 from removebg_provider.pipeline.store import ResultStore, StoredResult
+from removebg_provider.pipeline.workers import WORKERS_PER_SLOT, BatchWorkers
 from removebg_provider.progress import Progress, ProgressCallback
 from removebg_provider.storage import Storage, comparable_uri, scheme_of
 from removebg_provider.vocabulary import CUTOUT, MASK, RowStatus
 
 log = logging.getLogger(__name__)
 
-# A worker releases its request slot before copying outputs; twice as many workers as slots keep
-# every slot busy while the other half copies.
-WORKERS_PER_SLOT = 2
 # Result store entries read and checked side by side (small GETs and HEADs).
 REUSED_TEXT = "OK (reused from the result store: same image content and options, not sent again)"
 
@@ -84,6 +83,7 @@ def process_shard(
     budget: Budget | None = None,
     on_progress: ProgressCallback | None = None,
     request_slots: threading.Semaphore | None = None,
+    batch_workers: BatchWorkers | None = None,
     stop: threading.Event | None = None,
 ) -> RunSummary:
     """Remove the backgrounds of one shard's rows, copy the outputs and store the shard's results.
@@ -106,7 +106,7 @@ def process_shard(
     copier = copier or OutputCopier(storage, pool_size=WORKERS_PER_SLOT * config.requests_in_flight)
     budget = budget or Budget(config.max_billable_records)
     try:
-        results = work.run(client, copier, budget, on_progress, request_slots, stop=stop)
+        results = work.run(client, copier, budget, on_progress, request_slots, batch_workers, stop=stop)
     finally:
         if owned_copier:
             copier.close()
@@ -192,6 +192,7 @@ class ShardWork:
         budget: Budget,
         on_progress: ProgressCallback | None,
         request_slots: threading.Semaphore | None,
+        batch_workers: BatchWorkers | None = None,
         *,
         stop: threading.Event | None = None,
     ) -> dict[int, RowResult]:
@@ -231,28 +232,29 @@ class ShardWork:
         to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
         slots = request_slots or threading.Semaphore(concurrency)
         self._stop = stop or threading.Event()
-        with ThreadPoolExecutor(WORKERS_PER_SLOT * concurrency, thread_name_prefix="removebg") as pool:
+        workers = batch_workers or BatchWorkers(WORKERS_PER_SLOT * concurrency)
+        try:
             # Answered rows first: their temporary URLs are the ones closest to expiring.
-            futures: list[Future[list[RowResult | None]]] = (
-                [pool.submit(self._copy_answered, batch, copier, progress) for batch in to_copy]
-                + [
-                    pool.submit(self._reuse_batch, batch, stored, client, copier, budget, progress, slots)
-                    for batch in to_reuse
-                ]
-                + [
-                    pool.submit(self._process_batch, batch, client, copier, budget, progress, slots)
-                    for batch in to_send
-                ]
+            sending = (client, copier, budget, progress, slots)
+            futures = workers.queue(
+                [functools.partial(self._copy_answered, batch, copier, progress) for batch in to_copy]
+                + [functools.partial(self._reuse_batch, batch, stored, *sending) for batch in to_reuse]
+                + [functools.partial(self._process_batch, batch, *sending) for batch in to_send]
             )
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()
+            # The batches already running finish before the shard returns, in a shared pool too.
+            wait(pending)
             for batch, future in zip(to_copy + to_reuse + to_send, futures, strict=True):
                 if future.cancelled():
                     continue
                 for row, row_result in zip(batch, future.result(), strict=True):
                     if row_result is not None:
                         results[row[ROW]] = row_result
+        finally:
+            if batch_workers is None:
+                workers.close()
         self._share_owner_results(results)
         return results
 

@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from typing import IO, Any, ClassVar, TypeVar
 from urllib.parse import urlparse
 
-import smart_open
-
 from removebg_provider.errors import StorageError
 from removebg_provider.storage.uris import join_uri, local_path
 
@@ -40,6 +38,17 @@ _DESCRIBE_WORKERS = 8
 _HASH_CHUNK = 1 << 20
 
 
+def _smart_open(uri: str, mode: str, transport_params: Mapping[str, Any]) -> IO[Any]:
+    """`smart_open.open`, imported at the first object-store open: importing it imports every cloud
+    SDK installed (about a second), which a run on local files never needs."""
+    import smart_open
+
+    opened: IO[Any] = smart_open.open(
+        uri, mode, transport_params=dict(transport_params), compression="disable"
+    )
+    return opened
+
+
 class Backend:
     """Objects at URIs smart_open knows; subclasses add what their scheme does better or differently.
 
@@ -53,10 +62,7 @@ class Backend:
 
     def open(self, uri: str, mode: str) -> IO[Any]:
         """Open `uri` through smart_open with this backend's transport parameters."""
-        opened: IO[Any] = smart_open.open(
-            uri, mode, transport_params=dict(self.params), compression="disable"
-        )
-        return opened
+        return _smart_open(uri, mode, self.params)
 
     def exists(self, uri: str) -> bool:
         """Whether an object is at `uri` (a missing object is False; other failures raise)."""
@@ -171,7 +177,8 @@ class LocalBackend(Backend):
     """Plain paths and file:// URIs: writes go to a temporary sibling, fsynced, renamed into place."""
 
     def open(self, uri: str, mode: str) -> IO[Any]:
-        return super().open(local_path(uri), mode)
+        # The built-in open: smart_open adds nothing for a local file, and importing it costs a second.
+        return open(local_path(uri), mode)
 
     def exists(self, uri: str) -> bool:
         return os.path.isfile(local_path(uri))
@@ -274,10 +281,7 @@ class S3Backend(Backend):
     def open(self, uri: str, mode: str) -> IO[Any]:
         # Without a client smart_open builds a boto3 client for every object it opens (slow, and each
         # with a connection pool of its own); every object shares the backend's one client instead.
-        opened: IO[Any] = smart_open.open(
-            uri, mode, transport_params={**self.params, "client": self._client()}, compression="disable"
-        )
-        return opened
+        return _smart_open(uri, mode, {**self.params, "client": self._client()})
 
     def list_prefix(self, prefix: str) -> list[str]:
         bucket, key_prefix = _bucket_and_folder(prefix)
