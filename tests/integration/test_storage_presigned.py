@@ -60,6 +60,20 @@ def test_a_presigned_s3_url_serves_the_object(s3_store: ObjectStore) -> None:
     assert requests.get(url, timeout=30).content == PAGE
 
 
+def test_without_a_client_of_its_own_s3_presigns_with_sigv4(
+    s3_store: ObjectStore, moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = s3_store.uri("enriched/products.report.html")
+    s3_store.storage.write_bytes(uri, PAGE)
+    for name, value in moto_s3.env.items():
+        monkeypatch.setenv(name, value)
+
+    url = Storage().presigned_url(uri, 900)
+
+    assert requests.get(url, timeout=30).content == PAGE
+    assert _query(url)["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+
+
 def test_an_s3_client_configured_for_sigv4_presigns_with_the_asked_lifetime(
     s3_store: ObjectStore, moto_s3: MotoS3
 ) -> None:

@@ -340,8 +340,8 @@ class S3Backend(Backend):
         return found | super().fingerprints(alone, limit)
 
     def presigned_url(self, uri: str, expires_in: int) -> str:
-        # Signed as the client is configured: boto3 uses SigV2 where S3 still accepts it, unless
-        # the client's Config says signature_version="s3v4".
+        # Signed as the client is configured: the storage's own client signs with SigV4 (below); a
+        # client given in the transport parameters signs as its Config says.
         bucket, key = _bucket_and_key(uri)
         try:
             url: str = self._client().generate_presigned_url(
@@ -377,8 +377,10 @@ class S3Backend(Backend):
                 import boto3
                 from botocore.config import Config
 
+                # SigV4 for presigned URLs: boto3 would otherwise sign them with SigV2 where S3
+                # still accepts it, which AWS deprecated and regions opened since 2014 refuse.
                 self._default_client = boto3.client(
-                    "s3", config=Config(max_pool_connections=S3_POOL_CONNECTIONS)
+                    "s3", config=Config(max_pool_connections=S3_POOL_CONNECTIONS, signature_version="s3v4")
                 )
             return self._default_client
 
