@@ -95,9 +95,11 @@ def process_shard(
     Authentication and out-of-credits errors stop the shard at once; every other problem becomes
     the row's status. Raises FailurePolicyError, after storing the results, when more than
     `max_failed_fraction` of the shard's rows failed. `request_slots`, shared by shards processed
-    side by side, caps their requests in flight together (`concurrency` when not given). Once
-    `stop` is set no new request starts: requests in flight finish and are checkpointed, and the
-    rows not reached get status 499 (`RowStatus.STOPPED`) in the stored results.
+    side by side, caps their requests in flight together (`concurrency` when not given), and
+    `batch_workers`, shared the same way, run their batches shard after shard (the shard's own
+    `WORKERS_PER_SLOT x concurrency` threads when not given). Once `stop` is set no new request
+    starts: requests in flight finish and are checkpointed, and the rows not reached get status
+    499 (`RowStatus.STOPPED`) in the stored results.
     """
     config = plan_.config
     check_client_agrees(config, client)

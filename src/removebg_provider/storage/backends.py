@@ -39,8 +39,11 @@ _HASH_CHUNK = 1 << 20
 
 
 def _smart_open(uri: str, mode: str, transport_params: Mapping[str, Any]) -> IO[Any]:
-    """`smart_open.open`, imported at the first object-store open: importing it imports every cloud
-    SDK installed (about a second), which a run on local files never needs."""
+    """`smart_open.open`, imported at the first open that needs it.
+
+    Importing smart_open imports every cloud SDK installed (about a second), which a run on local
+    files never needs.
+    """
     import smart_open
 
     opened: IO[Any] = smart_open.open(
