@@ -438,15 +438,15 @@ def test_dry_run_counts_billable_records_after_resume_and_duplicates(
 
 
 def test_dry_run_after_a_partial_run_counts_only_what_is_left(server: LocalApiServer, tmp_path: Path) -> None:
-    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 8)})
-    # One shard (batches of 3, 3, 2): the one request that gets through is a full batch of 3.
-    config = pipeline_config(tmp_path, manifest, concurrency=1, shard_size=8)
+    manifest = _write_manifest(tmp_path / "m.parquet", {"image_url": _photos(tmp_path / "photos", 9)})
+    # One shard of three batches of 3: whichever request gets through first, it finishes 3 rows.
+    config = pipeline_config(tmp_path, manifest, concurrency=1, shard_size=9)
     with pytest.raises(KeyboardInterrupt), _CrashAfter(server.base_url, server.token, batches=1) as crashing:
         pipeline.run(config, crashing, Storage())
 
     estimate = pipeline.estimate_billing(pipeline.plan(config, Storage()), Storage())
 
-    assert (estimate.resumed, estimate.billable) == (3, 5)
+    assert (estimate.resumed, estimate.billable) == (3, 6)
 
 
 @pytest.mark.usefixtures("billed")

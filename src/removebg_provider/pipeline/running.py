@@ -96,21 +96,47 @@ def run(
     stop = stop or threading.Event()
     if on_plan is not None:
         on_plan(plan_)
-    concurrency = plan_.config.requests_in_flight
-    budget = Budget(config.max_billable_records)
-    slots = threading.Semaphore(concurrency)
-    copier = OutputCopier(storage, pool_size=WORKERS_PER_SLOT * concurrency)
+    # Stopped rows are not failures, nor are failed ones until every shard is done: the failure
+    # policy is applied to the whole run's summary.
     relaxed = dataclasses.replace(plan_, config=dataclasses.replace(plan_.config, max_failed_fraction=1.0))
+    _process_shards(relaxed, client, storage, on_progress, stop)
+    if not stop.is_set():
+        return merge(plan_, storage)
+    summary = merge(relaxed, storage)
+    raise RunStoppedError(
+        f"the run of {config.manifest_uri} was stopped: {summary.succeeded} of {summary.rows} rows done, "
+        f"{summary.by_status.get(RowStatus.STOPPED, 0)} not reached (status {RowStatus.STOPPED:d}); "
+        f"enriched manifest {config.output_manifest_uri}; "
+        "run again to finish: finished rows are not billed again",
+        summary=summary,
+    )
+
+
+def _process_shards(
+    plan_: Plan,
+    client: RemoveBgClient,
+    storage: Storage,
+    on_progress: ProgressCallback | None,
+    stop: threading.Event,
+) -> None:
+    """Every shard of `plan_`, two side by side, sharing request slots, batch workers and a budget."""
+    concurrency = plan_.config.requests_in_flight
+    budget = Budget(plan_.config.max_billable_records)
+    slots = threading.Semaphore(concurrency)
+    workers_per_shard = WORKERS_PER_SLOT * concurrency
+    copier = OutputCopier(storage, pool_size=workers_per_shard)
     try:
+        # As many batch workers as the shards side by side would have of their own: while copies
+        # are slow (a busy disk syncing every file), more of them overlap the requests.
         with (
             ThreadPoolExecutor(_SHARDS_SIDE_BY_SIDE, thread_name_prefix="removebg-shard") as shards,
-            contextlib.closing(BatchWorkers(WORKERS_PER_SLOT * concurrency)) as batches,
+            contextlib.closing(BatchWorkers(_SHARDS_SIDE_BY_SIDE * workers_per_shard)) as batches,
         ):
             futures = [
                 shards.submit(
                     process_shard,
                     shard,
-                    relaxed,
+                    plan_,
                     client,
                     storage,
                     copier=copier,
@@ -130,14 +156,3 @@ def run(
                     future.result()
     finally:
         copier.close()
-    if not stop.is_set():
-        return merge(plan_, storage)
-    # Stopped rows are not failures: the failure policy is for finished runs.
-    summary = merge(relaxed, storage)
-    raise RunStoppedError(
-        f"the run of {config.manifest_uri} was stopped: {summary.succeeded} of {summary.rows} rows done, "
-        f"{summary.by_status.get(RowStatus.STOPPED, 0)} not reached (status {RowStatus.STOPPED:d}); "
-        f"enriched manifest {config.output_manifest_uri}; "
-        "run again to finish: finished rows are not billed again",
-        summary=summary,
-    )

@@ -38,20 +38,6 @@ _DESCRIBE_WORKERS = 8
 _HASH_CHUNK = 1 << 20
 
 
-def _smart_open(uri: str, mode: str, transport_params: Mapping[str, Any]) -> IO[Any]:
-    """`smart_open.open`, imported at the first open that needs it.
-
-    Importing smart_open imports every cloud SDK installed (about a second), which a run on local
-    files never needs.
-    """
-    import smart_open
-
-    opened: IO[Any] = smart_open.open(
-        uri, mode, transport_params=dict(transport_params), compression="disable"
-    )
-    return opened
-
-
 class Backend:
     """Objects at URIs smart_open knows; subclasses add what their scheme does better or differently.
 
@@ -65,7 +51,18 @@ class Backend:
 
     def open(self, uri: str, mode: str) -> IO[Any]:
         """Open `uri` through smart_open with this backend's transport parameters."""
-        return _smart_open(uri, mode, self.params)
+        # Imported at the first open that needs it: smart_open imports every cloud SDK installed
+        # (about a second), which a run on local files never needs.
+        import smart_open
+
+        opened: IO[Any] = smart_open.open(
+            uri, mode, transport_params=self.transport_params(), compression="disable"
+        )
+        return opened
+
+    def transport_params(self) -> dict[str, Any]:
+        """The smart_open transport parameters of an open."""
+        return dict(self.params)
 
     def exists(self, uri: str) -> bool:
         """Whether an object is at `uri` (a missing object is False; other failures raise)."""
@@ -281,10 +278,10 @@ class S3Backend(Backend):
         self._client_lock = threading.Lock()
         self._default_client: Any = None
 
-    def open(self, uri: str, mode: str) -> IO[Any]:
+    def transport_params(self) -> dict[str, Any]:
         # Without a client smart_open builds a boto3 client for every object it opens (slow, and each
         # with a connection pool of its own); every object shares the backend's one client instead.
-        return _smart_open(uri, mode, {**self.params, "client": self._client()})
+        return {**self.params, "client": self._client()}
 
     def list_prefix(self, prefix: str) -> list[str]:
         bucket, key_prefix = _bucket_and_folder(prefix)
