@@ -201,8 +201,8 @@ cores busy | load |
 
 Goal: >= {GOAL_AT_32:.2f} of ideal at concurrency 32: **{goal}**.
 
-With the default `shard_size` of 1,000 rows, `removebg run` (one process) works through the shards
-one after another, and every shard ends with a partly idle round: at concurrency 64, batch 10,
+With the default `shard_size` of 1,000 rows, `removebg run` (one process) queues each shard's batches
+behind the previous shard's, and the run ends with a partly idle round: at concurrency 64, batch 10,
 {default_shards.rows} rows take {default_shards.seconds:.2f} s = {default_shards.rate:.1f} records/s,
 **{default_shards.ratio:.2f}** of ideal. Under Airflow the shards are separate mapped tasks running
 side by side, so this tail is per task, not per run.
