@@ -96,10 +96,10 @@ def main() -> int:
         if args.baseline:
             versions[f"baseline {args.baseline}"] = extract_source(args.baseline, Path(scratch) / "baseline")
         jobs = [Job(c, length, args.latency) for c in args.concurrency for length in args.lengths]
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             for job in jobs:
                 for version, source in versions.items():
-                    folder = Path(scratch) / f"run-{repeat}-{job.concurrency}-{job.rows}-{len(timings)}"
+                    folder = Path(scratch) / f"run-{len(timings)}"
                     with fake_api(args.latency, 0) as api:
                         timing = measure(api, version, source, job, folder)
                     timings.append(timing)

@@ -105,6 +105,20 @@ def test_write_bytes_creates_folders_and_exists_sees_the_object(tmp_path: Path) 
     assert storage.read_bytes(f"file://{target}") == b"data"
 
 
+def test_a_path_under_the_home_folder_is_the_same_object_however_it_is_spelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    storage = Storage()
+
+    storage.write_bytes("~/photos/a.jpg", b"jpeg bytes")
+
+    assert (tmp_path / "photos" / "a.jpg").read_bytes() == b"jpeg bytes"
+    assert storage.read_bytes(str(tmp_path / "photos" / "a.jpg")) == b"jpeg bytes"
+    assert storage.read_bytes("~/photos/a.jpg") == b"jpeg bytes"
+    assert storage.exists("~/photos/a.jpg")
+
+
 def test_reading_past_the_limit_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "big.jpg"
     path.write_bytes(b"x" * 11)

@@ -123,14 +123,15 @@ def _process_shards(
     concurrency = plan_.config.requests_in_flight
     budget = Budget(plan_.config.max_billable_records)
     slots = threading.Semaphore(concurrency)
-    workers_per_shard = WORKERS_PER_SLOT * concurrency
-    copier = OutputCopier(storage, pool_size=workers_per_shard)
+    # As many batch workers as the shards side by side would have of their own: while copies are
+    # slow (a busy disk syncing every file), more of them overlap the requests. Each may be
+    # downloading, so the copier keeps a connection for each.
+    workers = _SHARDS_SIDE_BY_SIDE * WORKERS_PER_SLOT * concurrency
+    copier = OutputCopier(storage, pool_size=workers)
     try:
-        # As many batch workers as the shards side by side would have of their own: while copies
-        # are slow (a busy disk syncing every file), more of them overlap the requests.
         with (
             ThreadPoolExecutor(_SHARDS_SIDE_BY_SIDE, thread_name_prefix="removebg-shard") as shards,
-            contextlib.closing(BatchWorkers(_SHARDS_SIDE_BY_SIDE * workers_per_shard)) as batches,
+            contextlib.closing(BatchWorkers(workers)) as batches,
         ):
             futures = [
                 shards.submit(

@@ -16,8 +16,8 @@ def scheme_of(uri: str) -> str:
 
 
 def local_path(uri: str) -> str:
-    """The filesystem path of a `file://` URI or a plain path."""
-    return urlparse(uri).path if uri.startswith("file://") else uri
+    """The filesystem path of a `file://` URI or a plain path, `~` expanded as a shell would."""
+    return os.path.expanduser(urlparse(uri).path if uri.startswith("file://") else uri)
 
 
 def comparable_uri(uri: str) -> str:
