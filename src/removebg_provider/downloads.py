@@ -17,7 +17,7 @@ import urllib3
 from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
 from removebg_provider.errors import CopyError, OutputGoneError
-from removebg_provider.storage.backends import short_error
+from removebg_provider.storage.sdk_errors import short_error
 from removebg_provider.vocabulary import RowStatus
 
 

@@ -6,12 +6,13 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from removebg_provider.errors import StorageError
 from removebg_provider.storage import Storage
-from support.stores import AzuriteBlob, MotoS3, ObjectStore
+from support.stores import AzuriteBlob, MotoS3, ObjectStore, StoreServer
 
 
 def test_write_bytes_then_read_bytes_round_trips(object_store: ObjectStore) -> None:
@@ -170,6 +171,40 @@ def test_fingerprints_of_many_objects_in_one_folder_match_each_object_s_own(
 
     assert together == {uri: object_store.storage.fingerprints([uri])[uri] for uri in uris}
     assert len(set(together.values())) == 20
+
+
+def test_fingerprints_of_many_objects_in_one_folder_cost_one_listing_not_a_request_each(
+    object_store: ObjectStore, store_server: StoreServer
+) -> None:
+    uris = [object_store.uri(f"photos/p-{i:02d}.jpg") for i in range(40)]
+    for index, uri in enumerate(uris):
+        object_store.storage.write_bytes(uri, f"photo {index}".encode())
+    requests_sent: list[str] = []
+
+    found = store_server.counted_storage(requests_sent).fingerprints(uris)
+
+    assert found == object_store.storage.fingerprints(uris)
+    assert requests_sent
+    assert [url for url in requests_sent if ".jpg" in urlsplit(url).path] == []
+
+
+def test_a_folder_that_may_not_be_listed_has_its_objects_described_one_by_one(
+    moto_s3: MotoS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = moto_s3.new_store()
+    try:
+        uris = [store.uri(f"photos/p-{i:02d}.jpg") for i in range(20)]
+        for index, uri in enumerate(uris):
+            store.storage.write_bytes(uri, f"photo {index}".encode())
+        expected = store.storage.fingerprints(uris)
+
+        with moto_s3.listing_denied(store.bucket) as client, caplog.at_level(logging.WARNING):
+            found = Storage(transport_params={"s3": {"client": client}}).fingerprints(uris)
+    finally:
+        store.delete_bucket()
+
+    assert found == expected
+    assert "its objects are described one by one" in caplog.text
 
 
 def test_a_local_file_s_fingerprint_is_its_content_wherever_it_lies(tmp_path: Path) -> None:

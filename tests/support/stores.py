@@ -67,6 +67,10 @@ class StoreServer(Protocol):
 
     def new_store(self) -> ObjectStore: ...
 
+    def counted_storage(self, requests_sent: list[str]) -> Storage:
+        """A Storage on this server whose client appends the URL of every request it sends."""
+        ...
+
 
 def fresh_store(server: StoreServer) -> Iterator[ObjectStore]:
     """A new, empty bucket (container) on `server`, deleted afterwards: the body of a bucket fixture."""
@@ -105,9 +109,22 @@ class MotoS3:
             config=Config(retries={"max_attempts": 2, "mode": "standard"}),
         )
 
+    def counted_storage(self, requests_sent: list[str]) -> Storage:
+        client = self.client()
+        client.meta.events.register("before-send.s3", lambda request, **_: requests_sent.append(request.url))
+        return _storage("s3", client)
+
+    def writes_denied(self, bucket: str, key_pattern: str) -> contextlib.AbstractContextManager[Any]:
+        """A client of an IAM user whom S3 refuses PutObject on `key_pattern`, with auth enforced."""
+        return self._denied("s3:PutObject", f"arn:aws:s3:::{bucket}/{key_pattern}")
+
+    def listing_denied(self, bucket: str) -> contextlib.AbstractContextManager[Any]:
+        """A client of an IAM user who may read `bucket`'s objects but not list them, with auth enforced."""
+        return self._denied("s3:ListBucket", f"arn:aws:s3:::{bucket}")
+
     @contextlib.contextmanager
-    def writes_denied(self, bucket: str, key_pattern: str) -> Iterator[Any]:
-        """Yield a client of an IAM user whom S3 refuses PutObject on `key_pattern`, with auth enforced.
+    def _denied(self, action: str, resource: str) -> Iterator[Any]:
+        """Yield a client of an IAM user allowed everything but `action` on `resource`.
 
         moto enforces IAM only while its auth switch is on, server-wide; it is switched off again
         afterwards, so other tests see an open server.
@@ -127,14 +144,10 @@ class MotoS3:
             "Version": "2012-10-17",
             "Statement": [
                 {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
-                {
-                    "Effect": "Deny",
-                    "Action": "s3:PutObject",
-                    "Resource": f"arn:aws:s3:::{bucket}/{key_pattern}",
-                },
+                {"Effect": "Deny", "Action": action, "Resource": resource},
             ],
         }
-        iam.put_user_policy(UserName=user, PolicyName="deny-outputs", PolicyDocument=json.dumps(policy))
+        iam.put_user_policy(UserName=user, PolicyName="deny-one-action", PolicyDocument=json.dumps(policy))
         key = iam.create_access_key(UserName=user)["AccessKey"]
         self._set_auth_after(0)
         try:
@@ -183,6 +196,21 @@ class FakeGcs:
             client_options={"api_endpoint": self.endpoint},
         )
 
+    def counted_storage(self, requests_sent: list[str]) -> Storage:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage as gcs
+
+        # The client's `_http` takes any requests.Session; a response hook sees every request.
+        session = requests.Session()
+        session.hooks["response"].append(lambda response, **_: requests_sent.append(response.request.url))
+        client = gcs.Client(
+            project="test-project",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": self.endpoint},
+            _http=session,
+        )
+        return _storage("gs", client)
+
     def new_store(self) -> ObjectStore:
         client = self.client()
         bucket = client.create_bucket(_bucket_name())
@@ -215,6 +243,15 @@ class AzuriteBlob:
         from azure.storage.blob import BlobServiceClient
 
         return BlobServiceClient.from_connection_string(self.connection_string)
+
+    def counted_storage(self, requests_sent: list[str]) -> Storage:
+        from azure.storage.blob import BlobServiceClient
+
+        client = BlobServiceClient.from_connection_string(
+            self.connection_string,
+            raw_request_hook=lambda request: requests_sent.append(request.http_request.url),
+        )
+        return _storage("az", client)
 
     def new_store(self) -> ObjectStore:
         client = self.client()

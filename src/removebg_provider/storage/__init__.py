@@ -11,13 +11,9 @@ from typing import IO, Any
 import tenacity
 
 from removebg_provider.errors import ConfigurationError, StorageError
-from removebg_provider.storage.backends import (
-    AZURE_CONNECTION_ENV,
-    Backend,
-    backend_class,
-    short_error,
-    storage_errors,
-)
+from removebg_provider.storage.backends import AZURE_CONNECTION_ENV
+from removebg_provider.storage.base import Backend, backend_class
+from removebg_provider.storage.sdk_errors import short_error, storage_errors
 from removebg_provider.storage.uris import comparable_uri, join_uri, local_path, scheme_of, unique_name
 
 __all__ = [

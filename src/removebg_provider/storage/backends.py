@@ -1,7 +1,6 @@
-"""One backend class per URI scheme, registered by scheme: how each store opens, checks, writes and lists.
+"""One backend class per URI scheme beyond the base: local files, S3, GCS, Azure Blob and http(s).
 
-A scheme without a registered backend goes through `Backend` itself, i.e. smart_open as it is (which
-refuses schemes it has no transport for). Adding a store is one class here with `@register(...)`.
+Adding a store is one class here with `@register(...)`.
 """
 
 from __future__ import annotations
@@ -9,21 +8,19 @@ from __future__ import annotations
 import datetime
 import errno
 import functools
-import hashlib
 import itertools
 import os
-import posixpath
 import stat
 import threading
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import IO, Any, ClassVar, TypeVar
+from typing import IO, Any
 from urllib.parse import urlparse
 
 from removebg_provider.errors import StorageError
-from removebg_provider.storage.uris import join_uri, local_path
+from removebg_provider.storage.base import Backend, register
+from removebg_provider.storage.sdk_errors import looks_missing, missing_errors, short_error, storage_errors
+from removebg_provider.storage.uris import bucket_and_key, folder_of, join_uri, listed_uri, local_path
 
 AZURE_CONNECTION_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 
@@ -31,145 +28,6 @@ AZURE_CONNECTION_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 # process umask like any other file (mkstemp would cost random names, retries and a chmod).
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _TEMPORARY_COUNTER = itertools.count()
-
-_BackendType = TypeVar("_BackendType", bound="type[Backend]")
-# Objects described side by side when a scheme has no listing to describe many at once.
-_DESCRIBE_WORKERS = 8
-_HASH_CHUNK = 1 << 20
-
-
-class Backend:
-    """Objects at URIs smart_open knows; subclasses add what their scheme does better or differently.
-
-    `params` are the scheme's smart_open transport parameters, e.g. `{"client": boto3_client}`.
-    """
-
-    schemes: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, params: Mapping[str, Any]) -> None:
-        self.params = params
-
-    def open(self, uri: str, mode: str) -> IO[Any]:
-        """Open `uri` through smart_open with this backend's transport parameters."""
-        # Imported at the first open that needs it: smart_open imports every cloud SDK installed
-        # (about a second), which a run on local files never needs.
-        import smart_open
-
-        opened: IO[Any] = smart_open.open(
-            uri, mode, transport_params=self.transport_params(), compression="disable"
-        )
-        return opened
-
-    def transport_params(self) -> dict[str, Any]:
-        """The smart_open transport parameters of an open."""
-        return dict(self.params)
-
-    def exists(self, uri: str) -> bool:
-        """Whether an object is at `uri` (a missing object is False; other failures raise)."""
-        try:
-            with self.open(uri, "rb"):
-                return True
-        except missing_errors():
-            return False
-        except storage_errors() as exc:
-            if _looks_missing(exc):
-                return False
-            raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
-
-    @contextmanager
-    def atomic_writer(self, uri: str) -> Iterator[IO[bytes]]:
-        """Object stores publish an upload only when smart_open closes it cleanly, and abort it otherwise.
-
-        S3 completes a multipart upload (or puts a single part) on close and aborts it on error; GCS
-        finalizes its resumable upload on close and deletes it on error; Azure commits the block list
-        on close and never on error. A reader therefore sees the whole object or the previous one.
-        """
-        with self.open(uri, "wb") as stream:
-            yield stream
-
-    def list_prefix(self, prefix: str) -> list[str]:
-        """URIs of the objects directly under `prefix`."""
-        raise StorageError(f"cannot list {prefix}: listing is not supported for {urlparse(prefix).scheme}://")
-
-    def create_new(self, uri: str, data: bytes) -> bool:
-        """Write `data` to `uri` only if no object is there, in one conditional request; False if one is.
-
-        Two writers racing for one URI: exactly one gets True. A scheme without conditional writes
-        raises StorageError rather than pretend.
-        """
-        scheme = urlparse(uri).scheme
-        raise StorageError(f"cannot create {uri} exclusively: {scheme}:// has no conditional write")
-
-    def delete(self, uri: str) -> None:
-        """Remove the object at `uri`; a missing object is not an error."""
-        raise StorageError(f"cannot delete {uri}: not supported for {urlparse(uri).scheme}://")
-
-    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
-        """What identifies the content at `uri`, None when there is no object: here a hash of its bytes.
-
-        None too for an object over `limit` bytes: it is never sent, so it needs no fingerprint.
-
-        Schemes whose metadata identifies the content (an ETag, an MD5, a generation) override this
-        so that nothing is downloaded; a metadata value that names one object's version, not its
-        bytes, carries the URI with it, so two objects never share it.
-        """
-        digest = hashlib.blake2b(digest_size=16)
-        size = 0
-        try:
-            with self.open(uri, "rb") as stream:
-                for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        return None
-        except missing_errors():
-            return None
-        except storage_errors() as exc:
-            if _looks_missing(exc):
-                return None
-            raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
-        return f"blake2b:{digest.hexdigest()}"
-
-    def version(self, uri: str) -> str | None:
-        """A token that changes whenever the object at `uri` is written again; None when it is missing."""
-        return self.fingerprint(uri)
-
-    def presigned_url(self, uri: str, expires_in: int) -> str:
-        """An http(s) URL that lets anyone GET the object at `uri` for `expires_in` seconds."""
-        raise StorageError(f"cannot presign {uri}: only s3://, gs:// and az:// objects get presigned URLs")
-
-    def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
-        """`fingerprint` of each URI (None also for one that cannot be described), side by side."""
-
-        def described(uri: str) -> str | None:
-            # An object that cannot be described is sent without one: reading it reports the problem.
-            try:
-                return self.fingerprint(uri, limit)
-            except StorageError:
-                return None
-
-        with ThreadPoolExecutor(_DESCRIBE_WORKERS, thread_name_prefix="removebg-describe") as pool:
-            return dict(zip(uris, pool.map(described, uris), strict=True))
-
-
-_REGISTRY: dict[str, type[Backend]] = {}
-
-
-def register(*schemes: str) -> Callable[[_BackendType], _BackendType]:
-    """Class decorator: the backend serves `schemes`."""
-
-    def add(backend: _BackendType) -> _BackendType:
-        backend.schemes = schemes
-        for scheme in schemes:
-            _REGISTRY[scheme] = backend
-        return backend
-
-    return add
-
-
-def backend_class(scheme: str) -> type[Backend]:
-    """The backend registered for `scheme`, or plain smart_open for any other."""
-    return _REGISTRY.get(scheme, Backend)
 
 
 @register("file")
@@ -270,9 +128,6 @@ S3_POOL_CONNECTIONS = 64
 class S3Backend(Backend):
     """Amazon S3 and compatible stores, through boto3 (the given client, else the environment's)."""
 
-    # A shard with at least this many images in one folder lists the folder instead of a HEAD each.
-    LISTING_MIN_OBJECTS = 16
-
     def __init__(self, params: Mapping[str, Any]) -> None:
         super().__init__(params)
         self._client_lock = threading.Lock()
@@ -295,7 +150,7 @@ class S3Backend(Backend):
         return sorted(f"s3://{bucket}/{key}" for key in keys)
 
     def create_new(self, uri: str, data: bytes) -> bool:
-        bucket, key = _bucket_and_key(uri)
+        bucket, key = bucket_and_key(uri)
         try:
             self._client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except storage_errors() as exc:
@@ -306,7 +161,7 @@ class S3Backend(Backend):
         return True
 
     def delete(self, uri: str) -> None:
-        bucket, key = _bucket_and_key(uri)
+        bucket, key = bucket_and_key(uri)
         try:
             self._client().delete_object(Bucket=bucket, Key=key)
         except storage_errors() as exc:
@@ -314,35 +169,19 @@ class S3Backend(Backend):
 
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         # An ETag is the content's MD5 (or, for a multipart upload, the MD5 of its parts' MD5s).
-        bucket, key = _bucket_and_key(uri)
+        bucket, key = bucket_and_key(uri)
         try:
             head = self._client().head_object(Bucket=bucket, Key=key)
         except storage_errors() as exc:
-            if _looks_missing(exc):
+            if looks_missing(exc):
                 return None
             raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
         return _s3_fingerprint(head["ETag"], head["ContentLength"])
 
-    def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
-        """One listing per folder holding many of `uris`, over their range of keys; a HEAD for the rest."""
-        by_folder: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for uri in uris:
-            bucket, key = _bucket_and_key(uri)
-            by_folder[bucket, posixpath.dirname(key)].append(key)
-        found: dict[str, str | None] = {}
-        alone: list[str] = []
-        for (bucket, folder), keys in by_folder.items():
-            if len(keys) < self.LISTING_MIN_OBJECTS:
-                alone += [f"s3://{bucket}/{key}" for key in keys]
-                continue
-            listed = self._listed(bucket, folder, min(keys), max(keys))
-            found.update({f"s3://{bucket}/{key}": listed.get(key) for key in keys})
-        return found | super().fingerprints(alone, limit)
-
     def presigned_url(self, uri: str, expires_in: int) -> str:
         # Signed as the client is configured: the storage's own client signs with SigV4 (below); a
         # client given in the transport parameters signs as its Config says.
-        bucket, key = _bucket_and_key(uri)
+        bucket, key = bucket_and_key(uri)
         try:
             url: str = self._client().generate_presigned_url(
                 "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_in
@@ -351,22 +190,17 @@ class S3Backend(Backend):
             raise StorageError(f"cannot presign {uri}: {short_error(exc)}") from exc
         return url
 
-    def _listed(self, bucket: str, folder: str, first: str, last: str) -> dict[str, str]:
-        """Fingerprints of the objects of `folder` from key `first` to key `last`, from its listing."""
-        prefix = f"{folder}/" if folder else ""
+    def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
+        bucket, key = bucket_and_key(first)
         # StartAfter is exclusive: any key just below `first` (here its own prefix) starts the listing at it.
         pages = (
             self._client()
             .get_paginator("list_objects_v2")
-            .paginate(Bucket=bucket, Prefix=prefix, Delimiter="/", StartAfter=first[:-1])
+            .paginate(Bucket=bucket, Prefix=folder_of(key), Delimiter="/", StartAfter=key[:-1])
         )
-        listed: dict[str, str] = {}
         for page in pages:
             for item in page.get("Contents", []):
-                if item["Key"] > last:
-                    return listed
-                listed[item["Key"]] = _s3_fingerprint(item["ETag"], item["Size"])
-        return listed
+                yield f"s3://{bucket}/{item['Key']}", _s3_fingerprint(item["ETag"], item["Size"])
 
     def _client(self) -> Any:
         if "client" in self.params:
@@ -398,13 +232,25 @@ class GcsBackend(Backend):
         return sorted(f"gs://{bucket}/{blob.name}" for blob in blobs)
 
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
-        # The MD5 names the content; a composite object has none, and its generation names one version.
         blob = self._blob(uri)
-        if blob is None:
-            return None
-        if blob.md5_hash:
-            return f"md5:{blob.md5_hash}:{blob.size}"
-        return f"generation:{uri}:{blob.generation}"
+        return None if blob is None else _gcs_fingerprint(uri, blob)
+
+    def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
+        from google.cloud import storage as gcs
+
+        (bucket, first_key), last_key = bucket_and_key(first), bucket_and_key(last)[1]
+        client = self.params.get("client") or gcs.Client()
+        # The offsets bound the listing on the server (the end is exclusive); the caller stops past `last`.
+        blobs = client.list_blobs(
+            bucket,
+            prefix=folder_of(first_key),
+            delimiter="/",
+            start_offset=first_key,
+            end_offset=last_key + "\0",
+        )
+        for blob in blobs:
+            uri = f"gs://{bucket}/{blob.name}"
+            yield uri, _gcs_fingerprint(uri, blob)
 
     def version(self, uri: str) -> str | None:
         blob = self._blob(uri)
@@ -445,14 +291,14 @@ class GcsBackend(Backend):
     def _new_blob(self, uri: str) -> Any:
         from google.cloud import storage as gcs
 
-        bucket, key = _bucket_and_key(uri)
+        bucket, key = bucket_and_key(uri)
         client = self.params.get("client") or gcs.Client()
         return client.bucket(bucket).blob(key)
 
     def _blob(self, uri: str) -> Any:
         from google.cloud import storage as gcs
 
-        bucket, key = _bucket_and_key(uri)
+        bucket, key = bucket_and_key(uri)
         client = self.params.get("client") or gcs.Client()
         try:
             return client.bucket(bucket).get_blob(key)
@@ -480,26 +326,25 @@ class AzureBackend(Backend):
         return super().open(uri, mode)
 
     def list_prefix(self, prefix: str) -> list[str]:
-        if "client" not in self.params:
-            raise StorageError(
-                f"cannot list {prefix}: Azure Blob needs a client (set {AZURE_CONNECTION_ENV} "
-                "or pass wasb_conn_id)"
-            )
         bucket, key_prefix = _bucket_and_folder(prefix)
-        container = self.params["client"].get_container_client(bucket)
+        container = self._container(prefix)
         names = [blob.name for blob in container.walk_blobs(name_starts_with=key_prefix, delimiter="/")]
         scheme = urlparse(prefix).scheme
         return sorted(f"{scheme}://{bucket}/{name}" for name in names if not name.endswith("/"))
 
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
-        # Content-MD5 names the content when the uploader set it; an ETag names one version of one blob.
         properties = self._properties(uri)
-        if properties is None:
-            return None
-        md5 = properties.content_settings.content_md5
-        if md5:
-            return f"md5:{bytes(md5).hex()}:{properties.size}"
-        return f"etag:{uri}:{properties.etag}"
+        return None if properties is None else _azure_fingerprint(uri, properties)
+
+    def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
+        (bucket, first_key), last_key = bucket_and_key(first), bucket_and_key(last)[1]
+        # From the longest prefix the range shares (not every Azure service version knows a start),
+        # one level deep: a sub-folder comes as a prefix ending in "/", and is skipped.
+        shared = os.path.commonprefix([first_key, last_key])  # noqa: RUF071 (names, not paths)
+        for item in self._container(first).walk_blobs(name_starts_with=shared, delimiter="/"):
+            if not item.name.endswith("/"):
+                uri = f"az://{bucket}/{item.name}"
+                yield uri, _azure_fingerprint(uri, item)
 
     def version(self, uri: str) -> str | None:
         properties = self._properties(uri)
@@ -544,13 +389,19 @@ class AzureBackend(Backend):
         return f"{blob.url}?{sas}"
 
     def _blob_client(self, uri: str) -> Any:
+        bucket, key = bucket_and_key(uri)
+        return self._service(uri).get_blob_client(bucket, key)
+
+    def _container(self, uri: str) -> Any:
+        return self._service(uri).get_container_client(bucket_and_key(uri)[0])
+
+    def _service(self, uri: str) -> Any:
         if "client" not in self.params:
             raise StorageError(
                 f"cannot reach {uri}: Azure Blob needs a client (set {AZURE_CONNECTION_ENV} "
                 "or pass wasb_conn_id)"
             )
-        bucket, key = _bucket_and_key(uri)
-        return self.params["client"].get_blob_client(bucket, key)
+        return self.params["client"]
 
     def _properties(self, uri: str) -> Any:
         try:
@@ -592,9 +443,21 @@ class HttpBackend(Backend):
         return super().fingerprint(uri, limit)
 
 
-def _bucket_and_key(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
+def _gcs_fingerprint(uri: str, blob: Any) -> str:
+    # The MD5 names the content; a composite object has none, and its generation names one version.
+    if blob.md5_hash:
+        return f"md5:{blob.md5_hash}:{blob.size}"
+    return f"generation:{uri}:{blob.generation}"
+
+
+def _azure_fingerprint(uri: str, properties: Any) -> str:
+    # Content-MD5 names the content when the uploader set it; an ETag names one version of one blob,
+    # with the blob's URI in one spelling (az://, never azure://) so both spellings share results.
+    md5 = properties.content_settings.content_md5
+    if md5:
+        return f"md5:{bytes(md5).hex()}:{properties.size}"
+    # A listing gives the ETag bare, a blob's properties give it quoted (as the HTTP header has it).
+    return f'etag:{listed_uri(uri)}:"{properties.etag.strip(chr(34))}"'
 
 
 def _error_code(exc: BaseException) -> str:
@@ -640,61 +503,3 @@ def _azure_client(connection_string: str) -> Any:
             "pip install 'airflow-provider-removebg[azure]'"
         ) from exc
     return BlobServiceClient.from_connection_string(connection_string)
-
-
-@functools.cache
-def storage_errors() -> tuple[type[BaseException], ...]:
-    """What the object-store SDKs raise for a failed read or write; they do not all use OSError."""
-    # smart_open raises NotImplementedError for a scheme it has no transport for.
-    errors: list[type[BaseException]] = [OSError, ValueError, NotImplementedError]
-    try:
-        import botocore.exceptions
-
-        errors += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
-    except ImportError:
-        pass
-    try:
-        import google.api_core.exceptions
-
-        errors.append(google.api_core.exceptions.GoogleAPIError)
-    except ImportError:
-        pass
-    try:
-        import azure.core.exceptions
-
-        errors.append(azure.core.exceptions.AzureError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-@functools.cache
-def missing_errors() -> tuple[type[BaseException], ...]:
-    """What the SDKs raise for an object that is not there."""
-    errors: list[type[BaseException]] = [FileNotFoundError]
-    try:
-        import google.api_core.exceptions
-
-        errors.append(google.api_core.exceptions.NotFound)
-    except ImportError:
-        pass
-    try:
-        import azure.core.exceptions
-
-        errors.append(azure.core.exceptions.ResourceNotFoundError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _looks_missing(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(
-        marker in text for marker in ("404", "not found", "nosuchkey", "does not exist", "blobnotfound")
-    )
-
-
-def short_error(exc: BaseException) -> str:
-    """An SDK error in at most 300 characters, for messages that name the object."""
-    text = str(exc).strip() or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import uuid
 from urllib.parse import urlparse
 
@@ -35,3 +36,22 @@ def join_uri(prefix: str, key: str) -> str:
 def unique_name(prefix: str) -> str:
     """A collision-free object name, for checkpoints written by concurrent workers."""
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def bucket_and_key(uri: str) -> tuple[str, str]:
+    """An object store URI's bucket (or container) and key."""
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def listed_uri(uri: str) -> str:
+    """An object store URI as its listing spells it: az:// for azure://, the key without a leading /."""
+    scheme = urlparse(uri).scheme
+    bucket, key = bucket_and_key(uri)
+    return f"{'az' if scheme == 'azure' else scheme}://{bucket}/{key}"
+
+
+def folder_of(key: str) -> str:
+    """The listing prefix of the folder holding `key` ("" at the bucket's root)."""
+    folder = posixpath.dirname(key)
+    return f"{folder}/" if folder else ""

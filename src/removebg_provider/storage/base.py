@@ -1,0 +1,207 @@
+"""What every storage backend does, and the registry that picks one per URI scheme.
+
+A scheme without a registered backend goes through `Backend` itself, i.e. smart_open as it is (which
+refuses schemes it has no transport for).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import IO, Any, ClassVar, TypeVar
+from urllib.parse import urlparse
+
+from removebg_provider.errors import StorageError
+from removebg_provider.storage.sdk_errors import looks_missing, missing_errors, short_error, storage_errors
+from removebg_provider.storage.uris import listed_uri
+
+log = logging.getLogger(__name__)
+
+_BackendType = TypeVar("_BackendType", bound="type[Backend]")
+# Objects described side by side when a scheme has no listing to describe many at once.
+_DESCRIBE_WORKERS = 8
+_HASH_CHUNK = 1 << 20
+# A shard with at least this many images in one folder lists the folder instead of describing each.
+LISTING_MIN_OBJECTS = 16
+
+
+class Backend:
+    """Objects at URIs smart_open knows; subclasses add what their scheme does better or differently.
+
+    `params` are the scheme's smart_open transport parameters, e.g. `{"client": boto3_client}`.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = params
+
+    def open(self, uri: str, mode: str) -> IO[Any]:
+        """Open `uri` through smart_open with this backend's transport parameters."""
+        # Imported at the first open that needs it: smart_open imports every cloud SDK installed
+        # (about a second), which a run on local files never needs.
+        import smart_open
+
+        opened: IO[Any] = smart_open.open(
+            uri, mode, transport_params=self.transport_params(), compression="disable"
+        )
+        return opened
+
+    def transport_params(self) -> dict[str, Any]:
+        """The smart_open transport parameters of an open."""
+        return dict(self.params)
+
+    def exists(self, uri: str) -> bool:
+        """Whether an object is at `uri` (a missing object is False; other failures raise)."""
+        try:
+            with self.open(uri, "rb"):
+                return True
+        except missing_errors():
+            return False
+        except storage_errors() as exc:
+            if looks_missing(exc):
+                return False
+            raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
+
+    @contextmanager
+    def atomic_writer(self, uri: str) -> Iterator[IO[bytes]]:
+        """Object stores publish an upload only when smart_open closes it cleanly, and abort it otherwise.
+
+        S3 completes a multipart upload (or puts a single part) on close and aborts it on error; GCS
+        finalizes its resumable upload on close and deletes it on error; Azure commits the block list
+        on close and never on error. A reader therefore sees the whole object or the previous one.
+        """
+        with self.open(uri, "wb") as stream:
+            yield stream
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        """URIs of the objects directly under `prefix`."""
+        raise StorageError(f"cannot list {prefix}: listing is not supported for {urlparse(prefix).scheme}://")
+
+    def create_new(self, uri: str, data: bytes) -> bool:
+        """Write `data` to `uri` only if no object is there, in one conditional request; False if one is.
+
+        Two writers racing for one URI: exactly one gets True. A scheme without conditional writes
+        raises StorageError rather than pretend.
+        """
+        scheme = urlparse(uri).scheme
+        raise StorageError(f"cannot create {uri} exclusively: {scheme}:// has no conditional write")
+
+    def delete(self, uri: str) -> None:
+        """Remove the object at `uri`; a missing object is not an error."""
+        raise StorageError(f"cannot delete {uri}: not supported for {urlparse(uri).scheme}://")
+
+    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
+        """What identifies the content at `uri`, None when there is no object: here a hash of its bytes.
+
+        None too for an object over `limit` bytes: it is never sent, so it needs no fingerprint.
+
+        Schemes whose metadata identifies the content (an ETag, an MD5, a generation) override this
+        so that nothing is downloaded; a metadata value that names one object's version, not its
+        bytes, carries the URI with it, so two objects never share it.
+        """
+        digest = hashlib.blake2b(digest_size=16)
+        size = 0
+        try:
+            with self.open(uri, "rb") as stream:
+                for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        return None
+        except missing_errors():
+            return None
+        except storage_errors() as exc:
+            if looks_missing(exc):
+                return None
+            raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
+        return f"blake2b:{digest.hexdigest()}"
+
+    def version(self, uri: str) -> str | None:
+        """A token that changes whenever the object at `uri` is written again; None when it is missing."""
+        return self.fingerprint(uri)
+
+    def presigned_url(self, uri: str, expires_in: int) -> str:
+        """An http(s) URL that lets anyone GET the object at `uri` for `expires_in` seconds."""
+        raise StorageError(f"cannot presign {uri}: only s3://, gs:// and az:// objects get presigned URLs")
+
+    def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
+        """`fingerprint` of each URI (None also for one that cannot be described).
+
+        Where the scheme lists fingerprints, a folder holding many of `uris` is described by one
+        listing over their range of keys; every other object is described on its own, side by side.
+        """
+        by_folder: dict[str, list[str]] = defaultdict(list)
+        for uri in uris:
+            by_folder[uri.rsplit("/", 1)[0]].append(uri)
+        found: dict[str, str | None] = {}
+        alone: list[str] = []
+        for members in by_folder.values():
+            listed = self._listed(members) if len(members) >= LISTING_MIN_OBJECTS else None
+            if listed is None:
+                alone += members
+            else:
+                found.update(listed)
+
+        def described(uri: str) -> str | None:
+            # An object that cannot be described is sent without one: reading it reports the problem.
+            try:
+                return self.fingerprint(uri, limit)
+            except StorageError:
+                return None
+
+        with ThreadPoolExecutor(_DESCRIBE_WORKERS, thread_name_prefix="removebg-describe") as pool:
+            return found | dict(zip(alone, pool.map(described, alone), strict=True))
+
+    def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
+        """(URI, fingerprint) of the objects in `first`'s folder, in key order, from URI `first` or before.
+
+        The fingerprints `fingerprint` gives, from a listing; the caller stops past URI `last`.
+        Raises NotImplementedError for a scheme whose listings do not describe the content.
+        """
+        raise NotImplementedError
+
+    def _listed(self, uris: Sequence[str]) -> dict[str, str | None] | None:
+        """The fingerprints of `uris` (one folder) from one listing; None when the scheme cannot list them."""
+        spellings: dict[str, list[str]] = defaultdict(list)
+        for uri in uris:
+            spellings[listed_uri(uri)].append(uri)
+        first, last = min(spellings), max(spellings)
+        found: dict[str, str | None] = dict.fromkeys(uris)
+        try:
+            for at, fingerprint in self.list_fingerprints(first, last):
+                if at > last:
+                    break
+                for uri in spellings.get(at, ()):
+                    found[uri] = fingerprint
+        except NotImplementedError:
+            return None
+        except storage_errors() as exc:
+            # Often a role that may read objects but not list the bucket: each object is described.
+            log.warning("cannot list %s, its objects are described one by one: %s", uris[0], short_error(exc))
+            return None
+        return found
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register(*schemes: str) -> Callable[[_BackendType], _BackendType]:
+    """Class decorator: the backend serves `schemes`."""
+
+    def add(backend: _BackendType) -> _BackendType:
+        backend.schemes = schemes
+        for scheme in schemes:
+            _REGISTRY[scheme] = backend
+        return backend
+
+    return add
+
+
+def backend_class(scheme: str) -> type[Backend]:
+    """The backend registered for `scheme`, or plain smart_open for any other."""
+    return _REGISTRY.get(scheme, Backend)
