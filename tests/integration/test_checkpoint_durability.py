@@ -153,3 +153,34 @@ def test_a_torn_shard_results_file_is_merged_as_far_as_it_goes_and_its_lost_rows
         RowStatus.NOT_PROCESSED,
     ]
     assert summary.rows == 3
+
+
+def test_a_shard_results_line_of_the_wrong_type_is_skipped_and_only_its_row_gets_504(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    arguments = _catalog(tmp_path / "catalog", 3)
+    config = pipeline.PipelineConfig(
+        manifest_uri=arguments[0],
+        output_prefix=str(tmp_path / "catalog" / "cutouts"),
+        output_manifest_uri=str(tmp_path / "catalog" / "enriched.parquet"),
+        report=False,
+        max_failed_fraction=1.0,
+    )
+    storage = Storage()
+    planned = pipeline.plan(config, storage)
+    with RemoveBgClient(server.base_url, server.token, **planned.config.client_settings()) as client:
+        pipeline.process_shard(planned.shards[0], planned, client, storage)
+    (results,) = (tmp_path / "catalog" / "cutouts").glob("_removebg_staging/*/results/shard-00000.*.jsonl")
+    header, first, *others = results.read_text().splitlines()
+    results.write_text("\n".join([header, first.replace('"width": 48', '"width": "48"'), *others]) + "\n")
+
+    with caplog.at_level(logging.WARNING):
+        summary = pipeline.merge(planned, storage)
+
+    assert f"{results}: skipped a line that is not a complete record" in caplog.text
+    assert _statuses(tmp_path / "catalog" / "enriched.parquet") == [
+        RowStatus.NOT_PROCESSED,
+        RowStatus.OK,
+        RowStatus.OK,
+    ]
+    assert summary.rows == 3

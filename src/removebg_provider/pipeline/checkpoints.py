@@ -9,6 +9,7 @@ copy from elsewhere can leave) is read as far as it goes, with a warning naming 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,10 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
+
 from removebg_provider.client import RecordResult
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.planning import ShardDescriptor
-from removebg_provider.pipeline.results import RowResult
+from removebg_provider.pipeline.results import ROW_RESULT_JSON_SCHEMA, RowResult
 from removebg_provider.storage import Storage, join_uri, unique_name
 from removebg_provider.vocabulary import OUTPUT_KINDS, RowStatus
 
@@ -32,6 +37,14 @@ _ANSWER = "answer"
 _FAR_FUTURE = datetime.max.replace(tzinfo=timezone.utc)
 
 Key = tuple[str, str]  # (row id, fingerprint of its reference and options)
+
+# A shard's results file after its header: a row number and a RowResult per line.
+_STORED_RESULTS_SCHEMA = pa.schema([("row", pa.int64()), *ROW_RESULT_JSON_SCHEMA])
+_STORED_RESULTS_PARSING = pa_json.ParseOptions(
+    explicit_schema=_STORED_RESULTS_SCHEMA, unexpected_field_behavior="ignore"
+)
+# What a line must have to be a record: without them it is read line by line, and skipped with a warning.
+_REQUIRED = ["row", "id", "status_code", "status_text"]
 
 
 @dataclass
@@ -105,19 +118,42 @@ class ShardStaging:
         lines += [json.dumps({"row": row, **results[row].to_json()}) for row in rows if row in results]
         self.storage.write_bytes(self.results_uri, ("\n".join(lines) + "\n").encode())
 
-    def read_results(self) -> tuple[dict[int, RowResult], int]:
-        """The shard's stored results and billed count, if this run wrote them (not an earlier run's)."""
+    def read_results(self) -> tuple[pa.Table, int]:
+        """The shard's stored results and billed count, if this run wrote them (not an earlier run's).
+
+        One row per stored row result: its row number (`row`) and the columns of
+        ROW_RESULT_JSON_SCHEMA. Arrow parses a whole file at once; a file it cannot take (a torn
+        line, a line that is not a complete record) is read line by line instead, with warnings.
+        """
         if not self.storage.exists(self.results_uri):
-            return {}, 0
+            return _STORED_RESULTS_SCHEMA.empty_table(), 0
+        text = self.storage.read_bytes(self.results_uri)
+        first, _, body = text.partition(b"\n")
+        try:
+            header = json.loads(first)
+            stored = pa_json.read_json(io.BytesIO(body), parse_options=_STORED_RESULTS_PARSING)
+        except (ValueError, pa.ArrowException):
+            header, stored = None, None
+        if isinstance(header, dict) and header.get("run_id") != self.run_id:
+            return _STORED_RESULTS_SCHEMA.empty_table(), 0
+        complete = stored is not None and stored.select(_REQUIRED).drop_null().num_rows == stored.num_rows
+        if stored is None or not complete or pc.count_distinct(stored["row"]).as_py() != stored.num_rows:
+            return self._read_results_by_line()
+        return stored, int(header.get("billed", 0))
+
+    def _read_results_by_line(self) -> tuple[pa.Table, int]:
         header, *lines = _read_json_lines(self.storage, self.results_uri) or [{}]
         if header.get("run_id") != self.run_id:
-            return {}, 0
-        results: dict[int, RowResult] = {}
+            return _STORED_RESULTS_SCHEMA.empty_table(), 0
+        records: dict[int, dict[str, Any]] = {}
         for data in lines:
             with _unusable_line_warning(self.results_uri):
-                row = data.pop("row")
-                results[row] = RowResult.from_json(data)
-        return results, int(header.get("billed", 0))
+                record = {"row": data["row"], **RowResult.from_json(data).to_json()}
+                # Typed here, line by line: a value of the wrong type skips its line, not the file.
+                pa.Table.from_pylist([record], schema=_STORED_RESULTS_SCHEMA)
+                records[record["row"]] = record
+        stored = pa.Table.from_pylist(list(records.values()), schema=_STORED_RESULTS_SCHEMA)
+        return stored, int(header.get("billed", 0))
 
     def _write(self, kind: str, header: Mapping[str, Any], records: list[dict[str, Any]]) -> None:
         uri = join_uri(self.checkpoint_prefix, unique_name(kind) + ".jsonl")

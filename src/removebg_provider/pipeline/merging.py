@@ -7,7 +7,9 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from removebg_provider.errors import RemoveBgError
@@ -21,6 +23,7 @@ from removebg_provider.pipeline.results import (
     Tally,
     enforce_failure_policy,
     result_arrays,
+    result_arrays_from_json,
 )
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
@@ -40,6 +43,7 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
     kept = [name for name in input_schema.names if name not in RESULT_SCHEMA.names]
     output_schema = pa.schema([input_schema.field(name) for name in kept] + list(RESULT_SCHEMA))
     canonical: dict[str, RowResult] = {}
+    canonical_ids = pa.array(sorted(plan_.canonical_ids), pa.string())
     tally = Tally()
     billed = 0
     with ManifestWriter(
@@ -49,14 +53,9 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
             table = read_parquet(shard.uri, storage)
             stored, shard_billed = ShardStaging(shard, config, plan_.run_id, storage).read_results()
             billed += shard_billed
-            rows: list[RowResult] = []
-            for row in table.select(list(INTERNAL_COLUMNS)).to_pylist():
-                row_result = _merged_row(row, stored, canonical, shard.index)
-                if row[ID] in plan_.canonical_ids and row[CANONICAL] is None:
-                    canonical[row[ID]] = row_result
-                rows.append(row_result)
-            tally.add(rows)
-            columns = [table.column(name) for name in kept] + result_arrays(rows)
+            results = _merged_results(table, stored, canonical_ids, canonical, shard.index)
+            tally.add_columns(table.column(ID), results)
+            columns = [table.column(name) for name in kept] + results.columns
             out.write(
                 pa.RecordBatch.from_arrays(
                     [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns],
@@ -76,8 +75,56 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
     return summary
 
 
+def _merged_results(
+    table: pa.Table,
+    stored: pa.Table,
+    canonical_ids: pa.Array,
+    canonical: dict[str, RowResult],
+    shard_index: int,
+) -> pa.Table:
+    """The result columns (RESULT_SCHEMA) of a shard's rows, in order, from its stored results.
+
+    A row with a stored result takes it as stored, column by column; the others (rows sharing
+    another row's image, rows without a result) are made one by one. Canonical rows' results are
+    kept in `canonical` for the rows of later shards that share their image.
+    """
+    position = pc.index_in(table.column(ROW), value_set=stored.column("row"))
+    shares = table.column(CANONICAL).is_valid()
+    made_at = np.flatnonzero(pc.or_(shares, position.is_null()).to_numpy(zero_copy_only=False))
+    kept_at = np.flatnonzero(
+        pc.and_(pc.is_in(table.column(ID), value_set=canonical_ids), pc.invert(shares)).to_numpy(
+            zero_copy_only=False
+        )
+    )
+    lookup: dict[int, int] = {}
+    if made_at.size or kept_at.size:
+        lookup = dict(zip(stored.column("row").to_pylist(), range(stored.num_rows), strict=True))
+    internal = table.select(list(INTERNAL_COLUMNS))
+
+    def made_row(at: int) -> RowResult:
+        return _merged_row(internal.slice(at, 1).to_pylist()[0], stored, lookup, canonical, shard_index)
+
+    # Canonical rows first: a row sharing one's image may follow it in this shard.
+    canonical.update({internal.column(ID)[at].as_py(): made_row(int(at)) for at in kept_at})
+    made = [made_row(int(at)) for at in made_at]
+    columns = result_arrays_from_json(stored.take(position))
+    if made:
+        # Each made row's columns replace its own: taken from behind the stored rows' columns.
+        order = np.arange(table.num_rows)
+        order[made_at] = table.num_rows + np.arange(len(made))
+        columns = [
+            pa.concat_arrays([column, extra]).take(pa.array(order))
+            for column, extra in zip(columns, result_arrays(made), strict=True)
+        ]
+    return pa.Table.from_arrays(columns, schema=RESULT_SCHEMA)
+
+
 def _merged_row(
-    row: dict[str, Any], stored: dict[int, RowResult], canonical: dict[str, RowResult], shard_index: int
+    row: dict[str, Any],
+    stored: pa.Table,
+    lookup: dict[int, int],
+    canonical: dict[str, RowResult],
+    shard_index: int,
 ) -> RowResult:
     if row[CANONICAL] is not None:
         original = canonical.get(row[CANONICAL])
@@ -94,9 +141,11 @@ def _merged_row(
             attempts=0,
             status_text=f"{original.status_text} (same image as {row[CANONICAL]})",
         )
-    found = stored.get(row[ROW])
+    found = lookup.get(row[ROW])
     if found is not None:
-        return found
+        data = stored.slice(found, 1).to_pylist()[0]
+        del data["row"]
+        return RowResult.from_json(data)
     return RowResult(
         id=row[ID],
         status_code=RowStatus.NOT_PROCESSED,

@@ -10,10 +10,19 @@ from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from removebg_provider.errors import FailurePolicyError
 from removebg_provider.manifest import RESULT_SCHEMA
-from removebg_provider.vocabulary import OUTPUT_KINDS, OUTPUT_KINDS_BY_NAME, RESULT_COLUMNS
+from removebg_provider.vocabulary import (
+    ERROR_COLUMN,
+    FLAGS_COLUMN,
+    OUTPUT_KINDS,
+    OUTPUT_KINDS_BY_NAME,
+    RESULT_COLUMNS,
+    STATUS_COLUMN,
+    STATUS_TEXT_COLUMN,
+)
 
 _FIRST_ERRORS = 5
 
@@ -83,12 +92,51 @@ _SCALAR_FIELDS = tuple(
 )
 
 
+# RowResult.to_json as Arrow reads it back, typed: stored results are parsed a file at a time.
+ROW_RESULT_JSON_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("status_code", pa.int64()),
+        ("status_text", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("request_id", pa.string()),
+        ("mode", pa.string()),
+        ("attempts", pa.int64()),
+        ("fingerprint", pa.string()),
+        ("source_fingerprint", pa.string()),
+        ("foreground_fraction", pa.float64()),
+        *((kind.result_key, pa.string()) for kind in OUTPUT_KINDS),
+        ("processed_at", pa.string()),
+        ("quality_flags", pa.list_(pa.string())),
+    ]
+)
+
+
 def result_arrays(rows: Sequence[RowResult]) -> list[pa.Array]:
     """The result columns of `rows`, typed as in RESULT_SCHEMA."""
     return [
         pa.array([row.column_value(shows) for row in rows], type=RESULT_SCHEMA.field(column).type)
         for column, _, shows in RESULT_COLUMNS
     ]
+
+
+def result_arrays_from_json(results: pa.Table) -> list[pa.Array]:
+    """The result columns of `results` (columns of ROW_RESULT_JSON_SCHEMA), typed as in RESULT_SCHEMA.
+
+    What `result_arrays` gives for the same rows as RowResults, without a Python object per row.
+    """
+    arrays = []
+    for column, _, shows in RESULT_COLUMNS:
+        kind = OUTPUT_KINDS_BY_NAME.get(shows)
+        values = results.column(kind.result_key if kind else shows).combine_chunks()
+        if shows == "attempts":
+            values = values.fill_null(0)
+        elif shows == "quality_flags":
+            values = pc.if_else(values.is_null(), pa.scalar([], values.type), values)
+        arrays.append(values.cast(RESULT_SCHEMA.field(column).type))
+    return arrays
 
 
 @dataclass(frozen=True)
@@ -167,14 +215,37 @@ class Tally:
         self.first_errors: list[dict[str, Any]] = []
 
     def add(self, results: Iterable[RowResult]) -> None:
-        for r in results:
-            self.rows += 1
-            self.by_status[r.status_code] += 1
-            self.by_flag.update(r.quality_flags)
-            if not r.ok and len(self.first_errors) < _FIRST_ERRORS:
-                self.first_errors.append(
-                    {"id": r.id, "status_code": r.status_code, "error": r.error or r.status_text}
-                )
+        rows = list(results)
+        self.add_columns(
+            pa.array([r.id for r in rows], pa.string()), pa.table(result_arrays(rows), RESULT_SCHEMA)
+        )
+
+    def add_columns(self, ids: pa.Array | pa.ChunkedArray, columns: pa.Table) -> None:
+        """Count rows given as their ids and their result columns (a table of RESULT_SCHEMA)."""
+        self.rows += columns.num_rows
+        status = columns.column(STATUS_COLUMN)
+        self.by_status.update(dict(zip(*_value_counts(status), strict=True)))
+        self.by_flag.update(
+            dict(zip(*_value_counts(pc.list_flatten(columns.column(FLAGS_COLUMN))), strict=True))
+        )
+        wanted = _FIRST_ERRORS - len(self.first_errors)
+        if wanted <= 0:
+            return
+        failed = pc.or_(pc.less(status, 200), pc.greater_equal(status, 300))
+        firsts = (
+            pa.table(
+                {
+                    "id": ids,
+                    "status_code": status,
+                    "error": pc.coalesce(
+                        _none_if_empty(columns.column(ERROR_COLUMN)), columns.column(STATUS_TEXT_COLUMN)
+                    ),
+                }
+            )
+            .filter(failed)
+            .slice(0, wanted)
+        )
+        self.first_errors += firsts.to_pylist()
 
     def summary(self, *, billed: int, shard_index: int | None = None) -> RunSummary:
         succeeded = sum(count for code, count in self.by_status.items() if 200 <= code < 300)
@@ -206,6 +277,16 @@ def enforce_failure_policy(summary: RunSummary, max_failed_fraction: float, what
             f"first errors: {_errors_text(summary.first_errors)}",
             summary=summary,
         )
+
+
+def _none_if_empty(texts: pa.ChunkedArray) -> pa.ChunkedArray:
+    # An empty error says no more than none: the status text stands in for both.
+    return pc.if_else(pc.equal(texts, ""), pa.scalar(None, pa.string()), texts)
+
+
+def _value_counts(values: pa.Array | pa.ChunkedArray) -> tuple[list[Any], list[int]]:
+    counted = pc.value_counts(values)
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
 
 def _errors_text(errors: Iterable[Mapping[str, Any]]) -> str:
