@@ -238,16 +238,10 @@ class GcsBackend(Backend):
     def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
         from google.cloud import storage as gcs
 
-        (bucket, first_key), last_key = bucket_and_key(first), bucket_and_key(last)[1]
+        bucket, first_key = bucket_and_key(first)
         client = self.params.get("client") or gcs.Client()
-        # The offsets bound the listing on the server (the end is exclusive); the caller stops past `last`.
-        blobs = client.list_blobs(
-            bucket,
-            prefix=folder_of(first_key),
-            delimiter="/",
-            start_offset=first_key,
-            end_offset=last_key + "\0",
-        )
+        # The listing starts at `first` on the server; the caller stops reading it past `last`.
+        blobs = client.list_blobs(bucket, prefix=folder_of(first_key), delimiter="/", start_offset=first_key)
         for blob in blobs:
             uri = f"gs://{bucket}/{blob.name}"
             yield uri, _gcs_fingerprint(uri, blob)
