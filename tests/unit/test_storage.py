@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,44 @@ def test_a_local_write_reaches_the_disk_before_its_name_does(
 
     assert calls == ["fsync file", "rename", "fsync folder"]
     assert (tmp_path / "ckpt-1.jsonl").read_bytes() == b'{"billed": 0}\n'
+
+
+_FIRST_MISSES_AT_ONCE = """
+import sys, threading
+from removebg_provider.errors import StorageError
+from removebg_provider.storage import Storage
+
+storage, barrier, outcomes = Storage(), threading.Barrier(16), []
+
+def read_missing(n):
+    barrier.wait()
+    try:
+        storage.read_bytes(f"{sys.argv[1]}/missing-{n}.json")
+    except StorageError:
+        outcomes.append("StorageError")
+    except Exception as exc:
+        outcomes.append(repr(exc))
+
+threads = [threading.Thread(target=read_missing, args=(n,)) for n in range(16)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(sorted(set(outcomes)))
+"""
+
+
+def test_the_first_failed_reads_of_a_process_in_many_threads_at_once_each_raise_storage_error(
+    tmp_path: Path,
+) -> None:
+    """In a fresh interpreter: the SDKs' errors are imported at the first failure, by all threads."""
+    for _ in range(3):
+        found = subprocess.run(
+            [sys.executable, "-c", _FIRST_MISSES_AT_ONCE, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+
+        assert found.stdout.strip() == "['StorageError']"

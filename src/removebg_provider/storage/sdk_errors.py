@@ -3,51 +3,59 @@
 from __future__ import annotations
 
 import functools
+import threading
+
+# The first call imports the SDKs; threads asking at once wait for it (see `_sdk_errors`).
+_FIRST_CALL = threading.Lock()
 
 
-@functools.cache
 def storage_errors() -> tuple[type[BaseException], ...]:
     """What the object-store SDKs raise for a failed read or write; they do not all use OSError."""
     # smart_open raises NotImplementedError for a scheme it has no transport for.
-    errors: list[type[BaseException]] = [OSError, ValueError, NotImplementedError]
-    try:
-        import botocore.exceptions
+    return (OSError, ValueError, NotImplementedError, *_sdk_errors()[0])
 
-        errors += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
-    except ImportError:
-        pass
-    try:
-        import google.api_core.exceptions
 
-        errors.append(google.api_core.exceptions.GoogleAPIError)
-    except ImportError:
-        pass
-    try:
-        import azure.core.exceptions
+def missing_errors() -> tuple[type[BaseException], ...]:
+    """What the SDKs raise for an object that is not there."""
+    return (FileNotFoundError, *_sdk_errors()[1])
 
-        errors.append(azure.core.exceptions.AzureError)
-    except ImportError:
-        pass
-    return tuple(errors)
+
+def _sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(failures, missing objects) of the SDKs installed, imported once.
+
+    Under a lock: two threads importing one package at once can see it half initialised
+    ("cannot access submodule 'core' of module 'azure'"), and a run's lookup threads all reach
+    their first failed read together.
+    """
+    with _FIRST_CALL:
+        return _imported_sdk_errors()
 
 
 @functools.cache
-def missing_errors() -> tuple[type[BaseException], ...]:
-    """What the SDKs raise for an object that is not there."""
-    errors: list[type[BaseException]] = [FileNotFoundError]
+def _imported_sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    failures: list[type[BaseException]] = []
+    missing: list[type[BaseException]] = []
     try:
-        import google.api_core.exceptions
+        from botocore.exceptions import BotoCoreError, ClientError
 
-        errors.append(google.api_core.exceptions.NotFound)
+        failures += [BotoCoreError, ClientError]
     except ImportError:
         pass
     try:
-        import azure.core.exceptions
+        from google.api_core.exceptions import GoogleAPIError, NotFound
 
-        errors.append(azure.core.exceptions.ResourceNotFoundError)
+        failures.append(GoogleAPIError)
+        missing.append(NotFound)
     except ImportError:
         pass
-    return tuple(errors)
+    try:
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        failures.append(AzureError)
+        missing.append(ResourceNotFoundError)
+    except ImportError:
+        pass
+    return tuple(failures), tuple(missing)
 
 
 def looks_missing(exc: BaseException) -> bool:
