@@ -7,6 +7,7 @@ are `removebg run` processes or the pipeline's public functions against the real
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -155,27 +156,35 @@ def test_a_torn_shard_results_file_is_merged_as_far_as_it_goes_and_its_lost_rows
     assert summary.rows == 3
 
 
-def test_a_shard_results_line_of_the_wrong_type_is_skipped_and_only_its_row_gets_504(
-    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    arguments = _catalog(tmp_path / "catalog", 3)
+def _processed_shard(server: LocalApiServer, folder: Path) -> tuple[pipeline.Plan, Path]:
+    """A plan of three photos with its one shard processed; the shard's results file."""
+    arguments = _catalog(folder, 3)
     config = pipeline.PipelineConfig(
         manifest_uri=arguments[0],
-        output_prefix=str(tmp_path / "catalog" / "cutouts"),
-        output_manifest_uri=str(tmp_path / "catalog" / "enriched.parquet"),
+        output_prefix=str(folder / "cutouts"),
+        output_manifest_uri=str(folder / "enriched.parquet"),
         report=False,
         max_failed_fraction=1.0,
     )
-    storage = Storage()
-    planned = pipeline.plan(config, storage)
+    planned = pipeline.plan(config, Storage())
     with RemoveBgClient(server.base_url, server.token, **planned.config.client_settings()) as client:
-        pipeline.process_shard(planned.shards[0], planned, client, storage)
-    (results,) = (tmp_path / "catalog" / "cutouts").glob("_removebg_staging/*/results/shard-00000.*.jsonl")
+        pipeline.process_shard(planned.shards[0], planned, client, Storage())
+    (results,) = (folder / "cutouts").glob("_removebg_staging/*/results/shard-00000.*.jsonl")
+    return planned, results
+
+
+@pytest.mark.parametrize(("field", "unusable"), [("width", '"48"'), ("processed_at", '"not a date"')])
+def test_a_shard_results_value_that_fits_no_manifest_column_skips_only_its_row(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str, unusable: str
+) -> None:
+    planned, results = _processed_shard(server, tmp_path / "catalog")
     header, first, *others = results.read_text().splitlines()
-    results.write_text("\n".join([header, first.replace('"width": 48', '"width": "48"'), *others]) + "\n")
+    record = json.loads(first)
+    broken = json.dumps({**record, field: None}).replace(f'"{field}": null', f'"{field}": {unusable}')
+    results.write_text("\n".join([header, broken, *others]) + "\n")
 
     with caplog.at_level(logging.WARNING):
-        summary = pipeline.merge(planned, storage)
+        summary = pipeline.merge(planned, Storage())
 
     assert f"{results}: skipped a line that is not a complete record" in caplog.text
     assert _statuses(tmp_path / "catalog" / "enriched.parquet") == [
@@ -183,4 +192,31 @@ def test_a_shard_results_line_of_the_wrong_type_is_skipped_and_only_its_row_gets
         RowStatus.OK,
         RowStatus.OK,
     ]
+    assert summary.rows == 3
+
+
+def test_bytes_that_are_not_utf8_in_shard_results_are_replaced_in_a_valid_manifest(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    planned, results = _processed_shard(server, tmp_path / "catalog")
+    results.write_bytes(results.read_bytes().replace(b'"status_text": "OK"', b'"status_text": "OK \xff"', 1))
+
+    pipeline.merge(planned, Storage())
+
+    enriched = pq.read_table(tmp_path / "catalog" / "enriched.parquet")
+    enriched.validate(full=True)
+    assert enriched.column("removebg_status_text").to_pylist()[0] == "OK \ufffd"
+    assert _statuses(tmp_path / "catalog" / "enriched.parquet") == [RowStatus.OK] * 3
+
+
+def test_a_shard_results_file_whose_header_is_not_an_object_is_not_this_run_s(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    planned, results = _processed_shard(server, tmp_path / "catalog")
+    _, *records = results.read_text().splitlines()
+    results.write_text("\n".join(["[1, 2]", *records]) + "\n")
+
+    summary = pipeline.merge(planned, Storage())
+
+    assert _statuses(tmp_path / "catalog" / "enriched.parquet") == [RowStatus.NOT_PROCESSED] * 3
     assert summary.rows == 3

@@ -188,6 +188,38 @@ def test_fingerprints_of_many_objects_in_one_folder_cost_one_listing_not_a_reque
     assert [url for url in requests_sent if ".jpg" in urlsplit(url).path] == []
 
 
+@pytest.mark.parametrize(
+    "names",
+    [
+        [f"photos//p-{i:02d}.jpg" for i in range(20)],
+        # Code point order and UTF-16 order disagree past U+FFFF; an unasked name sits between.
+        [f"u/\uff01-{i:02d}.jpg" for i in range(18)] + ["u/\U0001f600-asked.jpg", "u/a.jpg"],
+    ],
+    ids=["double-slash-folder", "unicode-names"],
+)
+def test_fingerprints_from_a_listing_match_each_object_s_own_however_its_names_are_spelled(
+    object_store: ObjectStore, names: list[str]
+) -> None:
+    uris = [object_store.uri(name) for name in names]
+    for index, uri in enumerate(uris):
+        object_store.storage.write_bytes(uri, f"photo {index}".encode())
+    object_store.storage.write_bytes(object_store.uri("u/\U0001f600-not-asked.jpg"), b"other")
+
+    together = object_store.storage.fingerprints(uris)
+
+    assert None not in together.values()
+    assert together == {uri: object_store.storage.fingerprints([uri])[uri] for uri in uris}
+
+
+def test_azure_images_without_a_client_have_no_fingerprint_and_nothing_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    uris = [f"az://photos/catalog/p-{i:02d}.jpg" for i in range(20)]
+
+    assert Storage().fingerprints(uris) == dict.fromkeys(uris)
+
+
 def test_a_folder_that_may_not_be_listed_has_its_objects_described_one_by_one(
     moto_s3: MotoS3, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -25,7 +25,7 @@ import pyarrow.json as pa_json
 from removebg_provider.client import RecordResult
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.planning import ShardDescriptor
-from removebg_provider.pipeline.results import ROW_RESULT_JSON_SCHEMA, RowResult
+from removebg_provider.pipeline.results import ROW_RESULT_JSON_SCHEMA, RowResult, result_arrays_from_json
 from removebg_provider.storage import Storage, join_uri, unique_name
 from removebg_provider.vocabulary import OUTPUT_KINDS, RowStatus
 
@@ -127,18 +127,12 @@ class ShardStaging:
         """
         if not self.storage.exists(self.results_uri):
             return _STORED_RESULTS_SCHEMA.empty_table(), 0
-        text = self.storage.read_bytes(self.results_uri)
-        first, _, body = text.partition(b"\n")
-        try:
-            header = json.loads(first)
-            stored = pa_json.read_json(io.BytesIO(body), parse_options=_STORED_RESULTS_PARSING)
-        except (ValueError, pa.ArrowException):
-            header, stored = None, None
-        if isinstance(header, dict) and header.get("run_id") != self.run_id:
-            return _STORED_RESULTS_SCHEMA.empty_table(), 0
-        complete = stored is not None and stored.select(_REQUIRED).drop_null().num_rows == stored.num_rows
-        if stored is None or not complete or pc.count_distinct(stored["row"]).as_py() != stored.num_rows:
+        parsed = _results_at_once(self.storage.read_bytes(self.results_uri))
+        if parsed is None:
             return self._read_results_by_line()
+        header, stored = parsed
+        if header.get("run_id") != self.run_id:
+            return _STORED_RESULTS_SCHEMA.empty_table(), 0
         return stored, int(header.get("billed", 0))
 
     def _read_results_by_line(self) -> tuple[pa.Table, int]:
@@ -149,8 +143,8 @@ class ShardStaging:
         for data in lines:
             with _unusable_line_warning(self.results_uri):
                 record = {"row": data["row"], **RowResult.from_json(data).to_json()}
-                # Typed here, line by line: a value of the wrong type skips its line, not the file.
-                pa.Table.from_pylist([record], schema=_STORED_RESULTS_SCHEMA)
+                # Converted here, line by line: a value that fits no manifest column skips its line.
+                result_arrays_from_json(pa.Table.from_pylist([record], schema=_STORED_RESULTS_SCHEMA))
                 records[record["row"]] = record
         stored = pa.Table.from_pylist(list(records.values()), schema=_STORED_RESULTS_SCHEMA)
         return stored, int(header.get("billed", 0))
@@ -159,6 +153,24 @@ class ShardStaging:
         uri = join_uri(self.checkpoint_prefix, unique_name(kind) + ".jsonl")
         lines = [json.dumps(header)] + [json.dumps(record) for record in records]
         self.storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
+
+
+def _results_at_once(data: bytes) -> tuple[dict[str, Any], pa.Table] | None:
+    """A results file (header, then records) parsed by Arrow at once; None if a line needs a closer look."""
+    first, _, body = data.partition(b"\n")
+    try:
+        # Arrow would carry bytes that are not UTF-8 into the manifest; line by line they are replaced.
+        body.decode("utf-8")
+        header = json.loads(first)
+        stored = pa_json.read_json(io.BytesIO(body), parse_options=_STORED_RESULTS_PARSING)
+        result_arrays_from_json(stored)
+    except (ValueError, pa.ArrowException):
+        return None
+    complete = stored.select(_REQUIRED).drop_null().num_rows == stored.num_rows
+    unique = pc.count_distinct(stored.column("row")).as_py() == stored.num_rows
+    if not isinstance(header, dict) or not complete or not unique:
+        return None
+    return header, stored
 
 
 def answer_to_json(answer: RecordResult) -> dict[str, Any]:

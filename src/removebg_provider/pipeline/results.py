@@ -6,7 +6,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
@@ -77,10 +77,14 @@ class RowResult:
     def from_json(cls, data: Mapping[str, Any]) -> RowResult:
         """The RowResult of `to_json`."""
         stamp = data.get("processed_at")
+        processed_at = datetime.fromisoformat(stamp) if stamp else None
+        if processed_at is not None and processed_at.tzinfo is None:
+            # Every stamp is written in UTC; one without its offset is read as UTC too.
+            processed_at = processed_at.replace(tzinfo=timezone.utc)
         return cls(
             **{name: data[name] for name in _SCALAR_FIELDS if name in data},
             outputs={kind.name: url for kind in OUTPUT_KINDS if (url := data.get(kind.result_key))},
-            processed_at=datetime.fromisoformat(stamp) if stamp else None,
+            processed_at=processed_at,
             quality_flags=tuple(data.get("quality_flags") or ()),
         )
 

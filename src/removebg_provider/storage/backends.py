@@ -233,7 +233,7 @@ class GcsBackend(Backend):
 
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         blob = self._blob(uri)
-        return None if blob is None else _gcs_fingerprint(uri, blob)
+        return None if blob is None else _gcs_fingerprint(listed_uri(uri), blob)
 
     def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
         from google.cloud import storage as gcs
@@ -329,6 +329,9 @@ class AzureBackend(Backend):
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         properties = self._properties(uri)
         return None if properties is None else _azure_fingerprint(uri, properties)
+
+    # Azurite lists in UTF-16 order, and Azure does not document its own.
+    lists_in_code_point_order = False
 
     def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
         (bucket, first_key), last_key = bucket_and_key(first), bucket_and_key(last)[1]

@@ -36,6 +36,9 @@ class Backend:
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
+    # Whether `list_fingerprints` yields keys in code point (UTF-8 byte) order, so a listing may stop
+    # at the first key past the range; otherwise it stops once every key asked for was seen.
+    lists_in_code_point_order: ClassVar[bool] = True
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = params
@@ -172,13 +175,21 @@ class Backend:
             spellings[listed_uri(uri)].append(uri)
         first, last = min(spellings), max(spellings)
         found: dict[str, str | None] = dict.fromkeys(uris)
+        unseen = set(spellings)
         try:
             for at, fingerprint in self.list_fingerprints(first, last):
-                if at > last:
+                if self.lists_in_code_point_order and at > last:
                     break
                 for uri in spellings.get(at, ()):
                     found[uri] = fingerprint
+                unseen.discard(at)
+                if not unseen:
+                    break
         except NotImplementedError:
+            return None
+        except StorageError as exc:
+            # A store that cannot be reached at all: each object's own description says so.
+            log.warning("cannot list %s, its objects are described one by one: %s", uris[0], exc)
             return None
         except storage_errors() as exc:
             # Often a role that may read objects but not list the bucket: each object is described.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import posixpath
 import uuid
 from urllib.parse import urlparse
 
@@ -52,6 +51,5 @@ def listed_uri(uri: str) -> str:
 
 
 def folder_of(key: str) -> str:
-    """The listing prefix of the folder holding `key` ("" at the bucket's root)."""
-    folder = posixpath.dirname(key)
-    return f"{folder}/" if folder else ""
+    """The listing prefix of the folder holding `key`: everything up to its last "/" ("" at the root)."""
+    return key[: key.rfind("/") + 1]
