@@ -124,38 +124,6 @@ def test_a_torn_last_line_is_warned_about_and_the_lines_before_it_are_used(
     assert _statuses(tmp_path / "catalog" / "enriched.parquet") == [RowStatus.OK] * 4
 
 
-def test_a_torn_shard_results_file_is_merged_as_far_as_it_goes_and_its_lost_rows_get_504(
-    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    arguments = _catalog(tmp_path / "catalog", 3)
-    config = pipeline.PipelineConfig(
-        manifest_uri=arguments[0],
-        output_prefix=str(tmp_path / "catalog" / "cutouts"),
-        output_manifest_uri=str(tmp_path / "catalog" / "enriched.parquet"),
-        report=False,
-        # The row the torn file loses fails; the merge still returns its summary.
-        max_failed_fraction=1.0,
-    )
-    storage = Storage()
-    planned = pipeline.plan(config, storage)
-    with RemoveBgClient(server.base_url, server.token, **planned.config.client_settings()) as client:
-        pipeline.process_shard(planned.shards[0], planned, client, storage)
-    (results,) = (tmp_path / "catalog" / "cutouts").glob("_removebg_staging/*/results/shard-00000.*.jsonl")
-    text = results.read_text()
-    results.write_text(text[: text.rstrip("\n").rfind("\n") + 40])
-
-    with caplog.at_level(logging.WARNING):
-        summary = pipeline.merge(planned, storage)
-
-    assert f"{results}: line 4 is torn" in caplog.text
-    assert _statuses(tmp_path / "catalog" / "enriched.parquet") == [
-        RowStatus.OK,
-        RowStatus.OK,
-        RowStatus.NOT_PROCESSED,
-    ]
-    assert summary.rows == 3
-
-
 def _processed_shard(server: LocalApiServer, folder: Path) -> tuple[pipeline.Plan, Path]:
     """A plan of three photos with its one shard processed; the shard's results file."""
     arguments = _catalog(folder, 3)
@@ -171,6 +139,25 @@ def _processed_shard(server: LocalApiServer, folder: Path) -> tuple[pipeline.Pla
         pipeline.process_shard(planned.shards[0], planned, client, Storage())
     (results,) = (folder / "cutouts").glob("_removebg_staging/*/results/shard-00000.*.jsonl")
     return planned, results
+
+
+def test_a_torn_shard_results_file_is_merged_as_far_as_it_goes_and_its_lost_rows_get_504(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    planned, results = _processed_shard(server, tmp_path / "catalog")
+    text = results.read_text()
+    results.write_text(text[: text.rstrip("\n").rfind("\n") + 40])
+
+    with caplog.at_level(logging.WARNING):
+        summary = pipeline.merge(planned, Storage())
+
+    assert f"{results}: line 4 is torn" in caplog.text
+    assert _statuses(tmp_path / "catalog" / "enriched.parquet") == [
+        RowStatus.OK,
+        RowStatus.OK,
+        RowStatus.NOT_PROCESSED,
+    ]
+    assert summary.rows == 3
 
 
 @pytest.mark.parametrize(("field", "unusable"), [("width", '"48"'), ("processed_at", '"not a date"')])
