@@ -9,6 +9,7 @@ copy from elsewhere can leave) is read as far as it goes, with a warning naming 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from removebg_provider.client import RecordResult
+from removebg_provider.manifest import RESULT_SCHEMA
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.planning import ShardDescriptor
 from removebg_provider.pipeline.results import ROW_RESULT_JSON_SCHEMA, RowResult, result_arrays_from_json
@@ -45,6 +47,26 @@ _STORED_RESULTS_PARSING = pa_json.ParseOptions(
 )
 # What a line must have to be a record: without them it is read line by line, and skipped with a warning.
 _REQUIRED = ["row", "id", "status_code", "status_text"]
+
+
+@dataclass(frozen=True)
+class StoredResults:
+    """A shard's stored results: its rows as stored and as the manifest shows them, and what it billed.
+
+    `records` has a row number (`row`) and the columns of ROW_RESULT_JSON_SCHEMA per stored row;
+    `columns` the same rows' result columns (RESULT_SCHEMA), converted once, when read.
+    """
+
+    records: pa.Table
+    columns: pa.Table
+    billed: int
+
+    @classmethod
+    def of(cls, records: pa.Table, billed: int) -> StoredResults:
+        """`records` with their result columns; raises pa.ArrowException for a value that fits none."""
+        return cls(
+            records, pa.Table.from_arrays(result_arrays_from_json(records), schema=RESULT_SCHEMA), billed
+        )
 
 
 @dataclass
@@ -118,27 +140,26 @@ class ShardStaging:
         lines += [json.dumps({"row": row, **results[row].to_json()}) for row in rows if row in results]
         self.storage.write_bytes(self.results_uri, ("\n".join(lines) + "\n").encode())
 
-    def read_results(self) -> tuple[pa.Table, int]:
-        """The shard's stored results and billed count, if this run wrote them (not an earlier run's).
+    def read_results(self) -> StoredResults:
+        """The shard's stored results, if this run wrote them (not an earlier run's).
 
-        One row per stored row result: its row number (`row`) and the columns of
-        ROW_RESULT_JSON_SCHEMA. Arrow parses a whole file at once; a file it cannot take (a torn
-        line, a line that is not a complete record) is read line by line instead, with warnings.
+        Arrow parses a whole file at once; a file it cannot take (a torn line, a line that is not a
+        complete record) is read line by line instead, with warnings.
         """
         if not self.storage.exists(self.results_uri):
-            return _STORED_RESULTS_SCHEMA.empty_table(), 0
+            return StoredResults.of(_STORED_RESULTS_SCHEMA.empty_table(), 0)
         parsed = _results_at_once(self.storage.read_bytes(self.results_uri))
         if parsed is None:
             return self._read_results_by_line()
         header, stored = parsed
         if header.get("run_id") != self.run_id:
-            return _STORED_RESULTS_SCHEMA.empty_table(), 0
-        return stored, int(header.get("billed", 0))
+            return StoredResults.of(_STORED_RESULTS_SCHEMA.empty_table(), 0)
+        return dataclasses.replace(stored, billed=int(header.get("billed", 0)))
 
-    def _read_results_by_line(self) -> tuple[pa.Table, int]:
+    def _read_results_by_line(self) -> StoredResults:
         header, *lines = _read_json_lines(self.storage, self.results_uri) or [{}]
         if header.get("run_id") != self.run_id:
-            return _STORED_RESULTS_SCHEMA.empty_table(), 0
+            return StoredResults.of(_STORED_RESULTS_SCHEMA.empty_table(), 0)
         records: dict[int, dict[str, Any]] = {}
         for data in lines:
             with _unusable_line_warning(self.results_uri):
@@ -147,7 +168,7 @@ class ShardStaging:
                 result_arrays_from_json(pa.Table.from_pylist([record], schema=_STORED_RESULTS_SCHEMA))
                 records[record["row"]] = record
         stored = pa.Table.from_pylist(list(records.values()), schema=_STORED_RESULTS_SCHEMA)
-        return stored, int(header.get("billed", 0))
+        return StoredResults.of(stored, int(header.get("billed", 0)))
 
     def _write(self, kind: str, header: Mapping[str, Any], records: list[dict[str, Any]]) -> None:
         uri = join_uri(self.checkpoint_prefix, unique_name(kind) + ".jsonl")
@@ -155,19 +176,19 @@ class ShardStaging:
         self.storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
 
 
-def _results_at_once(data: bytes) -> tuple[dict[str, Any], pa.Table] | None:
+def _results_at_once(data: bytes) -> tuple[dict[str, Any], StoredResults] | None:
     """A results file (header, then records) parsed by Arrow at once; None if a line needs a closer look."""
     first, _, body = data.partition(b"\n")
     try:
         # Arrow would carry bytes that are not UTF-8 into the manifest; line by line they are replaced.
         body.decode("utf-8")
         header = json.loads(first)
-        stored = pa_json.read_json(io.BytesIO(body), parse_options=_STORED_RESULTS_PARSING)
-        result_arrays_from_json(stored)
+        records = pa_json.read_json(io.BytesIO(body), parse_options=_STORED_RESULTS_PARSING)
+        stored = StoredResults.of(records, 0)
     except (ValueError, pa.ArrowException):
         return None
-    complete = stored.select(_REQUIRED).drop_null().num_rows == stored.num_rows
-    unique = pc.count_distinct(stored.column("row")).as_py() == stored.num_rows
+    complete = records.select(_REQUIRED).drop_null().num_rows == records.num_rows
+    unique = pc.count_distinct(records.column("row")).as_py() == records.num_rows
     if not isinstance(header, dict) or not complete or not unique:
         return None
     return header, stored

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from removebg_provider.errors import RemoveBgError
 from removebg_provider.manifest import RESULT_SCHEMA, ManifestWriter
-from removebg_provider.pipeline.checkpoints import ShardStaging
+from removebg_provider.pipeline.checkpoints import ShardStaging, StoredResults
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.planning import CANONICAL, ID, INTERNAL_COLUMNS, ROW, Plan, read_parquet
 from removebg_provider.pipeline.results import (
@@ -23,7 +23,6 @@ from removebg_provider.pipeline.results import (
     Tally,
     enforce_failure_policy,
     result_arrays,
-    result_arrays_from_json,
 )
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
@@ -51,8 +50,8 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
     ) as out:
         for shard in plan_.shards:
             table = read_parquet(shard.uri, storage)
-            stored, shard_billed = ShardStaging(shard, config, plan_.run_id, storage).read_results()
-            billed += shard_billed
+            stored = ShardStaging(shard, config, plan_.run_id, storage).read_results()
+            billed += stored.billed
             results = _merged_results(table, stored, canonical_ids, canonical, shard.index)
             tally.add_columns(table.column(ID), results)
             columns = [table.column(name) for name in kept] + results.columns
@@ -77,7 +76,7 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
 
 def _merged_results(
     table: pa.Table,
-    stored: pa.Table,
+    stored: StoredResults,
     canonical_ids: pa.Array,
     canonical: dict[str, RowResult],
     shard_index: int,
@@ -88,7 +87,8 @@ def _merged_results(
     another row's image, rows without a result) are made one by one. Canonical rows' results are
     kept in `canonical` for the rows of later shards that share their image.
     """
-    position = pc.index_in(table.column(ROW), value_set=stored.column("row"))
+    records = stored.records
+    position = pc.index_in(table.column(ROW), value_set=records.column("row"))
     shares = table.column(CANONICAL).is_valid()
     made_at = np.flatnonzero(pc.or_(shares, position.is_null()).to_numpy(zero_copy_only=False))
     kept_at = np.flatnonzero(
@@ -98,16 +98,16 @@ def _merged_results(
     )
     lookup: dict[int, int] = {}
     if made_at.size or kept_at.size:
-        lookup = dict(zip(stored.column("row").to_pylist(), range(stored.num_rows), strict=True))
+        lookup = dict(zip(records.column("row").to_pylist(), range(records.num_rows), strict=True))
     internal = table.select(list(INTERNAL_COLUMNS))
 
     def made_row(at: int) -> RowResult:
-        return _merged_row(internal.slice(at, 1).to_pylist()[0], stored, lookup, canonical, shard_index)
+        return _merged_row(internal.slice(at, 1).to_pylist()[0], records, lookup, canonical, shard_index)
 
     # Canonical rows first: a row sharing one's image may follow it in this shard.
     canonical.update({internal.column(ID)[at].as_py(): made_row(int(at)) for at in kept_at})
     made = [made_row(int(at)) for at in made_at]
-    columns = result_arrays_from_json(stored.take(position))
+    columns = [column.combine_chunks() for column in stored.columns.take(position).columns]
     if made:
         # Each made row's columns replace its own: taken from behind the stored rows' columns.
         order = np.arange(table.num_rows)
@@ -121,7 +121,7 @@ def _merged_results(
 
 def _merged_row(
     row: dict[str, Any],
-    stored: pa.Table,
+    records: pa.Table,
     lookup: dict[int, int],
     canonical: dict[str, RowResult],
     shard_index: int,
@@ -143,7 +143,7 @@ def _merged_row(
         )
     found = lookup.get(row[ROW])
     if found is not None:
-        data = stored.slice(found, 1).to_pylist()[0]
+        data = records.slice(found, 1).to_pylist()[0]
         del data["row"]
         return RowResult.from_json(data)
     return RowResult(

@@ -128,6 +128,8 @@ S3_POOL_CONNECTIONS = 64
 class S3Backend(Backend):
     """Amazon S3 and compatible stores, through boto3 (the given client, else the environment's)."""
 
+    lists_fingerprints = True
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         super().__init__(params)
         self._client_lock = threading.Lock()
@@ -223,6 +225,8 @@ class S3Backend(Backend):
 class GcsBackend(Backend):
     """Google Cloud Storage, through google-cloud-storage (the given client, else the environment's)."""
 
+    lists_fingerprints = True
+
     def list_prefix(self, prefix: str) -> list[str]:
         from google.cloud import storage as gcs
 
@@ -308,6 +312,10 @@ class AzureBackend(Backend):
     AZURE_STORAGE_CONNECTION_STRING when no client is given.
     """
 
+    lists_fingerprints = True
+    # Azurite lists in UTF-16 order, and Azure does not document its own.
+    lists_in_code_point_order = False
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         connection_string = os.environ.get(AZURE_CONNECTION_ENV)
         if "client" not in params and connection_string:
@@ -329,9 +337,6 @@ class AzureBackend(Backend):
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         properties = self._properties(uri)
         return None if properties is None else _azure_fingerprint(uri, properties)
-
-    # Azurite lists in UTF-16 order, and Azure does not document its own.
-    lists_in_code_point_order = False
 
     def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
         (bucket, first_key), last_key = bucket_and_key(first), bucket_and_key(last)[1]

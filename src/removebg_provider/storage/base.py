@@ -36,6 +36,8 @@ class Backend:
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
+    # Whether the scheme's listings describe content (`list_fingerprints`).
+    lists_fingerprints: ClassVar[bool] = False
     # Whether `list_fingerprints` yields keys in code point (UTF-8 byte) order, so a listing may stop
     # at the first key past the range; otherwise it stops once every key asked for was seen.
     lists_in_code_point_order: ClassVar[bool] = True
@@ -144,7 +146,8 @@ class Backend:
         found: dict[str, str | None] = {}
         alone: list[str] = []
         for members in by_folder.values():
-            listed = self._listed(members) if len(members) >= LISTING_MIN_OBJECTS else None
+            many = self.lists_fingerprints and len(members) >= LISTING_MIN_OBJECTS
+            listed = self._listed(members) if many else None
             if listed is None:
                 alone += members
             else:
@@ -164,18 +167,21 @@ class Backend:
         """(URI, fingerprint) of the objects in `first`'s folder, in key order, from URI `first` or before.
 
         The fingerprints `fingerprint` gives, from a listing; the caller stops past URI `last`.
-        Raises NotImplementedError for a scheme whose listings do not describe the content.
+        Only for a scheme that `lists_fingerprints`.
         """
         raise NotImplementedError
 
     def _listed(self, uris: Sequence[str]) -> dict[str, str | None] | None:
-        """The fingerprints of `uris` (one folder) from one listing; None when the scheme cannot list them."""
+        """The fingerprints of `uris` (one folder) from one listing; None when the listing fails."""
         spellings: dict[str, list[str]] = defaultdict(list)
         for uri in uris:
             spellings[listed_uri(uri)].append(uri)
         first, last = min(spellings), max(spellings)
         found: dict[str, str | None] = dict.fromkeys(uris)
         unseen = set(spellings)
+        # A store that cannot be reached, or often a role that may read objects but not list the
+        # bucket: each object is then described on its own, and says what is wrong.
+        failures: tuple[type[BaseException], ...] = (StorageError, *storage_errors())
         try:
             for at, fingerprint in self.list_fingerprints(first, last):
                 if self.lists_in_code_point_order and at > last:
@@ -185,14 +191,7 @@ class Backend:
                 unseen.discard(at)
                 if not unseen:
                     break
-        except NotImplementedError:
-            return None
-        except StorageError as exc:
-            # A store that cannot be reached at all: each object's own description says so.
-            log.warning("cannot list %s, its objects are described one by one: %s", uris[0], exc)
-            return None
-        except storage_errors() as exc:
-            # Often a role that may read objects but not list the bucket: each object is described.
+        except failures as exc:
             log.warning("cannot list %s, its objects are described one by one: %s", uris[0], short_error(exc))
             return None
         return found

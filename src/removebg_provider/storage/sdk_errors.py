@@ -11,17 +11,16 @@ _FIRST_CALL = threading.Lock()
 
 def storage_errors() -> tuple[type[BaseException], ...]:
     """What the object-store SDKs raise for a failed read or write; they do not all use OSError."""
-    # smart_open raises NotImplementedError for a scheme it has no transport for.
-    return (OSError, ValueError, NotImplementedError, *_sdk_errors()[0])
+    return _sdk_errors()[0]
 
 
 def missing_errors() -> tuple[type[BaseException], ...]:
     """What the SDKs raise for an object that is not there."""
-    return (FileNotFoundError, *_sdk_errors()[1])
+    return _sdk_errors()[1]
 
 
 def _sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """(failures, missing objects) of the SDKs installed, imported once.
+    """(`storage_errors`, `missing_errors`) with the SDKs installed, imported once.
 
     Under a lock: two threads importing one package at once can see it half initialised
     ("cannot access submodule 'core' of module 'azure'"), and a run's lookup threads all reach
@@ -33,8 +32,9 @@ def _sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExcep
 
 @functools.cache
 def _imported_sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    failures: list[type[BaseException]] = []
-    missing: list[type[BaseException]] = []
+    # smart_open raises NotImplementedError for a scheme it has no transport for.
+    failures: list[type[BaseException]] = [OSError, ValueError, NotImplementedError]
+    missing: list[type[BaseException]] = [FileNotFoundError]
     try:
         from botocore.exceptions import BotoCoreError, ClientError
 
