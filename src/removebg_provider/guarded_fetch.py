@@ -1,7 +1,8 @@
-"""Download a URL someone else chose without letting it reach private networks or exhaust memory or time.
+"""Request a URL someone else chose without letting it reach private networks or exhaust memory or time.
 
 Server-side request forgery is the risk: whoever writes a record's `_url` (for the local server) or a
-manifest's image column (for the QA report) could point it at the metadata service, at localhost,
+manifest's image column (for the QA report's tiles and the result store's source fingerprints) could
+point it at the metadata service, at localhost,
 or at the catalog team's intranet. Each hop is therefore resolved once, *every* address the
 name resolves to is checked, and the connection goes to the checked address itself (Host header and
 TLS SNI/certificate check still use the name). Re-resolving at connect time would let a DNS-rebinding
@@ -19,7 +20,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -51,6 +52,14 @@ class FetchLimits:
     max_redirects: int
 
 
+@dataclass(frozen=True)
+class HeadAnswer:
+    """What a HEAD request learnt: the final status and headers (names in lower case)."""
+
+    status: int
+    headers: dict[str, str]
+
+
 def is_public_address(address: IPAddress) -> bool:
     """True for globally routable unicast addresses; loopback, private, link-local, reserved etc. are not.
 
@@ -67,28 +76,46 @@ def is_public_address(address: IPAddress) -> bool:
 
 
 def allow_any_address(address: IPAddress) -> bool:
-    """The policy of `--allow-private-urls` and `report_private_urls`: every address may be fetched."""
+    """The policy of `--allow-private-urls` and `allow_private_urls`: every address may be requested."""
     return True
 
 
 def fetch_url(url: str, limits: FetchLimits, is_allowed: AddressPolicy = is_public_address) -> bytes:
     """Return the body of `url` (http or https), following redirects, or raise `FetchRefused`."""
+    with _final_answer("GET", url, limits, is_allowed) as (response, watchdog):
+        if response.status != 200:
+            raise FetchRefused(400, f"fetching {url} failed: the server answered HTTP {response.status}")
+        return _read_capped(response, url, limits, watchdog)
+
+
+def head_url(url: str, limits: FetchLimits, is_allowed: AddressPolicy = is_public_address) -> HeadAnswer:
+    """The status and headers of a HEAD of `url` (http or https), following redirects; or `FetchRefused`.
+
+    Any status is an answer; only an address `is_allowed` refuses, a failed connection, too many
+    redirects or the deadline raise.
+    """
+    with _final_answer("HEAD", url, limits, is_allowed) as (response, _watchdog):
+        return HeadAnswer(response.status, {name.lower(): value for name, value in response.getheaders()})
+
+
+@contextlib.contextmanager
+def _final_answer(
+    method: str, url: str, limits: FetchLimits, is_allowed: AddressPolicy
+) -> Iterator[tuple[http.client.HTTPResponse, _Watchdog]]:
+    """The response to `method` at the end of `url`'s redirects, each hop at a checked address."""
     watchdog = _Watchdog(limits.timeout_seconds)
     try:
         current = url
         for _hop in range(limits.max_redirects + 1):
             connection = _connect(current, is_allowed, watchdog)
             try:
-                response = _get(connection, current)
+                response = _request(connection, method, current)
                 location = response.getheader("Location")
                 if response.status in _REDIRECTS and location:
                     current = urljoin(current, location)
                     continue
-                if response.status != 200:
-                    raise FetchRefused(
-                        400, f"fetching {url} failed: the server answered HTTP {response.status}"
-                    )
-                return _read_capped(response, url, limits, watchdog)
+                yield response, watchdog
+                return
             except (http.client.HTTPException, OSError) as error:
                 raise watchdog.failure(url, "while reading", error) from error
             finally:
@@ -206,7 +233,7 @@ def _connect(url: str, is_allowed: AddressPolicy, watchdog: _Watchdog) -> http.c
     raise FetchRefused(400, f"fetching {url} failed: cannot connect ({'; '.join(unreachable)})")
 
 
-def _get(connection: http.client.HTTPConnection, url: str) -> http.client.HTTPResponse:
+def _request(connection: http.client.HTTPConnection, method: str, url: str) -> http.client.HTTPResponse:
     parts = urlsplit(url)
     target = parts.path or "/"
     if parts.query:
@@ -219,7 +246,7 @@ def _get(connection: http.client.HTTPConnection, url: str) -> http.client.HTTPRe
         "Accept-Encoding": "identity",
     }
     try:
-        connection.request("GET", target, headers=headers)
+        connection.request(method, target, headers=headers)
     except (http.client.InvalidURL, UnicodeError) as error:
         # Control characters in the path, or a host name that is not ASCII in the Host header.
         raise FetchRefused(400, f"{url} is not a valid URL: {error}") from error

@@ -486,15 +486,17 @@ def test_an_image_claimed_by_a_process_that_died_is_sent_without_waiting_for_the
 
 def test_an_image_url_whose_body_changed_is_sent_again_and_an_unchanged_one_is_not(tmp_path: Path) -> None:
     # This file server answers no HEAD (501), so the fingerprint falls back to a hash of the body.
+    # It listens on 127.0.0.1: the run may describe its images only when private URLs are allowed.
     photos = {"a.jpg": sample_photo(50, _HEIGHT, "JPEG"), "b.jpg": sample_photo(51, _HEIGHT, "JPEG")}
     with (
         serve_files(photos) as images,
         start_api_server(tmp_path / "server", allow_private_urls=True) as server,
     ):
         catalog = {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
-        _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+        day1 = _manifest(tmp_path / "day1.parquet", catalog)
+        _billed(server, _config(tmp_path, day1, allow_private_urls=True))
         images.files["a.jpg"] = sample_photo(80, _HEIGHT, "JPEG")
-        day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog))
+        day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog), allow_private_urls=True)
 
         billed = _billed(server, day2)
 
@@ -511,9 +513,10 @@ def test_an_image_url_is_described_by_the_etag_of_a_head_request_when_the_server
         start_api_server(tmp_path / "server", allow_private_urls=True) as server,
     ):
         catalog = {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
-        _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+        day1 = _manifest(tmp_path / "day1.parquet", catalog)
+        _billed(server, _config(tmp_path, day1, allow_private_urls=True))
         images.files["b.jpg"] = sample_photo(81, _HEIGHT, "JPEG")
-        day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog))
+        day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog), allow_private_urls=True)
 
         billed = _billed(server, day2)
 
@@ -521,6 +524,32 @@ def test_an_image_url_is_described_by_the_etag_of_a_head_request_when_the_server
     assert sorted(images.heads) == ["/a.jpg", "/a.jpg", "/b.jpg", "/b.jpg"]
     assert str(_rows(day2)["sku-a"]["removebg_source_fingerprint"]).startswith("etag:")
     assert _cutout_widths(day2) == {"sku-a": 50, "sku-b": 81}
+
+
+def test_image_urls_at_private_addresses_are_not_requested_by_the_run_unless_allowed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The image host listens on 127.0.0.1, as the metadata service or an intranet host would be
+    # reachable from a worker. The local API server may fetch it (its own rule is tested elsewhere);
+    # the run itself must not send it a HEAD or a GET to describe the images.
+    photos = {"a.jpg": sample_photo(50, _HEIGHT, "JPEG"), "b.jpg": sample_photo(51, _HEIGHT, "JPEG")}
+    with (
+        serve_files(photos, etags=True) as images,
+        start_api_server(tmp_path / "server", allow_private_urls=True) as server,
+    ):
+        catalog = {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
+        config = _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog))
+
+        billed = _billed(server, config)
+
+    assert billed == 2
+    assert images.heads == []
+    # One GET per image: the API server's fetch, none from the run.
+    assert len(images.ranges) == 2
+    rows = _rows(config)
+    assert {sku: row["removebg_status_code"] for sku, row in rows.items()} == {"sku-a": 200, "sku-b": 200}
+    assert all(row["removebg_source_fingerprint"] is None for row in rows.values())
+    assert "2 image URL(s) not described" in caplog.text
 
 
 def test_a_device_or_an_oversized_image_gets_no_fingerprint_and_fails_alone_with_422(

@@ -108,12 +108,12 @@ with DAG(
             type=["string", "null"],
             description="Column identifying each image's content, e.g. image_md5 (null: from the image)",
         ),
-        "report_private_urls": Param(
+        "allow_private_urls": Param(
             False,
             type="boolean",
             description=(
-                "Let the run report fetch http(s) images from loopback and private addresses (for "
-                "photos served inside your network; refused by default)"
+                "Let the run describe (for the result store) and the report fetch http(s) images at "
+                "loopback and private addresses (photos served inside your network; refused by default)"
             ),
         ),
         "report_base_url": Param(
@@ -140,7 +140,7 @@ with DAG(
         shard_size="{{ params.shard_size }}",
         cache_prefix="{{ params.cache_prefix }}",
         fingerprint_column="{{ params.fingerprint_column }}",
-        report_private_urls="{{ params.report_private_urls }}",
+        allow_private_urls="{{ params.allow_private_urls }}",
         report_base_url=_daily("report_base_url"),
         concurrency=8,
         removebg_conn_id="removebg_default",

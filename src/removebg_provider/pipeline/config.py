@@ -138,10 +138,11 @@ class PipelineConfig:
     )
     report: bool = _setting(True, "write the contact-sheet report next to the enriched manifest")
     report_sample: int = _setting(48, "tiles in the report, flagged and failed rows first")
-    report_private_urls: bool = _setting(
+    allow_private_urls: bool = _setting(
         False,
-        "let the report fetch http(s) images from loopback, private and reserved addresses (refused by "
-        "default, as the local server refuses such a _url)",
+        "let the run's own requests for http(s) images (the HEAD that describes each for the result "
+        "store, the report's tiles) reach loopback, private and reserved addresses (refused by default, "
+        "as the local server refuses such a _url)",
     )
 
     def __post_init__(self) -> None:

@@ -57,7 +57,11 @@ class ShardLookups:
                 # Without a store a fingerprint only sharpens the in-run resume key; not worth a HEAD
                 # (or reading a file) per row on every run.
                 to_describe[row[ROW]] = row[REF]
-        described = self.storage.fingerprints(list(to_describe.values()), limit=self.config.max_image_bytes)
+        described = self.storage.fingerprints(
+            list(to_describe.values()),
+            limit=self.config.max_image_bytes,
+            allow_private_urls=self.config.allow_private_urls,
+        )
         for row_number, reference in to_describe.items():
             if (fingerprint := described.get(reference)) is not None:
                 found[row_number] = fingerprint

@@ -170,7 +170,7 @@ def _write_report(config: PipelineConfig, storage: Storage) -> tuple[str | None,
             image_column=config.image_column,
             id_column=config.id_column,
             manifest_format=config.output_manifest_format,
-            allow_private_urls=config.report_private_urls,
+            allow_private_urls=config.allow_private_urls,
         )
     except RemoveBgError as exc:
         log.warning("the run report was not written: %s", exc)

@@ -123,19 +123,22 @@ class Storage:
         check_presign_seconds(expires_in)
         return self._backend(uri).presigned_url(uri, expires_in)
 
-    def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
+    def fingerprints(
+        self, uris: Sequence[str], limit: int | None = None, *, allow_private_urls: bool = False
+    ) -> dict[str, str | None]:
         """What identifies the content of each object (its scheme's metadata, else a hash of its bytes).
 
         None for an object that is missing, cannot be described, or (when its bytes are hashed) is
         over `limit` bytes. Each scheme describes its URIs at once, so an object store can answer
-        many from one listing.
+        many from one listing. An http(s) URL is asked only at public addresses (None for another,
+        with a warning) unless `allow_private_urls`: whoever writes a manifest chooses its URLs.
         """
         by_backend: dict[Backend, list[str]] = defaultdict(list)
         for uri in dict.fromkeys(uris):
             by_backend[self._backend(uri)].append(uri)
         found: dict[str, str | None] = {}
         for backend, group in by_backend.items():
-            found.update(backend.fingerprints(group, limit))
+            found.update(backend.fingerprints(group, limit, allow_private_urls=allow_private_urls))
         return found
 
     def _backend(self, uri: str) -> Backend:

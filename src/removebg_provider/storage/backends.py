@@ -8,21 +8,42 @@ from __future__ import annotations
 import datetime
 import errno
 import functools
+import hashlib
 import itertools
+import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 from urllib.parse import urlparse
 
-from removebg_provider.errors import StorageError
-from removebg_provider.storage.base import Backend, register
+from removebg_provider.errors import FetchRefused, StorageError
+from removebg_provider.guarded_fetch import (
+    AddressPolicy,
+    FetchLimits,
+    allow_any_address,
+    fetch_url,
+    head_url,
+    is_public_address,
+)
+from removebg_provider.storage.base import Backend, described_side_by_side, register
 from removebg_provider.storage.sdk_errors import looks_missing, missing_errors, short_error, storage_errors
 from removebg_provider.storage.uris import bucket_and_key, folder_of, join_uri, listed_uri, local_path
 
 AZURE_CONNECTION_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+log = logging.getLogger(__name__)
+
+# An http(s) image's description: a HEAD within 10 s in all, as the QA report's fetches; a body
+# (a server without validators) within 30 s. A host slower than that is left to the API's own fetch.
+_HEAD_LIMITS = FetchLimits(max_bytes=0, timeout_seconds=10.0, max_redirects=5)
+_BODY_SECONDS = 30.0
+_MAX_REDIRECTS = 5
+# The largest body hashed when no limit is given: the QA report's cap on an image.
+_MAX_HASHED_BYTES = 64 << 20
+# FetchRefused's code for a host at an address the policy refuses.
+_NOT_PUBLIC = 403
 
 # A temporary file per write, unique per process and thread without a syscall, created with the
 # process umask like any other file (mkstemp would cost random names, retries and a chmod).
@@ -416,33 +437,70 @@ class AzureBackend(Backend):
 
 @register("http", "https")
 class HttpBackend(Backend):
-    """Images at http(s) URLs, read-only; described by a HEAD's validators when the server gives them."""
+    """Images at http(s) URLs, read-only; described by a HEAD's validators when the server gives them.
 
-    def __init__(self, params: Mapping[str, Any]) -> None:
-        import requests
-
-        super().__init__(params)
-        # One session: its pooled connections serve every HEAD of a run to the same image host.
-        self._session = requests.Session()
+    Every request goes through `guarded_fetch`, as the local server's `_url` fetches do: the
+    manifest's author chooses the URL, so only public addresses are asked unless private URLs are
+    allowed, each redirect hop is checked, and a deadline bounds the whole request.
+    """
 
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
-        import requests
-
         try:
-            head = self._session.head(uri, allow_redirects=True, timeout=30)
-        except requests.RequestException:
-            # Unreachable: the API fetches the URL itself and reports the problem as the row's status.
+            return self._described(uri, limit, is_public_address)
+        except FetchRefused:
             return None
-        if head.status_code in (404, 410):
-            return None
-        etag = head.headers.get("ETag")
-        if head.ok and etag:
+
+    def fingerprints(
+        self, uris: Sequence[str], limit: int | None = None, *, allow_private_urls: bool = False
+    ) -> dict[str, str | None]:
+        policy = allow_any_address if allow_private_urls else is_public_address
+        refused: list[str] = []
+        failed: list[str] = []
+
+        def described(uri: str) -> str | None:
+            try:
+                return self._described(uri, limit, policy)
+            except FetchRefused as exc:
+                (refused if exc.code == _NOT_PUBLIC else failed).append(str(exc))
+                return None
+
+        found = described_side_by_side(uris, described)
+        # Rows without a fingerprint are sent on every run, billed each time: say so once per call.
+        if refused:
+            log.warning(
+                "%d image URL(s) not described, sent without the result store (allow private URLs to "
+                "describe them); first: %s",
+                len(refused),
+                refused[0],
+            )
+        if failed:
+            log.warning(
+                "%d image URL(s) could not be described, sent without the result store; first: %s",
+                len(failed),
+                failed[0],
+            )
+        return found
+
+    def _described(self, uri: str, limit: int | None, policy: AddressPolicy) -> str | None:
+        """The fingerprint of `uri`, None when its server says it is gone; else `FetchRefused` says why."""
+        head = head_url(uri, _HEAD_LIMITS, policy)
+        etag = head.headers.get("etag")
+        answered = head.status < 400
+        if answered and etag:
             return f"etag:{uri}:{etag}"
-        modified, length = head.headers.get("Last-Modified"), head.headers.get("Content-Length")
-        if head.ok and modified and length:
+        modified, length = head.headers.get("last-modified"), head.headers.get("content-length")
+        if answered and modified and length:
             return f"modified:{uri}:{modified}:{length}"
+        if head.status in (404, 410):
+            # The API's own fetch reports it as the row's status.
+            return None
         # No validators: only the body says what the image is.
-        return super().fingerprint(uri, limit)
+        body = fetch_url(uri, _body_limits(limit), policy)
+        return f"blake2b:{hashlib.blake2b(body, digest_size=16).hexdigest()}"
+
+
+def _body_limits(limit: int | None) -> FetchLimits:
+    return FetchLimits(limit if limit is not None else _MAX_HASHED_BYTES, _BODY_SECONDS, _MAX_REDIRECTS)
 
 
 def _gcs_fingerprint(uri: str, blob: Any) -> str:

@@ -134,11 +134,15 @@ class Backend:
         """An http(s) URL that lets anyone GET the object at `uri` for `expires_in` seconds."""
         raise StorageError(f"cannot presign {uri}: only s3://, gs:// and az:// objects get presigned URLs")
 
-    def fingerprints(self, uris: Sequence[str], limit: int | None = None) -> dict[str, str | None]:
+    def fingerprints(
+        self, uris: Sequence[str], limit: int | None = None, *, allow_private_urls: bool = False
+    ) -> dict[str, str | None]:
         """`fingerprint` of each URI (None also for one that cannot be described).
 
         Where the scheme lists fingerprints, a folder holding many of `uris` is described by one
         listing over their range of keys; every other object is described on its own, side by side.
+        `allow_private_urls` concerns only schemes whose URI names the host to ask (http(s)); the
+        others reach the store they are configured for.
         """
         by_folder: dict[str, list[str]] = defaultdict(list)
         for uri in uris:
@@ -160,8 +164,7 @@ class Backend:
             except StorageError:
                 return None
 
-        with ThreadPoolExecutor(_DESCRIBE_WORKERS, thread_name_prefix="removebg-describe") as pool:
-            return found | dict(zip(alone, pool.map(described, alone), strict=True))
+        return found | described_side_by_side(alone, described)
 
     def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
         """(URI, fingerprint) of the objects in `first`'s folder, in key order, from URI `first` or before.
@@ -195,6 +198,14 @@ class Backend:
             log.warning("cannot list %s, its objects are described one by one: %s", uris[0], short_error(exc))
             return None
         return found
+
+
+def described_side_by_side(
+    uris: Sequence[str], describe: Callable[[str], str | None]
+) -> dict[str, str | None]:
+    """`describe` of each URI, several at once: each is a request (or a file read) that mostly waits."""
+    with ThreadPoolExecutor(_DESCRIBE_WORKERS, thread_name_prefix="removebg-describe") as pool:
+        return dict(zip(uris, pool.map(describe, uris), strict=True))
 
 
 _REGISTRY: dict[str, type[Backend]] = {}

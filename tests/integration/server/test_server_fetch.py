@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from removebg_provider.errors import FetchRefused
-from removebg_provider.guarded_fetch import FetchLimits, fetch_url, is_public_address
+from removebg_provider.guarded_fetch import FetchLimits, fetch_url, head_url, is_public_address
 from support.servers import LocalApiServer, sample_photo, sample_photo_base64, start_api_server
 from support.tls import make_certificates
 
@@ -54,6 +54,10 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
             RELEASE_SLOW_HANDLER.wait(timeout=30)
         else:
             self._send(404, b"nothing here", "text/plain")
+
+    def do_HEAD(self) -> None:
+        # The same status and headers as a GET; the client reads no body after a HEAD.
+        self.do_GET()
 
     def _send(self, code: int, body: bytes, content_type: str) -> None:
         self.send_response(code)
@@ -159,6 +163,26 @@ def test_a_redirect_to_a_private_address_is_refused_at_that_hop(image_host: str)
 
     with pytest.raises(FetchRefused) as refused:
         fetch_url(f"{image_host}/to-private", FetchLimits(10_000, 2, 2), is_allowed=loopback_only)
+
+    assert refused.value.code == 403
+    assert "10.11.12.13" in str(refused.value)
+
+
+def test_a_head_request_follows_redirects_and_answers_with_the_final_status_and_headers(
+    image_host: str,
+) -> None:
+    answer = head_url(f"{image_host}/to-photo", FetchLimits(0, 5, 2), is_allowed=_anything)
+
+    assert answer.status == 200
+    assert answer.headers["content-length"] == str(len(PHOTO))
+
+
+def test_a_head_request_redirected_to_a_private_address_is_refused_at_that_hop(image_host: str) -> None:
+    def loopback_only(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return address.is_loopback
+
+    with pytest.raises(FetchRefused) as refused:
+        head_url(f"{image_host}/to-private", FetchLimits(0, 2, 2), is_allowed=loopback_only)
 
     assert refused.value.code == 403
     assert "10.11.12.13" in str(refused.value)
