@@ -18,7 +18,11 @@ a dead process is taken over after its lease (`CLAIM_LEASE`, recorded in the cla
 that process ran on this host, and at once by the same shard of the same run (a retried task:
 Airflow runs one try at a time). A live process writes its claims again with a fresh time every
 third of their lease, so work that takes longer than the lease (a slow API, long retries) keeps
-its claims and no other run sends, and bills, the same image.
+its claims and no other run sends, and bills, the same image. Taking a claim over, renewing it,
+releasing it and pruning it change only the revision of the claim that was read and judged
+(`Storage.replace_if_unchanged`, `delete_if_unchanged`): of runs taking over one dead claim at once
+exactly one wins, and a claim taken over in between is never written back or removed. Every claim's
+bytes differ (its token and time), so S3's ETag names each write.
 
 An entry records, for each output, the URI it was written to, that object's version (ETag,
 generation, or size + mtime + inode on disk) and the SHA-256 of its bytes. Outputs are named per
@@ -213,16 +217,19 @@ class ResultStore:
         try:
             if self.storage.create_new(uri, body):
                 return True
-            held = self._claim_at(uri)
-            if held is not None and held.get("token") == self._claimant["token"]:
+            found = self._claim_at(uri)
+            if found is None:
+                # Released in between.
+                return self.storage.create_new(uri, body)
+            held, revision = found
+            if held.get("token") == self._claimant["token"]:
                 # Already ours (a row sent again after its stored outputs proved stale).
                 return True
-            if held is not None and held.get("holder") != self._claimant["holder"] and not _abandoned(held):
+            if held.get("holder") != self._claimant["holder"] and not _abandoned(held):
                 return False
-            if held is not None:
-                log.warning("result store claim %s was left by a dead run (%s); taking it over", uri, held)
-                self.storage.delete(uri)
-            return self.storage.create_new(uri, body)
+            log.warning("result store claim %s was left by a dead run (%s); taking it over", uri, held)
+            # Replaced only if it is still the dead run's: of runs taking it over at once, one wins.
+            return self.storage.replace_if_unchanged(uri, body, revision)
         except StorageError as exc:
             log.warning("result store claim %s not taken, the image is sent unguarded: %s", uri, exc)
             return True
@@ -236,9 +243,10 @@ class ResultStore:
             if not self._held:
                 self._none_held.set()
             try:
-                held = self._claim_at(uri)
-                if held is not None and held.get("token") == self._claimant["token"]:
-                    self.storage.delete(uri)
+                found = self._claim_at(uri)
+                if found is not None and found[0].get("token") == self._claimant["token"]:
+                    # Only our write of it: one that another run took over in between stays.
+                    self.storage.delete_if_unchanged(uri, found[1])
             except StorageError as exc:
                 log.warning(
                     "result store claim %s not released (it expires after %s): %s", uri, self.lease, exc
@@ -275,9 +283,14 @@ class ResultStore:
     def _renew(self, key: str) -> None:
         uri = self.claim_uri(key)
         try:
-            held = self._claim_at(uri)
-            if held is not None and held.get("token") == self._claimant["token"]:
-                self.storage.write_bytes(uri, self._claim_body())
+            found = self._claim_at(uri)
+            held = found[0] if found is not None else None
+            # Written again only if it is still the write we read, so a takeover in between stays.
+            if (
+                found is not None
+                and found[0].get("token") == self._claimant["token"]
+                and self.storage.replace_if_unchanged(uri, self._claim_body(), found[1])
+            ):
                 return
         except StorageError as exc:
             log.warning(
@@ -303,10 +316,10 @@ class ResultStore:
             if entry is not None and self.is_current(entry):
                 return entry
             try:
-                held = self._claim_at(self.claim_uri(key))
+                found = self._claim_at(self.claim_uri(key))
             except StorageError:
-                held = None
-            if held is None or _abandoned(held):
+                found = None
+            if found is None or _abandoned(found[0]):
                 # The entry may have landed between the two reads.
                 entry = self.get(key)
                 return entry if entry is not None and self.is_current(entry) else None
@@ -337,12 +350,13 @@ class ResultStore:
             ):
                 self.storage.delete(uri)
                 removed += 1
-        dead_claims = [
-            uri for uri in self._listed("claims") if (held := self._claim_at(uri)) and _abandoned(held)
-        ]
-        for uri in dead_claims:
-            self.storage.delete(uri)
-        return PruneReport(examined, removed, len(dead_claims))
+        dead_claims = 0
+        for uri in self._listed("claims"):
+            found = self._claim_at(uri)
+            # Only the dead run's write: a run that took the claim over in between keeps it.
+            if found is not None and _abandoned(found[0]):
+                dead_claims += self.storage.delete_if_unchanged(uri, found[1])
+        return PruneReport(examined, removed, dead_claims)
 
     def _listed(self, kind: str) -> list[str]:
         return [
@@ -352,18 +366,20 @@ class ResultStore:
             if uri.endswith(".json")
         ]
 
-    def _claim_at(self, uri: str) -> dict[str, Any] | None:
-        if not self.storage.exists(uri):
+    def _claim_at(self, uri: str) -> tuple[dict[str, Any], str] | None:
+        """The claim at `uri` and the revision it was read at; None when there is none."""
+        found = self.storage.read_with_revision(uri)
+        if found is None:
             return None
+        data, revision = found
         try:
-            held: dict[str, Any] = json.loads(self.storage.read_bytes(uri))
-        except StorageError:
-            # Released between the check and the read.
-            return None
+            held = json.loads(data)
         except ValueError:
+            held = None
+        if not isinstance(held, dict):
             # A torn claim (a store without atomic writes) names nobody: it is abandoned.
-            return {"claimed_at": datetime.min.replace(tzinfo=timezone.utc).isoformat()}
-        return held
+            held = {"claimed_at": datetime.min.replace(tzinfo=timezone.utc).isoformat()}
+        return held, revision
 
     def get(self, key: str) -> StoredResult | None:
         """The entry of `key`, or None when there is none (an unreadable entry is a miss, with a warning)."""

@@ -15,10 +15,12 @@ from removebg_provider.storage.backends import AZURE_CONNECTION_ENV
 from removebg_provider.storage.base import Backend, backend_class
 from removebg_provider.storage.sdk_errors import short_error, storage_errors
 from removebg_provider.storage.uris import comparable_uri, join_uri, local_path, scheme_of, unique_name
+from removebg_provider.storage.web import HttpBackend
 
 __all__ = [
     "AZURE_CONNECTION_ENV",
     "MAX_PRESIGN_SECONDS",
+    "HttpBackend",
     "Storage",
     "check_presign_seconds",
     "comparable_uri",
@@ -109,6 +111,22 @@ class Storage:
     def delete(self, uri: str) -> None:
         """Remove the object at `uri`; a missing object is not an error."""
         self._backend(uri).delete(uri)
+
+    def read_with_revision(self, uri: str) -> tuple[bytes, str] | None:
+        """The bytes at `uri` and a token naming that write of them (None when missing), in one read.
+
+        With `replace_if_unchanged` and `delete_if_unchanged`: read, decide, then change the object
+        only if nobody wrote it in between (local files, s3://, gs://, az://).
+        """
+        return self._backend(uri).read_with_revision(uri)
+
+    def replace_if_unchanged(self, uri: str, data: bytes, revision: str) -> bool:
+        """Write `data` at `uri` only if the object is still `revision` (from `read_with_revision`)."""
+        return self._backend(uri).replace_if_unchanged(uri, data, revision)
+
+    def delete_if_unchanged(self, uri: str, revision: str) -> bool:
+        """Remove the object at `uri` only if it is still `revision` (from `read_with_revision`)."""
+        return self._backend(uri).delete_if_unchanged(uri, revision)
 
     def version(self, uri: str) -> str | None:
         """A token that changes whenever the object at `uri` is written again; None when it is missing."""

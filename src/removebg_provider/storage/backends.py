@@ -1,4 +1,4 @@
-"""One backend class per URI scheme beyond the base: local files, S3, GCS, Azure Blob and http(s).
+"""One backend class per stored URI scheme beyond the base: local files, S3, GCS and Azure Blob.
 
 Adding a store is one class here with `@register(...)`.
 """
@@ -8,43 +8,21 @@ from __future__ import annotations
 import datetime
 import errno
 import functools
-import hashlib
 import itertools
-import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, Any
 from urllib.parse import urlparse
 
-from removebg_provider.errors import FetchRefused, StorageError
-from removebg_provider.guarded_fetch import (
-    AddressPolicy,
-    FetchLimits,
-    allow_any_address,
-    fetch_url,
-    head_url,
-    is_public_address,
-)
-from removebg_provider.storage.base import Backend, described_side_by_side, register
+from removebg_provider.errors import StorageError
+from removebg_provider.storage.base import Backend, register
 from removebg_provider.storage.sdk_errors import looks_missing, missing_errors, short_error, storage_errors
 from removebg_provider.storage.uris import bucket_and_key, folder_of, join_uri, listed_uri, local_path
 
 AZURE_CONNECTION_ENV = "AZURE_STORAGE_CONNECTION_STRING"
-log = logging.getLogger(__name__)
-
-# An http(s) image's description: a HEAD within 10 s in all, as the QA report's fetches; a body
-# (a server without validators) within 30 s. A host slower than that is left to the API's own fetch.
-_HEAD_LIMITS = FetchLimits(max_bytes=0, timeout_seconds=10.0, max_redirects=5)
-_BODY_SECONDS = 30.0
-_MAX_REDIRECTS = 5
-# The largest body hashed when no limit is given: the QA report's cap on an image.
-_MAX_HASHED_BYTES = 64 << 20
-# FetchRefused's code for a host at an address the policy refuses.
-_NOT_PUBLIC = 403
-
 # A temporary file per write, unique per process and thread without a syscall, created with the
 # process umask like any other file (mkstemp would cost random names, retries and a chmod).
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -86,6 +64,62 @@ class LocalBackend(Backend):
             pass
         except OSError as exc:
             raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
+
+    def read_with_revision(self, uri: str) -> tuple[bytes, str] | None:
+        # Every write renames a new file into place, so a file's content never changes: the file
+        # that was opened (its inode, with its time and size against a reused number) is the revision.
+        try:
+            with open(local_path(uri), "rb") as stream:
+                return stream.read(), _file_revision(os.fstat(stream.fileno()))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
+
+    def replace_if_unchanged(self, uri: str, data: bytes, revision: str) -> bool:
+        with self._unchanged(uri, revision) as unchanged:
+            if unchanged:
+                with self.atomic_writer(uri) as stream:
+                    stream.write(data)
+            return unchanged
+
+    def delete_if_unchanged(self, uri: str, revision: str) -> bool:
+        with self._unchanged(uri, revision) as unchanged:
+            if unchanged:
+                self.delete(uri)
+            return unchanged
+
+    @contextmanager
+    def _unchanged(self, uri: str, revision: str) -> Iterator[bool]:
+        """Whether `uri` is still `revision`, held true for the block by a lock on its folder.
+
+        A disk has no compare-and-swap: every conditional change in a folder takes the same
+        exclusive lock (flock: other processes, and other threads, which open it anew). Exclusive
+        creates need none, as a name that exists is never created.
+        """
+        import fcntl
+
+        path = local_path(uri)
+        try:
+            handle = os.open(
+                os.path.join(os.path.dirname(os.path.abspath(path)), ".lock"), os.O_RDWR | os.O_CREAT
+            )
+        except FileNotFoundError:
+            yield False
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot lock the folder of {uri}: {short_error(exc)}") from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                current = _file_revision(os.stat(path))
+            except FileNotFoundError:
+                current = None
+            yield current == revision
+        except OSError as exc:
+            raise StorageError(f"cannot change {uri}: {short_error(exc)}") from exc
+        finally:
+            os.close(handle)
 
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         # Only a regular file is hashed: a device or a pipe never ends (and is refused when read).
@@ -140,6 +174,11 @@ class LocalBackend(Backend):
         )
 
 
+# GCS: how many times a read with its generation is tried while the object keeps being written.
+_REVISION_READS = 3
+# What S3 answers a conditional write that lost: 412 (another object is there), 409 (a concurrent
+# conditional write to the same key won).
+_CHANGED_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 # boto3 keeps 10 connections by default; a run's copy workers, store lookups and claims use many
 # more at once, and every connection past the pool is opened, used once and dropped with a warning.
 S3_POOL_CONNECTIONS = 64
@@ -178,7 +217,7 @@ class S3Backend(Backend):
             self._client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except storage_errors() as exc:
             # 412: the object exists; 409: a concurrent conditional write to the same key won.
-            if _error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            if _error_code(exc) in _CHANGED_CODES:
                 return False
             raise StorageError(f"cannot create {uri}: {short_error(exc)}") from exc
         return True
@@ -189,6 +228,42 @@ class S3Backend(Backend):
             self._client().delete_object(Bucket=bucket, Key=key)
         except storage_errors() as exc:
             raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
+
+    def read_with_revision(self, uri: str) -> tuple[bytes, str] | None:
+        bucket, key = bucket_and_key(uri)
+        try:
+            answer = self._client().get_object(Bucket=bucket, Key=key)
+            return answer["Body"].read(), str(answer["ETag"])
+        except storage_errors() as exc:
+            if looks_missing(exc):
+                return None
+            raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
+
+    def replace_if_unchanged(self, uri: str, data: bytes, revision: str) -> bool:
+        bucket, key = bucket_and_key(uri)
+        return self._unless_changed(
+            uri,
+            "replace",
+            lambda: self._client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=revision),
+        )
+
+    def delete_if_unchanged(self, uri: str, revision: str) -> bool:
+        # Conditional deletes need s3:GetObject besides s3:DeleteObject (as a run's role has).
+        bucket, key = bucket_and_key(uri)
+        return self._unless_changed(
+            uri, "delete", lambda: self._client().delete_object(Bucket=bucket, Key=key, IfMatch=revision)
+        )
+
+    @staticmethod
+    def _unless_changed(uri: str, action: str, request: Callable[[], Any]) -> bool:
+        try:
+            request()
+        except storage_errors() as exc:
+            # 412: another revision is there; 409: a concurrent write won; 404: it went.
+            if _error_code(exc) in _CHANGED_CODES or looks_missing(exc):
+                return False
+            raise StorageError(f"cannot {action} {uri}: {short_error(exc)}") from exc
+        return True
 
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         # An ETag is the content's MD5 (or, for a multipart upload, the MD5 of its parts' MD5s).
@@ -294,6 +369,49 @@ class GcsBackend(Backend):
         except storage_errors() as exc:
             raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
 
+    def read_with_revision(self, uri: str) -> tuple[bytes, str] | None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        changed: tuple[type[BaseException], ...] = (PreconditionFailed, *missing_errors())
+        # The generation comes with the metadata and the download must be that generation: written
+        # again in between, both are read once more.
+        for _attempt in range(_REVISION_READS):
+            blob = self._blob(uri)
+            if blob is None:
+                return None
+            try:
+                return blob.download_as_bytes(if_generation_match=blob.generation), str(blob.generation)
+            except changed:
+                continue
+            except storage_errors() as exc:
+                raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
+        raise StorageError(f"cannot read {uri}: written again at every one of {_REVISION_READS} reads")
+
+    def replace_if_unchanged(self, uri: str, data: bytes, revision: str) -> bool:
+        return self._unless_changed(
+            uri,
+            "replace",
+            lambda: self._new_blob(uri).upload_from_string(data, if_generation_match=int(revision)),
+        )
+
+    def delete_if_unchanged(self, uri: str, revision: str) -> bool:
+        return self._unless_changed(
+            uri, "delete", lambda: self._new_blob(uri).delete(if_generation_match=int(revision))
+        )
+
+    @staticmethod
+    def _unless_changed(uri: str, action: str, request: Callable[[], Any]) -> bool:
+        from google.api_core.exceptions import PreconditionFailed
+
+        changed: tuple[type[BaseException], ...] = (PreconditionFailed, *missing_errors())
+        try:
+            request()
+        except changed:
+            return False
+        except storage_errors() as exc:
+            raise StorageError(f"cannot {action} {uri}: {short_error(exc)}") from exc
+        return True
+
     def presigned_url(self, uri: str, expires_in: int) -> str:
         try:
             url: str = self._new_blob(uri).generate_signed_url(
@@ -392,6 +510,38 @@ class AzureBackend(Backend):
         except storage_errors() as exc:
             raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
 
+    def read_with_revision(self, uri: str) -> tuple[bytes, str] | None:
+        try:
+            download = self._blob_client(uri).download_blob()
+            return download.readall(), str(download.properties.etag)
+        except missing_errors():
+            return None
+        except storage_errors() as exc:
+            raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
+
+    def replace_if_unchanged(self, uri: str, data: bytes, revision: str) -> bool:
+        blob = self._blob_client(uri)
+        return self._unless_changed(
+            uri, "replace", lambda: blob.upload_blob(data, overwrite=True, **_if_unchanged(revision))
+        )
+
+    def delete_if_unchanged(self, uri: str, revision: str) -> bool:
+        blob = self._blob_client(uri)
+        return self._unless_changed(uri, "delete", lambda: blob.delete_blob(**_if_unchanged(revision)))
+
+    @staticmethod
+    def _unless_changed(uri: str, action: str, request: Callable[[], Any]) -> bool:
+        from azure.core.exceptions import ResourceModifiedError
+
+        changed: tuple[type[BaseException], ...] = (ResourceModifiedError, *missing_errors())
+        try:
+            request()
+        except changed:
+            return False
+        except storage_errors() as exc:
+            raise StorageError(f"cannot {action} {uri}: {short_error(exc)}") from exc
+        return True
+
     def presigned_url(self, uri: str, expires_in: int) -> str:
         from azure.storage.blob import BlobSasPermissions, generate_blob_sas
 
@@ -435,74 +585,6 @@ class AzureBackend(Backend):
             raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
 
 
-@register("http", "https")
-class HttpBackend(Backend):
-    """Images at http(s) URLs, read-only; described by a HEAD's validators when the server gives them.
-
-    Every request goes through `guarded_fetch`, as the local server's `_url` fetches do: the
-    manifest's author chooses the URL, so only public addresses are asked unless private URLs are
-    allowed, each redirect hop is checked, and a deadline bounds the whole request.
-    """
-
-    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
-        try:
-            return self._described(uri, limit, is_public_address)
-        except FetchRefused:
-            return None
-
-    def fingerprints(
-        self, uris: Sequence[str], limit: int | None = None, *, allow_private_urls: bool = False
-    ) -> dict[str, str | None]:
-        policy = allow_any_address if allow_private_urls else is_public_address
-        refused: list[str] = []
-        failed: list[str] = []
-
-        def described(uri: str) -> str | None:
-            try:
-                return self._described(uri, limit, policy)
-            except FetchRefused as exc:
-                (refused if exc.code == _NOT_PUBLIC else failed).append(str(exc))
-                return None
-
-        found = described_side_by_side(uris, described)
-        # Rows without a fingerprint are sent on every run, billed each time: say so once per call.
-        if refused:
-            log.warning(
-                "%d image URL(s) not described, sent without the result store (allow private URLs to "
-                "describe them); first: %s",
-                len(refused),
-                refused[0],
-            )
-        if failed:
-            log.warning(
-                "%d image URL(s) could not be described, sent without the result store; first: %s",
-                len(failed),
-                failed[0],
-            )
-        return found
-
-    def _described(self, uri: str, limit: int | None, policy: AddressPolicy) -> str | None:
-        """The fingerprint of `uri`, None when its server says it is gone; else `FetchRefused` says why."""
-        head = head_url(uri, _HEAD_LIMITS, policy)
-        etag = head.headers.get("etag")
-        answered = head.status < 400
-        if answered and etag:
-            return f"etag:{uri}:{etag}"
-        modified, length = head.headers.get("last-modified"), head.headers.get("content-length")
-        if answered and modified and length:
-            return f"modified:{uri}:{modified}:{length}"
-        if head.status in (404, 410):
-            # The API's own fetch reports it as the row's status.
-            return None
-        # No validators: only the body says what the image is.
-        body = fetch_url(uri, _body_limits(limit), policy)
-        return f"blake2b:{hashlib.blake2b(body, digest_size=16).hexdigest()}"
-
-
-def _body_limits(limit: int | None) -> FetchLimits:
-    return FetchLimits(limit if limit is not None else _MAX_HASHED_BYTES, _BODY_SECONDS, _MAX_REDIRECTS)
-
-
 def _gcs_fingerprint(uri: str, blob: Any) -> str:
     # The MD5 names the content; a composite object has none, and its generation names one version.
     if blob.md5_hash:
@@ -520,6 +602,12 @@ def _azure_fingerprint(uri: str, properties: Any) -> str:
     return f'etag:{listed_uri(uri)}:"{properties.etag.strip(chr(34))}"'
 
 
+def _if_unchanged(etag: str) -> dict[str, Any]:
+    from azure.core import MatchConditions
+
+    return {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+
+
 def _error_code(exc: BaseException) -> str:
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
@@ -533,6 +621,10 @@ def _bucket_and_folder(prefix: str) -> tuple[str, str]:
     parsed = urlparse(prefix)
     folder = parsed.path.strip("/")
     return parsed.netloc, f"{folder}/" if folder else ""
+
+
+def _file_revision(found: os.stat_result) -> str:
+    return f"{found.st_dev}:{found.st_ino}:{found.st_mtime_ns}:{found.st_size}"
 
 
 def _fsync_directory(directory: str) -> None:

@@ -100,6 +100,30 @@ class Backend:
         """Remove the object at `uri`; a missing object is not an error."""
         raise StorageError(f"cannot delete {uri}: not supported for {urlparse(uri).scheme}://")
 
+    def read_with_revision(self, uri: str) -> tuple[bytes, str] | None:
+        """The bytes at `uri` and a token naming that very write of them; None when nothing is there.
+
+        The token is what `replace_if_unchanged` and `delete_if_unchanged` compare against: an
+        object written again since gets another, except on S3, whose token is the ETag (the bytes'
+        MD5): there the very same bytes written again count as unchanged.
+        """
+        raise StorageError(f"cannot read {uri} with its revision: {urlparse(uri).scheme}:// has none")
+
+    def replace_if_unchanged(self, uri: str, data: bytes, revision: str) -> bool:
+        """Write `data` at `uri` only if the object there is still `revision`; False when it changed or went.
+
+        Two writers replacing one revision: at most one gets True.
+        """
+        raise StorageError(
+            f"cannot replace {uri} conditionally: {urlparse(uri).scheme}:// has no conditional write"
+        )
+
+    def delete_if_unchanged(self, uri: str, revision: str) -> bool:
+        """Remove the object at `uri` only if it is still `revision`; False when it changed or went."""
+        raise StorageError(
+            f"cannot delete {uri} conditionally: {urlparse(uri).scheme}:// has no conditional write"
+        )
+
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
         """What identifies the content at `uri`, None when there is no object: here a hash of its bytes.
 

@@ -1,0 +1,98 @@
+"""The backend of images at http(s) URLs: read-only, described under the address rules of `guarded_fetch`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+
+from removebg_provider.errors import FetchRefused
+from removebg_provider.guarded_fetch import (
+    AddressPolicy,
+    FetchLimits,
+    allow_any_address,
+    fetch_url,
+    head_url,
+    is_public_address,
+)
+from removebg_provider.storage.base import Backend, described_side_by_side, register
+
+log = logging.getLogger(__name__)
+
+# An http(s) image's description: a HEAD within 10 s in all, as the QA report's fetches; a body
+# (a server without validators) within 30 s. A host slower than that is left to the API's own fetch.
+_HEAD_LIMITS = FetchLimits(max_bytes=0, timeout_seconds=10.0, max_redirects=5)
+_BODY_SECONDS = 30.0
+_MAX_REDIRECTS = 5
+# The largest body hashed when no limit is given: the QA report's cap on an image.
+_MAX_HASHED_BYTES = 64 << 20
+# FetchRefused's code for a host at an address the policy refuses.
+_NOT_PUBLIC = 403
+
+
+@register("http", "https")
+class HttpBackend(Backend):
+    """Images at http(s) URLs, read-only; described by a HEAD's validators when the server gives them.
+
+    Every request goes through `guarded_fetch`, as the local server's `_url` fetches do: the
+    manifest's author chooses the URL, so only public addresses are asked unless private URLs are
+    allowed, each redirect hop is checked, and a deadline bounds the whole request.
+    """
+
+    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
+        try:
+            return self._described(uri, limit, is_public_address)
+        except FetchRefused:
+            return None
+
+    def fingerprints(
+        self, uris: Sequence[str], limit: int | None = None, *, allow_private_urls: bool = False
+    ) -> dict[str, str | None]:
+        policy = allow_any_address if allow_private_urls else is_public_address
+        refused: list[str] = []
+        failed: list[str] = []
+
+        def described(uri: str) -> str | None:
+            try:
+                return self._described(uri, limit, policy)
+            except FetchRefused as exc:
+                (refused if exc.code == _NOT_PUBLIC else failed).append(str(exc))
+                return None
+
+        found = described_side_by_side(uris, described)
+        # Rows without a fingerprint are sent on every run, billed each time: say so once per call.
+        if refused:
+            log.warning(
+                "%d image URL(s) not described, sent without the result store (allow private URLs to "
+                "describe them); first: %s",
+                len(refused),
+                refused[0],
+            )
+        if failed:
+            log.warning(
+                "%d image URL(s) could not be described, sent without the result store; first: %s",
+                len(failed),
+                failed[0],
+            )
+        return found
+
+    def _described(self, uri: str, limit: int | None, policy: AddressPolicy) -> str | None:
+        """The fingerprint of `uri`, None when its server says it is gone; else `FetchRefused` says why."""
+        head = head_url(uri, _HEAD_LIMITS, policy)
+        etag = head.headers.get("etag")
+        answered = head.status < 400
+        if answered and etag:
+            return f"etag:{uri}:{etag}"
+        modified, length = head.headers.get("last-modified"), head.headers.get("content-length")
+        if answered and modified and length:
+            return f"modified:{uri}:{modified}:{length}"
+        if head.status in (404, 410):
+            # The API's own fetch reports it as the row's status.
+            return None
+        # No validators: only the body says what the image is.
+        body = fetch_url(uri, _body_limits(limit), policy)
+        return f"blake2b:{hashlib.blake2b(body, digest_size=16).hexdigest()}"
+
+
+def _body_limits(limit: int | None) -> FetchLimits:
+    return FetchLimits(limit if limit is not None else _MAX_HASHED_BYTES, _BODY_SECONDS, _MAX_REDIRECTS)
