@@ -110,6 +110,10 @@ def _final_answer(
             connection = _connect(current, is_allowed, watchdog)
             try:
                 response = _request(connection, method, current)
+                if watchdog.expired:
+                    # The deadline's shutdown ends headers as a closed connection would, mid-line:
+                    # a cut ETag or Location would pass for the server's own.
+                    raise watchdog.failure(url, "while reading", TimeoutError())
                 location = response.getheader("Location")
                 if response.status in _REDIRECTS and location:
                     current = urljoin(current, location)

@@ -45,6 +45,17 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", "image/jpeg")
             self.end_headers()
             self.wfile.write(b"\xff" * 50_000)
+        elif self.path == "/slow-headers":
+            # One byte of the headers at a time, more often than a read times out: only the
+            # total deadline stops it.
+            # The client hangs up at its deadline: the writes after that fail.
+            with contextlib.suppress(OSError):
+                self.wfile.write(b'HTTP/1.1 200 OK\r\nETag: "version-')
+                for byte in b'2-of-the-photo"\r\nContent-Length: 0\r\n\r\n':
+                    if RELEASE_SLOW_HANDLER.wait(timeout=0.25):
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
         elif self.path == "/stall":
             self.send_response(200)
             self.send_header("Content-Length", "1000")
@@ -186,6 +197,13 @@ def test_a_head_request_redirected_to_a_private_address_is_refused_at_that_hop(i
 
     assert refused.value.code == 403
     assert "10.11.12.13" in str(refused.value)
+
+
+def test_a_head_request_whose_headers_are_still_arriving_at_the_deadline_times_out(image_host: str) -> None:
+    with pytest.raises(FetchRefused) as refused:
+        head_url(f"{image_host}/slow-headers", FetchLimits(0, 2, 2), is_allowed=_anything)
+
+    assert refused.value.code == 408
 
 
 def test_the_connection_keeps_the_host_name_in_the_host_header(image_host: str) -> None:
