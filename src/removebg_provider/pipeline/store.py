@@ -463,16 +463,24 @@ def _now() -> datetime:
 
 
 def _abandoned(claim: Mapping[str, Any]) -> bool:
-    """Whether a claim's run is gone: its lease ran out unrenewed, or its process on this host has ended."""
-    claimed_at = datetime.fromisoformat(claim["claimed_at"])
+    """Whether a claim's run is gone: its lease ran out unrenewed, or its process on this host has ended.
+
+    A claim that cannot be judged (no time, a time without a zone, a lease or a pid out of range)
+    was not written by a run of this code and names nobody, as a torn one: abandoned.
+    """
     lease = claim.get("lease_seconds")
-    if _now() - claimed_at > (timedelta(seconds=lease) if isinstance(lease, (int, float)) else CLAIM_LEASE):
+    try:
+        age = _now() - datetime.fromisoformat(claim["claimed_at"])
+        expired = age > (timedelta(seconds=lease) if isinstance(lease, (int, float)) else CLAIM_LEASE)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return True
+    if expired:
         return True
     if claim.get("host") != socket.gethostname() or not isinstance(claim.get("pid"), int):
         return False
     try:
         os.kill(claim["pid"], 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return True
     except PermissionError:
         # Alive, under another user.
