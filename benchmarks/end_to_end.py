@@ -4,7 +4,7 @@ This is the run as a user starts it: a fresh `python -m removebg_provider run` p
 default settings (quality check, result store, QA report on), timed from its start to its exit. The
 manifest carries a content fingerprint column (what a catalog export has), so the result store needs
 no request per row; its image URLs point at the fake API, which the report may fetch
-(`--report-private-urls`). The ideal is `rows / (concurrency x batch / latency)`: every request slot
+(`--allow-private-urls`). The ideal is `rows / (concurrency x batch / latency)`: every request slot
 busy from the process's first instant to its last. The fake API's first-request and last-answer
 times split what is lost into start-up (process start to first request), the requests, and the
 wind-down (last answer to exit: copies, merge, report).
@@ -138,7 +138,7 @@ def measure(api: FakeApi, version: str, source: Path, job: Job, folder: Path) ->
         "sku",
         "--fingerprint-column",
         "image_md5",
-        "--report-private-urls",
+        "--allow-private-urls",
         "--endpoint",
         api.base_url,
         "--concurrency",

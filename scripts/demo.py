@@ -59,7 +59,7 @@ def main() -> int:
             "output_manifest_uri": str(DEMO_DIR / "enriched" / ds / "products.parquet"),
             "shard_size": SHARD_SIZE,
             # Half the photos come from the demo's photo server on 127.0.0.1.
-            "report_private_urls": True,
+            "allow_private_urls": True,
         }
         code = _run_dag(api_url, ds, conf)
         billed = _json(f"{api_url}/stats", {"Authorization": f"Token {DEMO_TOKEN}"}).get("records_billed")
