@@ -38,9 +38,14 @@ _CHUNK = 64 * 1024
 # for them to that IPv4 address, so they are judged by it (RFC 6052, RFC 3056, RFC 2765).
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
-# Deprecated IPv4-compatible addresses (::a.b.c.d, RFC 4291) and the local-use NAT64 prefix (RFC 8215)
-# have no public use at all; Python's ipaddress calls both global.
-_NEVER_PUBLIC = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+# Deprecated IPv4-compatible addresses (::a.b.c.d, RFC 4291), the local-use NAT64 prefix (RFC 8215)
+# and deprecated site-local addresses (fec0::/10, RFC 3879) have no public use at all; Python's
+# ipaddress (3.11) calls them global.
+_NEVER_PUBLIC = (
+    ipaddress.IPv6Network("::/96"),
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+    ipaddress.IPv6Network("fec0::/10"),
+)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.errors import ManifestError
-from removebg_provider.pipeline.store import ResultStore, result_key
+from removebg_provider.pipeline.store import ResultStore, StoredResult, result_key
 from removebg_provider.storage import Storage
 from support.file_server import serve_files
 from support.servers import LocalApiServer, sample_photo, start_api_server
@@ -550,6 +550,55 @@ def test_image_urls_at_private_addresses_are_not_requested_by_the_run_unless_all
     assert {sku: row["removebg_status_code"] for sku, row in rows.items()} == {"sku-a": 200, "sku-b": 200}
     assert all(row["removebg_source_fingerprint"] is None for row in rows.values())
     assert "2 image URL(s) not described" in caplog.text
+
+
+def test_an_image_url_described_by_its_body_is_another_image_than_the_same_bytes_elsewhere(
+    tmp_path: Path,
+) -> None:
+    # The run hashes what it GETs, but the API fetches the URL again: its server may answer the API
+    # with other bytes. What the hash vouches for is that URL, never a file with those bytes.
+    photo = sample_photo(50, _HEIGHT, "JPEG")
+    local = tmp_path / "a.jpg"
+    local.write_bytes(photo)
+    with serve_files({"a.jpg": photo}) as images:
+        url = f"{images.base_url}/a.jpg"
+
+        found = Storage().fingerprints([url, str(local)], allow_private_urls=True)
+
+    assert found[url] is not None
+    assert found[str(local)] is not None
+    assert found[url] != found[str(local)]
+
+
+def test_a_warning_about_an_image_url_shows_neither_its_password_nor_its_query(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = "http://catalog:hunter2@127.0.0.1:9/photos/a.jpg?X-Amz-Signature=feedface"
+
+    found = Storage().fingerprints([url])
+
+    assert found == {url: None}
+    assert "127.0.0.1:9/photos/a.jpg" in caplog.text
+    assert "hunter2" not in caplog.text
+    assert "feedface" not in caplog.text
+
+
+def test_a_stored_entry_whose_output_has_no_recorded_version_is_not_current(tmp_path: Path) -> None:
+    # A store entry planted by hand, pointing at a URL whose version cannot be read (none at all):
+    # serving it would copy whatever that URL gives.
+    store = ResultStore(str(tmp_path / "store"), Storage(), "probe")
+    planted = StoredResult.from_json(
+        {
+            "key": "ef" * 20,
+            "source_fingerprint": "column:planted",
+            "outputs": {
+                "cutout": {"uri": "http://127.0.0.1:9/latest/meta-data", "version": None, "sha256": ""}
+            },
+            "stored_at": "2026-01-01T00:00:00+00:00",
+        }
+    )
+
+    assert store.is_current(planted) is False
 
 
 def test_a_device_or_an_oversized_image_gets_no_fingerprint_and_fails_alone_with_422(

@@ -229,7 +229,7 @@ class ResultStore:
                 return False
             log.warning("result store claim %s was left by a dead run (%s); taking it over", uri, held)
             # Replaced only if it is still the dead run's: of runs taking it over at once, one wins.
-            return self.storage.replace_if_unchanged(uri, body, revision)
+            return self._replace_claim(uri, body, revision)
         except StorageError as exc:
             log.warning("result store claim %s not taken, the image is sent unguarded: %s", uri, exc)
             return True
@@ -289,7 +289,7 @@ class ResultStore:
             if (
                 found is not None
                 and found[0].get("token") == self._claimant["token"]
-                and self.storage.replace_if_unchanged(uri, self._claim_body(), found[1])
+                and self._replace_claim(uri, self._claim_body(), found[1])
             ):
                 return
         except StorageError as exc:
@@ -303,6 +303,17 @@ class ResultStore:
         # Gone, or taken over after a renewal came later than the lease: nothing left to renew.
         log.warning("result store claim %s is no longer this run's: %s", uri, held)
         self._held.discard(key)
+
+    def _replace_claim(self, uri: str, body: bytes, revision: str) -> bool:
+        """Write this process's claim `body` over `revision`; True also when an earlier try of it landed.
+
+        An SDK tries a request again when its answer is lost: if the first try landed, the next finds
+        another revision (this one's) and fails, though the claim is this process's.
+        """
+        if self.storage.replace_if_unchanged(uri, body, revision):
+            return True
+        found = self._claim_at(uri)
+        return found is not None and found[0].get("token") == self._claimant["token"]
 
     def wait_for(self, key: str) -> StoredResult | None:
         """The result another run is storing for `key`, once it is there; None when that run gave up.
@@ -404,7 +415,11 @@ class ResultStore:
     def is_current(self, entry: StoredResult) -> bool:
         """Whether every output of `entry` is still the object version it recorded."""
         try:
-            return all(self.storage.version(out.uri) == out.version for out in entry.outputs.values())
+            # An entry records a version for each output; one without (not written by a run) is no proof.
+            return all(
+                out.version is not None and self.storage.version(out.uri) == out.version
+                for out in entry.outputs.values()
+            )
         except StorageError as exc:
             log.warning("result store entry %s: cannot check its outputs, not reused: %s", entry.key, exc)
             return False

@@ -100,10 +100,9 @@ class LocalBackend(Backend):
         import fcntl
 
         path = local_path(uri)
+        lock = os.path.join(os.path.dirname(os.path.abspath(path)), ".lock")
         try:
-            handle = os.open(
-                os.path.join(os.path.dirname(os.path.abspath(path)), ".lock"), os.O_RDWR | os.O_CREAT
-            )
+            handle = _opened_lock(lock)
         except FileNotFoundError:
             yield False
             return
@@ -260,7 +259,7 @@ class S3Backend(Backend):
             request()
         except storage_errors() as exc:
             # 412: another revision is there; 409: a concurrent write won; 404: it went.
-            if _error_code(exc) in _CHANGED_CODES or looks_missing(exc):
+            if _error_code(exc) in (*_CHANGED_CODES, "NoSuchKey", "404"):
                 return False
             raise StorageError(f"cannot {action} {uri}: {short_error(exc)}") from exc
         return True
@@ -621,6 +620,16 @@ def _bucket_and_folder(prefix: str) -> tuple[str, str]:
     parsed = urlparse(prefix)
     folder = parsed.path.strip("/")
     return parsed.netloc, f"{folder}/" if folder else ""
+
+
+def _opened_lock(lock: str) -> int:
+    """A descriptor of the lock file `lock`, created readable and writable by all the umask allows."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        # Made by another user who shares the store (root's `cache prune`, say): flock needs only a
+        # descriptor, and reading is enough for one.
+        return os.open(lock, os.O_RDONLY)
 
 
 def _file_revision(found: os.stat_result) -> str:

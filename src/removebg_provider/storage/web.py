@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from removebg_provider.errors import FetchRefused
 from removebg_provider.guarded_fetch import (
@@ -21,9 +22,9 @@ log = logging.getLogger(__name__)
 
 # An http(s) image's description: a HEAD within 10 s in all, as the QA report's fetches; a body
 # (a server without validators) within 30 s. A host slower than that is left to the API's own fetch.
-_HEAD_LIMITS = FetchLimits(max_bytes=0, timeout_seconds=10.0, max_redirects=5)
-_BODY_SECONDS = 30.0
 _MAX_REDIRECTS = 5
+_HEAD_LIMITS = FetchLimits(max_bytes=0, timeout_seconds=10.0, max_redirects=_MAX_REDIRECTS)
+_BODY_SECONDS = 30.0
 # The largest body hashed when no limit is given: the QA report's cap on an image.
 _MAX_HASHED_BYTES = 64 << 20
 # FetchRefused's code for a host at an address the policy refuses.
@@ -56,7 +57,8 @@ class HttpBackend(Backend):
             try:
                 return self._described(uri, limit, policy)
             except FetchRefused as exc:
-                (refused if exc.code == _NOT_PUBLIC else failed).append(str(exc))
+                # Logged without the URL's user info and query: a password or a signature.
+                (refused if exc.code == _NOT_PUBLIC else failed).append(str(exc).replace(uri, _shown(uri)))
                 return None
 
         found = described_side_by_side(uris, described)
@@ -89,9 +91,16 @@ class HttpBackend(Backend):
         if head.status in (404, 410):
             # The API's own fetch reports it as the row's status.
             return None
-        # No validators: only the body says what the image is.
+        # No validators: only the body says what the image is, and only for this URL: the API fetches
+        # it again, and its server may answer the API with other bytes than it answered this GET.
         body = fetch_url(uri, _body_limits(limit), policy)
-        return f"blake2b:{hashlib.blake2b(body, digest_size=16).hexdigest()}"
+        return f"body:{uri}:{hashlib.blake2b(body, digest_size=16).hexdigest()}"
+
+
+def _shown(uri: str) -> str:
+    """`uri` without its user info and query, for a log line."""
+    parts = urlsplit(uri)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _body_limits(limit: int | None) -> FetchLimits:

@@ -159,6 +159,7 @@ def test_loopback_url_is_refused_by_default_and_the_batch_goes_on(
         "http://[::1]/x.jpg",
         "http://[::ffff:127.0.0.1]/x.jpg",
         "http://0.0.0.0/x.jpg",
+        "http://[fec0::1]/x.jpg",
     ],
 )
 def test_private_link_local_and_reserved_addresses_are_refused(url: str) -> None:
