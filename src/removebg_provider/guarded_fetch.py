@@ -87,10 +87,25 @@ def allow_any_address(address: IPAddress) -> bool:
 
 def fetch_url(url: str, limits: FetchLimits, is_allowed: AddressPolicy = is_public_address) -> bytes:
     """Return the body of `url` (http or https), following redirects, or raise `FetchRefused`."""
+    body = bytearray()
+    stream_url(url, limits, body.extend, is_allowed)
+    return bytes(body)
+
+
+def stream_url(
+    url: str,
+    limits: FetchLimits,
+    sink: Callable[[bytes], object],
+    is_allowed: AddressPolicy = is_public_address,
+) -> None:
+    """Pass the body of `url` to `sink` chunk by chunk as it arrives, or raise `FetchRefused`.
+
+    `sink` may have seen part of the body when a limit or the deadline cuts it short.
+    """
     with _final_answer("GET", url, limits, is_allowed) as (response, watchdog):
         if response.status != 200:
             raise FetchRefused(400, f"fetching {url} failed: the server answered HTTP {response.status}")
-        return _read_capped(response, url, limits, watchdog)
+        _read_capped(response, url, limits, watchdog, sink)
 
 
 def head_url(url: str, limits: FetchLimits, is_allowed: AddressPolicy = is_public_address) -> HeadAnswer:
@@ -280,21 +295,25 @@ def _resolve_checked(host: str, port: int, url: str, is_allowed: AddressPolicy) 
 
 
 def _read_capped(
-    response: http.client.HTTPResponse, url: str, limits: FetchLimits, watchdog: _Watchdog
-) -> bytes:
+    response: http.client.HTTPResponse,
+    url: str,
+    limits: FetchLimits,
+    watchdog: _Watchdog,
+    sink: Callable[[bytes], object],
+) -> None:
     declared = response.getheader("Content-Length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
         raise FetchRefused(413, f"{url} is {declared} bytes; the limit is {limits.max_bytes} bytes")
-    body = bytearray()
+    size = 0
     while chunk := response.read(_CHUNK):
-        body += chunk
-        if len(body) > limits.max_bytes:
+        size += len(chunk)
+        if size > limits.max_bytes:
             raise FetchRefused(413, f"{url} is larger than the limit of {limits.max_bytes} bytes")
+        sink(chunk)
     # A body without a length ends when the connection does, which is also what the deadline's
     # shutdown looks like: only a fetch that finished in time has the whole body.
     if watchdog.expired:
         raise watchdog.failure(url, "while reading", TimeoutError())
-    return bytes(body)
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

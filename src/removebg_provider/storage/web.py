@@ -12,9 +12,9 @@ from removebg_provider.guarded_fetch import (
     AddressPolicy,
     FetchLimits,
     allow_any_address,
-    fetch_url,
     head_url,
     is_public_address,
+    stream_url,
 )
 from removebg_provider.storage.base import Backend, described_side_by_side, register
 
@@ -93,8 +93,9 @@ class HttpBackend(Backend):
             return None
         # No validators: only the body says what the image is, and only for this URL: the API fetches
         # it again, and its server may answer the API with other bytes than it answered this GET.
-        body = fetch_url(uri, _body_limits(limit), policy)
-        return f"body:{uri}:{hashlib.blake2b(body, digest_size=16).hexdigest()}"
+        digest = hashlib.blake2b(digest_size=16)
+        stream_url(uri, _body_limits(limit), digest.update, policy)
+        return f"body:{uri}:{digest.hexdigest()}"
 
 
 def _shown(uri: str) -> str:
