@@ -251,14 +251,19 @@ def test_a_local_file_s_fingerprint_is_its_content_wherever_it_lies(tmp_path: Pa
     assert found[str(first)] == found[str(second)] != found[str(other)]
 
 
-def test_many_threads_using_s3_at_once_keep_their_connections(
-    moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("server_fixture", ["moto_s3", "fake_gcs"])
+def test_many_threads_using_an_object_store_at_once_keep_their_connections(
+    server_fixture: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """boto3's default pool of 10 would drop every connection past it, each with a warning."""
+    """The SDKs' default pools of 10 would drop every connection past it, each with a warning."""
     readers = 24
-    for name, value in moto_s3.env.items():
+    server: StoreServer = request.getfixturevalue(server_fixture)
+    for name, value in server.env.items():
         monkeypatch.setenv(name, value)
-    store = moto_s3.new_store()
+    store = server.new_store()
     try:
         uris = [store.uri(f"photos/{n}.jpg") for n in range(readers)]
         for uri in uris:

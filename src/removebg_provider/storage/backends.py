@@ -178,9 +178,10 @@ _REVISION_READS = 3
 # What S3 answers a conditional write that lost: 412 (another object is there), 409 (a concurrent
 # conditional write to the same key won).
 _CHANGED_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
-# boto3 keeps 10 connections by default; a run's copy workers, store lookups and claims use many
-# more at once, and every connection past the pool is opened, used once and dropped with a warning.
-S3_POOL_CONNECTIONS = 64
+# boto3 and google-cloud-storage keep 10 connections by default; a run's copy workers, store
+# lookups and claims use many more at once, and every connection past the pool is opened, used once
+# and dropped with a warning.
+POOL_CONNECTIONS = 64
 
 
 @register("s3")
@@ -311,7 +312,7 @@ class S3Backend(Backend):
                 # SigV4 for presigned URLs: boto3 would otherwise sign them with SigV2 where S3
                 # still accepts it, which AWS deprecated and regions opened since 2014 refuse.
                 self._default_client = boto3.client(
-                    "s3", config=Config(max_pool_connections=S3_POOL_CONNECTIONS, signature_version="s3v4")
+                    "s3", config=Config(max_pool_connections=POOL_CONNECTIONS, signature_version="s3v4")
                 )
             return self._default_client
 
@@ -322,12 +323,19 @@ class GcsBackend(Backend):
 
     lists_fingerprints = True
 
-    def list_prefix(self, prefix: str) -> list[str]:
-        from google.cloud import storage as gcs
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        super().__init__(params)
+        self._client_lock = threading.Lock()
+        self._default_client: Any = None
 
+    def transport_params(self) -> dict[str, Any]:
+        # Without a client smart_open builds one for every object it opens: new credentials, so a
+        # new access token, and a new connection each time.
+        return {**self.params, "client": self._client()}
+
+    def list_prefix(self, prefix: str) -> list[str]:
         bucket, key_prefix = _bucket_and_folder(prefix)
-        client = self.params.get("client") or gcs.Client()
-        blobs = client.list_blobs(bucket, prefix=key_prefix, delimiter="/")
+        blobs = self._client().list_blobs(bucket, prefix=key_prefix, delimiter="/")
         return sorted(f"gs://{bucket}/{blob.name}" for blob in blobs)
 
     def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
@@ -335,12 +343,11 @@ class GcsBackend(Backend):
         return None if blob is None else _gcs_fingerprint(listed_uri(uri), blob)
 
     def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
-        from google.cloud import storage as gcs
-
         bucket, first_key = bucket_and_key(first)
-        client = self.params.get("client") or gcs.Client()
         # The listing starts at `first` on the server; the caller stops reading it past `last`.
-        blobs = client.list_blobs(bucket, prefix=folder_of(first_key), delimiter="/", start_offset=first_key)
+        blobs = self._client().list_blobs(
+            bucket, prefix=folder_of(first_key), delimiter="/", start_offset=first_key
+        )
         for blob in blobs:
             uri = f"gs://{bucket}/{blob.name}"
             yield uri, _gcs_fingerprint(uri, blob)
@@ -425,21 +432,33 @@ class GcsBackend(Backend):
         return url
 
     def _new_blob(self, uri: str) -> Any:
-        from google.cloud import storage as gcs
-
         bucket, key = bucket_and_key(uri)
-        client = self.params.get("client") or gcs.Client()
-        return client.bucket(bucket).blob(key)
+        return self._client().bucket(bucket).blob(key)
 
     def _blob(self, uri: str) -> Any:
-        from google.cloud import storage as gcs
-
         bucket, key = bucket_and_key(uri)
-        client = self.params.get("client") or gcs.Client()
         try:
-            return client.bucket(bucket).get_blob(key)
+            return self._client().bucket(bucket).get_blob(key)
         except storage_errors() as exc:
             raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
+
+    def _client(self) -> Any:
+        if "client" in self.params:
+            return self.params["client"]
+        with self._client_lock:
+            # One client for every thread: its credentials keep their access token between calls.
+            if self._default_client is None:
+                from google.cloud import storage as gcs
+                from requests.adapters import HTTPAdapter
+
+                client = gcs.Client()
+                # Its session pools 10 connections; a run's copy workers, store lookups and claims
+                # use more at once (the same pool as S3's). `_http` is the client's session.
+                pooled = HTTPAdapter(pool_maxsize=POOL_CONNECTIONS)
+                client._http.mount("https://", pooled)
+                client._http.mount("http://", pooled)
+                self._default_client = client
+            return self._default_client
 
 
 @register("az", "azure")
