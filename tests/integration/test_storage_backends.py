@@ -251,7 +251,7 @@ def test_a_local_file_s_fingerprint_is_its_content_wherever_it_lies(tmp_path: Pa
     assert found[str(first)] == found[str(second)] != found[str(other)]
 
 
-@pytest.mark.parametrize("server_fixture", ["moto_s3", "fake_gcs"])
+@pytest.mark.parametrize("server_fixture", ["moto_s3", "fake_gcs", "azurite"])
 def test_many_threads_using_an_object_store_at_once_keep_their_connections(
     server_fixture: str,
     request: pytest.FixtureRequest,

@@ -682,4 +682,18 @@ def _azure_client(connection_string: str) -> Any:
             f"{AZURE_CONNECTION_ENV} is set but azure-storage-blob is not installed; "
             "pip install 'airflow-provider-removebg[azure]'"
         ) from exc
-    return BlobServiceClient.from_connection_string(connection_string)
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    # azure-core's own session pools 10 connections, too few for a run's threads (as for S3 and
+    # GCS). Its pipeline retries; the adapter must not (azure-core mounts its adapter the same way).
+    session = requests.Session()
+    pooled = HTTPAdapter(
+        pool_maxsize=POOL_CONNECTIONS, max_retries=Retry(total=False, redirect=False, raise_on_status=False)
+    )
+    session.mount("https://", pooled)
+    session.mount("http://", pooled)
+    transport = RequestsTransport(session=session, session_owner=False)
+    return BlobServiceClient.from_connection_string(connection_string, transport=transport)
