@@ -457,6 +457,9 @@ class GcsBackend(Backend):
                 pooled = HTTPAdapter(pool_maxsize=POOL_CONNECTIONS)
                 client._http.mount("https://", pooled)
                 client._http.mount("http://", pooled)
+                # Under mutual TLS google-auth had mounted an adapter carrying the workload's
+                # certificate, which the pool just replaced: mounted again, it keeps the pool's size.
+                client._http.configure_mtls_channel()
                 self._default_client = client
             return self._default_client
 
