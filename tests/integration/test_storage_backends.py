@@ -286,3 +286,22 @@ def test_many_threads_using_an_object_store_at_once_keep_their_connections(
     assert [content for _, content in contents] == [uri.encode() for uri in uris]
     assert None not in [version for version, _ in contents]
     assert [record.message for record in caplog.records if "pool is full" in record.message] == []
+
+
+def test_the_azure_client_from_the_connection_string_keeps_the_storage_sdk_s_timeouts(
+    azurite: AzuriteBlob,
+) -> None:
+    """azure-storage-blob gives the transport it builds 20 s to connect and 60 s per read; a transport
+    built without them waits azure-core's 300 s on a stalled server. Read from the clients' transports
+    (private `_config`): waiting a minute for a stalled server would be a slow test of the same thing."""
+    from azure.storage.blob import BlobServiceClient
+
+    from removebg_provider.storage.backends import _azure_client
+
+    sdk_own = BlobServiceClient.from_connection_string(azurite.connection_string)._config.transport
+    ours = _azure_client(azurite.connection_string)._config.transport
+
+    assert (ours.connection_config.timeout, ours.connection_config.read_timeout) == (
+        sdk_own.connection_config.timeout,
+        sdk_own.connection_config.read_timeout,
+    )

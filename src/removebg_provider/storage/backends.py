@@ -686,7 +686,6 @@ def _azure_client(connection_string: str) -> Any:
             "pip install 'airflow-provider-removebg[azure]'"
         ) from exc
     import requests
-    from azure.core.pipeline.transport import RequestsTransport
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 
@@ -698,5 +697,6 @@ def _azure_client(connection_string: str) -> Any:
     )
     session.mount("https://", pooled)
     session.mount("http://", pooled)
-    transport = RequestsTransport(session=session, session_owner=False)
-    return BlobServiceClient.from_connection_string(connection_string, transport=transport)
+    # The session, not a transport: the SDK builds its transport around it with the storage's
+    # timeouts (20 s to connect, 60 s per read), where a transport of ours would wait azure-core's 300 s.
+    return BlobServiceClient.from_connection_string(connection_string, session=session, session_owner=False)
