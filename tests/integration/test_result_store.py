@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -580,6 +583,39 @@ def test_a_warning_about_an_image_url_shows_neither_its_password_nor_its_query(
     assert found == {url: None}
     assert "127.0.0.1:9/photos/a.jpg" in caplog.text
     assert "hunter2" not in caplog.text
+    assert "feedface" not in caplog.text
+
+
+def test_a_warning_about_an_image_url_shows_no_query_of_the_url_it_redirected_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The host redirects to a presigned URL (the signature is the host's secret) that cannot be reached.
+    unreachable = socket.socket()
+    unreachable.bind(("127.0.0.1", 0))
+    dead_port = unreachable.getsockname()[1]
+    unreachable.close()
+
+    class RedirectToPresigned(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{dead_port}/a.jpg?X-Amz-Signature=feedface")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RedirectToPresigned)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/photos/a.jpg"
+
+        found = Storage().fingerprints([url], allow_private_urls=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert found == {url: None}
+    assert f"127.0.0.1:{dead_port}/a.jpg" in caplog.text
     assert "feedface" not in caplog.text
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +28,8 @@ _HEAD_LIMITS = FetchLimits(max_bytes=0, timeout_seconds=10.0, max_redirects=_MAX
 _BODY_SECONDS = 30.0
 # The largest body hashed when no limit is given: the QA report's cap on an image.
 _MAX_HASHED_BYTES = 64 << 20
+# An http(s) URL in an error's text, up to a space or the colon that ends the URL's mention.
+_URL_IN_TEXT = re.compile(r"https?://\S+?(?=:?(?:\s|$))")
 # FetchRefused's code for a host at an address the policy refuses.
 _NOT_PUBLIC = 403
 
@@ -57,8 +60,10 @@ class HttpBackend(Backend):
             try:
                 return self._described(uri, limit, policy)
             except FetchRefused as exc:
-                # Logged without the URL's user info and query: a password or a signature.
-                (refused if exc.code == _NOT_PUBLIC else failed).append(str(exc).replace(uri, _shown(uri)))
+                # Logged without the user info and query of its URLs: a password or a signature,
+                # in the manifest's URL or in a redirect's (a presigned URL the host made).
+                message = _URL_IN_TEXT.sub(lambda found: _shown(found[0]), str(exc).replace(uri, _shown(uri)))
+                (refused if exc.code == _NOT_PUBLIC else failed).append(message)
                 return None
 
         found = described_side_by_side(uris, described)
