@@ -648,10 +648,14 @@ def _opened_lock(lock: str) -> int:
     """A descriptor of the lock file `lock`, created readable and writable by all the umask allows."""
     try:
         return os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
+    except PermissionError as denied:
         # Made by another user who shares the store (root's `cache prune`, say): flock needs only a
-        # descriptor, and reading is enough for one.
-        return os.open(lock, os.O_RDONLY)
+        # descriptor, and reading is enough for one. A folder this user cannot write and without a
+        # lock yet is the permission problem it is, not a claim that changed.
+        try:
+            return os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            raise denied from None
 
 
 def _file_revision(found: os.stat_result) -> str:
