@@ -1,12 +1,13 @@
-"""The result store on a daily catalog run, and S3 source fingerprints from listings.
+"""The result store on a daily catalog run, and source fingerprints from listings on S3, GCS and Azure.
 
 Day 1 sends every photo of a local catalog to the fake API (benchmarks/_common.py); day 2 runs the
 same catalog under another manifest name with 1 % of the photos changed. Reported: what day 2
 billed, its wall time, the storage operations it made per row, the store's bytes per entry, and the
-process's peak RSS. Then, on moto's S3 server, how many source fingerprints per second come from
-one folder's listing and from one HEAD per object.
+process's peak RSS. Then, on each store's emulator (moto's S3 server, fake-gcs-server, Azurite),
+how many source fingerprints per second come from one folder's listing and from one metadata request
+per object.
 
-Run: PYTHONPATH=src .venv/bin/python benchmarks/result_store.py [--rows 5000] [--s3-objects 10000]
+Run: PYTHONPATH=src .venv/bin/python benchmarks/result_store.py [--rows 5000] [--objects 10000]
      [--write-doc]
 """
 
@@ -36,9 +37,20 @@ from removebg_provider.client import RemoveBgClient
 from removebg_provider.storage import Storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support.stores import ObjectStore, fresh_store, start_moto_s3
+from support.stores import ObjectStore, StoreServer, start_azurite, start_fake_gcs, start_moto_s3
 
-_COUNTED = ("read_bytes", "exists", "version", "write_bytes", "create_new", "delete", "list_prefix")
+_COUNTED = (
+    "read_bytes",
+    "exists",
+    "version",
+    "write_bytes",
+    "create_new",
+    "delete",
+    "list_prefix",
+    "read_with_revision",
+    "replace_if_unchanged",
+    "delete_if_unchanged",
+)
 
 
 @dataclass(frozen=True)
@@ -52,9 +64,11 @@ class CountingStorage(Storage):
             object.__getattribute__(self, "calls")[name] += 1
         return object.__getattribute__(self, name)
 
-    def fingerprints(self, uris: Any, limit: int | None = None) -> dict[str, str | None]:
+    def fingerprints(
+        self, uris: Any, limit: int | None = None, *, allow_private_urls: bool = False
+    ) -> dict[str, str | None]:
         self.calls["fingerprints (per image)"] += len(uris)
-        return super().fingerprints(uris, limit=limit)
+        return super().fingerprints(uris, limit=limit, allow_private_urls=allow_private_urls)
 
 
 def _catalog(folder: Path, rows: int) -> list[str]:
@@ -108,21 +122,34 @@ def daily_run(rows: int) -> dict[str, Any]:
     }
 
 
-def s3_fingerprints(objects: int) -> dict[str, float]:
-    with start_moto_s3() as server:
-        for store in fresh_store(server):
-            uris = [store.uri(f"photos/p{index:07d}.jpg") for index in range(objects)]
-            _put_all(store, uris)
-            started = time.perf_counter()
-            listed = store.storage.fingerprints(uris)
-            listing_seconds = time.perf_counter() - started
-            assert sum(value is not None for value in listed.values()) == objects
-            sample = uris[:: max(1, objects // 500)][:500]
-            started = time.perf_counter()
-            # Fewer than the listing threshold per call: one HEAD each (8 side by side).
-            for start in range(0, len(sample), 8):
-                store.storage.fingerprints(sample[start : start + 8])
-            head_seconds = time.perf_counter() - started
+def listing_fingerprints(objects: int, log_dir: Path) -> dict[str, dict[str, float]]:
+    """Fingerprints per second on each store's emulator, from a listing and from a request each."""
+    figures = {}
+    with start_moto_s3() as s3:
+        figures["moto S3"] = _fingerprint_rates(s3, objects)
+    with start_fake_gcs(log_dir) as gcs:
+        figures["fake-gcs-server"] = _fingerprint_rates(gcs, objects)
+    with start_azurite(log_dir) as azure:
+        figures["Azurite"] = _fingerprint_rates(azure, objects)
+    return figures
+
+
+def _fingerprint_rates(server: StoreServer, objects: int) -> dict[str, float]:
+    # A bucket of its own, left for the emulator to drop when it stops (GCS refuses to delete a
+    # bucket of more than 256 objects in one call).
+    store = server.new_store()
+    uris = [store.uri(f"photos/p{index:07d}.jpg") for index in range(objects)]
+    _put_all(store, uris)
+    started = time.perf_counter()
+    listed = store.storage.fingerprints(uris)
+    listing_seconds = time.perf_counter() - started
+    assert sum(value is not None for value in listed.values()) == objects
+    sample = uris[:: max(1, objects // 500)][:500]
+    started = time.perf_counter()
+    # Fewer than the listing threshold per call: one metadata request each (8 side by side).
+    for start in range(0, len(sample), 8):
+        store.storage.fingerprints(sample[start : start + 8])
+    head_seconds = time.perf_counter() - started
     return {"listing_per_second": objects / listing_seconds, "head_per_second": len(sample) / head_seconds}
 
 
@@ -136,7 +163,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=5000)
-    parser.add_argument("--s3-objects", type=int, default=10000)
+    parser.add_argument("--objects", type=int, default=10000, help="objects in each store's listed folder")
     parser.add_argument("--write-doc", action="store_true", help="update docs/BENCHMARKS.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -144,12 +171,17 @@ def main() -> int:
     command = "PYTHONPATH=src .venv/bin/python benchmarks/result_store.py " + shlex.join(sys.argv[1:])
     load_before = load_average()
     daily = daily_run(args.rows)
-    s3 = s3_fingerprints(args.s3_objects)
+    with tempfile.TemporaryDirectory(prefix="removebg-emulators-") as log_dir:
+        rates = listing_fingerprints(args.objects, Path(log_dir))
     load_after = load_average()
     per_row = {name: count / args.rows for name, count in sorted(daily["calls"].items())}
-    print(daily, s3, per_row, sep="\n")
+    print(daily, rates, per_row, sep="\n")
     if args.write_doc:
         calls = ", ".join(f"{name} {value:.2f}" for name, value in per_row.items())
+        rows = "\n".join(
+            f"| {store} | {rate['listing_per_second']:,.0f} | {rate['head_per_second']:,.0f} |"
+            for store, rate in rates.items()
+        )
         write_subsection(
             "An incremental day: the result store",
             f"""
@@ -164,9 +196,12 @@ two shards side by side).
 Storage calls of day 2 per row: {calls}. An entry is {daily["entry_bytes"]:.0f} bytes; peak RSS of the
 whole benchmark process {daily["peak_rss_mib"]:.0f} MiB.
 
-Source fingerprints on moto's S3 server ({args.s3_objects:,} objects in one folder):
-{s3["listing_per_second"]:,.0f} per second from the folder's listing, {s3["head_per_second"]:,.0f} per second
-with one HEAD each (8 in flight).
+Source fingerprints per second, {args.objects:,} objects in one folder, each store's emulator on
+127.0.0.1 (their speed, not the cloud's: the ratio is what carries over):
+
+| store | from the folder's listing | one metadata request each (8 in flight) |
+|---|---:|---:|
+{rows}
 """,
         )
     return 0
