@@ -8,6 +8,7 @@ input's size, so a cutout's width tells which photo it was made from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
@@ -31,7 +32,7 @@ from removebg_provider.client import RemoveBgClient
 from removebg_provider.errors import ManifestError
 from removebg_provider.pipeline.store import ResultStore, StoredResult, result_key
 from removebg_provider.storage import Storage
-from support.file_server import serve_files
+from support.file_server import FileServer, serve_files
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import MotoS3, ObjectStore, fresh_store
 
@@ -117,6 +118,22 @@ def _billed(server: LocalApiServer, config: pipeline.PipelineConfig, storage: St
 
 def _rows(config: pipeline.PipelineConfig) -> dict[str, dict[str, object]]:
     return {row["sku"]: row for row in pq.read_table(config.output_manifest_uri).to_pylist()}
+
+
+@contextlib.contextmanager
+def _two_photos_served(
+    tmp_path: Path, *, etags: bool
+) -> Iterator[tuple[FileServer, LocalApiServer, dict[str, str]]]:
+    """Two photos on a 127.0.0.1 file server, an API server that may fetch them, and their catalog.
+
+    The photos are 50 and 51 px wide; the catalog maps sku-a and sku-b to their URLs.
+    """
+    photos = {"a.jpg": sample_photo(50, _HEIGHT, "JPEG"), "b.jpg": sample_photo(51, _HEIGHT, "JPEG")}
+    with (
+        serve_files(photos, etags=etags) as images,
+        start_api_server(tmp_path / "server", allow_private_urls=True) as server,
+    ):
+        yield images, server, {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
 
 
 def _cutout_widths(config: pipeline.PipelineConfig) -> dict[str, int]:
@@ -490,12 +507,7 @@ def test_an_image_claimed_by_a_process_that_died_is_sent_without_waiting_for_the
 def test_an_image_url_whose_body_changed_is_sent_again_and_an_unchanged_one_is_not(tmp_path: Path) -> None:
     # This file server answers no HEAD (501), so the fingerprint falls back to a hash of the body.
     # It listens on 127.0.0.1: the run may describe its images only when private URLs are allowed.
-    photos = {"a.jpg": sample_photo(50, _HEIGHT, "JPEG"), "b.jpg": sample_photo(51, _HEIGHT, "JPEG")}
-    with (
-        serve_files(photos) as images,
-        start_api_server(tmp_path / "server", allow_private_urls=True) as server,
-    ):
-        catalog = {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
+    with _two_photos_served(tmp_path, etags=False) as (images, server, catalog):
         day1 = _manifest(tmp_path / "day1.parquet", catalog)
         _billed(server, _config(tmp_path, day1, allow_private_urls=True))
         images.files["a.jpg"] = sample_photo(80, _HEIGHT, "JPEG")
@@ -510,12 +522,7 @@ def test_an_image_url_whose_body_changed_is_sent_again_and_an_unchanged_one_is_n
 def test_an_image_url_is_described_by_the_etag_of_a_head_request_when_the_server_gives_one(
     tmp_path: Path,
 ) -> None:
-    photos = {"a.jpg": sample_photo(50, _HEIGHT, "JPEG"), "b.jpg": sample_photo(51, _HEIGHT, "JPEG")}
-    with (
-        serve_files(photos, etags=True) as images,
-        start_api_server(tmp_path / "server", allow_private_urls=True) as server,
-    ):
-        catalog = {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
+    with _two_photos_served(tmp_path, etags=True) as (images, server, catalog):
         day1 = _manifest(tmp_path / "day1.parquet", catalog)
         _billed(server, _config(tmp_path, day1, allow_private_urls=True))
         images.files["b.jpg"] = sample_photo(81, _HEIGHT, "JPEG")
@@ -535,12 +542,7 @@ def test_image_urls_at_private_addresses_are_not_requested_by_the_run_unless_all
     # The image host listens on 127.0.0.1, as the metadata service or an intranet host would be
     # reachable from a worker. The local API server may fetch it (its own rule is tested elsewhere);
     # the run itself must not send it a HEAD or a GET to describe the images.
-    photos = {"a.jpg": sample_photo(50, _HEIGHT, "JPEG"), "b.jpg": sample_photo(51, _HEIGHT, "JPEG")}
-    with (
-        serve_files(photos, etags=True) as images,
-        start_api_server(tmp_path / "server", allow_private_urls=True) as server,
-    ):
-        catalog = {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
+    with _two_photos_served(tmp_path, etags=True) as (images, server, catalog):
         config = _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog))
 
         billed = _billed(server, config)

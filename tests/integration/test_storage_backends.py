@@ -296,7 +296,7 @@ def test_the_azure_client_from_the_connection_string_keeps_the_storage_sdk_s_tim
     (private `_config`): waiting a minute for a stalled server would be a slow test of the same thing."""
     from azure.storage.blob import BlobServiceClient
 
-    from removebg_provider.storage.backends import _azure_client
+    from removebg_provider.storage.azure_blob import _azure_client
 
     sdk_own = BlobServiceClient.from_connection_string(azurite.connection_string)._config.transport
     ours = _azure_client(azurite.connection_string)._config.transport

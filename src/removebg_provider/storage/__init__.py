@@ -11,16 +11,17 @@ from typing import IO, Any
 import tenacity
 
 from removebg_provider.errors import ConfigurationError, StorageError
-from removebg_provider.storage.backends import AZURE_CONNECTION_ENV
+
+# Imported for the backends they register: file, s3 and gs; http and https (az and azure below).
+from removebg_provider.storage import backends, web  # noqa: F401
+from removebg_provider.storage.azure_blob import AZURE_CONNECTION_ENV
 from removebg_provider.storage.base import Backend, backend_class
 from removebg_provider.storage.sdk_errors import short_error, storage_errors
 from removebg_provider.storage.uris import comparable_uri, join_uri, local_path, scheme_of, unique_name
-from removebg_provider.storage.web import HttpBackend
 
 __all__ = [
     "AZURE_CONNECTION_ENV",
     "MAX_PRESIGN_SECONDS",
-    "HttpBackend",
     "Storage",
     "check_presign_seconds",
     "comparable_uri",

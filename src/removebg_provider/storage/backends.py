@@ -1,4 +1,4 @@
-"""One backend class per stored URI scheme beyond the base: local files, S3, GCS and Azure Blob.
+"""One backend class per stored URI scheme beyond the base: local files, S3 and GCS.
 
 Adding a store is one class here with `@register(...)`.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import functools
 import itertools
 import os
 import stat
@@ -15,14 +14,19 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, Any
-from urllib.parse import urlparse
 
 from removebg_provider.errors import StorageError
-from removebg_provider.storage.base import Backend, register
+from removebg_provider.storage.base import POOL_CONNECTIONS, Backend, register, unless_changed
 from removebg_provider.storage.sdk_errors import looks_missing, missing_errors, short_error, storage_errors
-from removebg_provider.storage.uris import bucket_and_key, folder_of, join_uri, listed_uri, local_path
+from removebg_provider.storage.uris import (
+    bucket_and_folder,
+    bucket_and_key,
+    folder_of,
+    join_uri,
+    listed_uri,
+    local_path,
+)
 
-AZURE_CONNECTION_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 # A temporary file per write, unique per process and thread without a syscall, created with the
 # process umask like any other file (mkstemp would cost random names, retries and a chmod).
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -178,17 +182,14 @@ _REVISION_READS = 3
 # What S3 answers a conditional write that lost: 412 (another object is there), 409 (a concurrent
 # conditional write to the same key won).
 _CHANGED_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
-# boto3 and google-cloud-storage keep 10 connections by default; a run's copy workers, store
-# lookups and claims use many more at once, and every connection past the pool is opened, used once
-# and dropped with a warning.
-POOL_CONNECTIONS = 64
 
 
-@register("s3")
-class S3Backend(Backend):
-    """Amazon S3 and compatible stores, through boto3 (the given client, else the environment's)."""
+class _OneClientBackend(Backend):
+    """A store reached through an SDK client: the one given as `client`, else one made at first use.
 
-    lists_fingerprints = True
+    That one client serves every thread and every object smart_open opens: a client is slow to make
+    (credentials, an access token, a connection pool) and its creation is not thread-safe.
+    """
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         super().__init__(params)
@@ -196,12 +197,30 @@ class S3Backend(Backend):
         self._default_client: Any = None
 
     def transport_params(self) -> dict[str, Any]:
-        # Without a client smart_open builds a boto3 client for every object it opens (slow, and each
-        # with a connection pool of its own); every object shares the backend's one client instead.
+        # Without a client smart_open builds one for every object it opens.
         return {**self.params, "client": self._client()}
 
+    def _client(self) -> Any:
+        if "client" in self.params:
+            return self.params["client"]
+        with self._client_lock:
+            if self._default_client is None:
+                self._default_client = self._new_client()
+            return self._default_client
+
+    def _new_client(self) -> Any:
+        """The client of this store from the environment's configuration, pooling `POOL_CONNECTIONS`."""
+        raise NotImplementedError
+
+
+@register("s3")
+class S3Backend(_OneClientBackend):
+    """Amazon S3 and compatible stores, through boto3 (the given client, else the environment's)."""
+
+    lists_fingerprints = True
+
     def list_prefix(self, prefix: str) -> list[str]:
-        bucket, key_prefix = _bucket_and_folder(prefix)
+        bucket, key_prefix = bucket_and_folder(prefix)
         keys: list[str] = []
         for page in (
             self._client()
@@ -300,41 +319,25 @@ class S3Backend(Backend):
             for item in page.get("Contents", []):
                 yield f"s3://{bucket}/{item['Key']}", _s3_fingerprint(item["ETag"], item["Size"])
 
-    def _client(self) -> Any:
-        if "client" in self.params:
-            return self.params["client"]
-        with self._client_lock:
-            # Creating a boto3 client is slow and not thread-safe; every thread shares this one.
-            if self._default_client is None:
-                import boto3
-                from botocore.config import Config
+    def _new_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
 
-                # SigV4 for presigned URLs: boto3 would otherwise sign them with SigV2 where S3
-                # still accepts it, which AWS deprecated and regions opened since 2014 refuse.
-                self._default_client = boto3.client(
-                    "s3", config=Config(max_pool_connections=POOL_CONNECTIONS, signature_version="s3v4")
-                )
-            return self._default_client
+        # SigV4 for presigned URLs: boto3 would otherwise sign them with SigV2 where S3 still
+        # accepts it, which AWS deprecated and regions opened since 2014 refuse.
+        return boto3.client(
+            "s3", config=Config(max_pool_connections=POOL_CONNECTIONS, signature_version="s3v4")
+        )
 
 
 @register("gs")
-class GcsBackend(Backend):
+class GcsBackend(_OneClientBackend):
     """Google Cloud Storage, through google-cloud-storage (the given client, else the environment's)."""
 
     lists_fingerprints = True
 
-    def __init__(self, params: Mapping[str, Any]) -> None:
-        super().__init__(params)
-        self._client_lock = threading.Lock()
-        self._default_client: Any = None
-
-    def transport_params(self) -> dict[str, Any]:
-        # Without a client smart_open builds one for every object it opens: new credentials, so a
-        # new access token, and a new connection each time.
-        return {**self.params, "client": self._client()}
-
     def list_prefix(self, prefix: str) -> list[str]:
-        bucket, key_prefix = _bucket_and_folder(prefix)
+        bucket, key_prefix = bucket_and_folder(prefix)
         blobs = self._client().list_blobs(bucket, prefix=key_prefix, delimiter="/")
         return sorted(f"gs://{bucket}/{blob.name}" for blob in blobs)
 
@@ -359,13 +362,10 @@ class GcsBackend(Backend):
     def create_new(self, uri: str, data: bytes) -> bool:
         from google.api_core.exceptions import PreconditionFailed
 
-        try:
-            self._new_blob(uri).upload_from_string(data, if_generation_match=0)
-        except PreconditionFailed:
-            return False
-        except storage_errors() as exc:
-            raise StorageError(f"cannot create {uri}: {short_error(exc)}") from exc
-        return True
+        upload = self._new_blob(uri).upload_from_string
+        return unless_changed(
+            uri, "create", lambda: upload(data, if_generation_match=0), (PreconditionFailed,)
+        )
 
     def delete(self, uri: str) -> None:
         try:
@@ -409,14 +409,7 @@ class GcsBackend(Backend):
     def _unless_changed(uri: str, action: str, request: Callable[[], Any]) -> bool:
         from google.api_core.exceptions import PreconditionFailed
 
-        changed: tuple[type[BaseException], ...] = (PreconditionFailed, *missing_errors())
-        try:
-            request()
-        except changed:
-            return False
-        except storage_errors() as exc:
-            raise StorageError(f"cannot {action} {uri}: {short_error(exc)}") from exc
-        return True
+        return unless_changed(uri, action, request, (PreconditionFailed, *missing_errors()))
 
     def presigned_url(self, uri: str, expires_in: int) -> str:
         try:
@@ -442,168 +435,19 @@ class GcsBackend(Backend):
         except storage_errors() as exc:
             raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
 
-    def _client(self) -> Any:
-        if "client" in self.params:
-            return self.params["client"]
-        with self._client_lock:
-            # One client for every thread: its credentials keep their access token between calls.
-            if self._default_client is None:
-                from google.cloud import storage as gcs
-                from requests.adapters import HTTPAdapter
+    def _new_client(self) -> Any:
+        from google.cloud import storage as gcs
+        from requests.adapters import HTTPAdapter
 
-                client = gcs.Client()
-                # Its session pools 10 connections; a run's copy workers, store lookups and claims
-                # use more at once (the same pool as S3's). `_http` is the client's session.
-                pooled = HTTPAdapter(pool_maxsize=POOL_CONNECTIONS)
-                client._http.mount("https://", pooled)
-                client._http.mount("http://", pooled)
-                # Under mutual TLS google-auth had mounted an adapter carrying the workload's
-                # certificate, which the pool just replaced: mounted again, it keeps the pool's size.
-                client._http.configure_mtls_channel()
-                self._default_client = client
-            return self._default_client
-
-
-@register("az", "azure")
-class AzureBackend(Backend):
-    """Azure Blob Storage. `az://` is the fsspec/adlfs spelling users know; smart_open calls it `azure://`.
-
-    S3 and GCS SDKs read their environment themselves; smart_open needs an Azure client, made from
-    AZURE_STORAGE_CONNECTION_STRING when no client is given.
-    """
-
-    lists_fingerprints = True
-    # Azurite lists in UTF-16 order, and Azure does not document its own.
-    lists_in_code_point_order = False
-
-    def __init__(self, params: Mapping[str, Any]) -> None:
-        connection_string = os.environ.get(AZURE_CONNECTION_ENV)
-        if "client" not in params and connection_string:
-            params = {**params, "client": _azure_client(connection_string)}
-        super().__init__(params)
-
-    def open(self, uri: str, mode: str) -> IO[Any]:
-        if uri.startswith("az://"):
-            uri = "azure" + uri[len("az") :]
-        return super().open(uri, mode)
-
-    def list_prefix(self, prefix: str) -> list[str]:
-        bucket, key_prefix = _bucket_and_folder(prefix)
-        container = self._container(prefix)
-        names = [blob.name for blob in container.walk_blobs(name_starts_with=key_prefix, delimiter="/")]
-        scheme = urlparse(prefix).scheme
-        return sorted(f"{scheme}://{bucket}/{name}" for name in names if not name.endswith("/"))
-
-    def fingerprint(self, uri: str, limit: int | None = None) -> str | None:
-        properties = self._properties(uri)
-        return None if properties is None else _azure_fingerprint(uri, properties)
-
-    def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
-        (bucket, first_key), last_key = bucket_and_key(first), bucket_and_key(last)[1]
-        # From the longest prefix the range shares (not every Azure service version knows a start),
-        # one level deep: a sub-folder comes as a prefix ending in "/", and is skipped.
-        shared = os.path.commonprefix([first_key, last_key])  # noqa: RUF071 (names, not paths)
-        for item in self._container(first).walk_blobs(name_starts_with=shared, delimiter="/"):
-            if not item.name.endswith("/"):
-                uri = f"az://{bucket}/{item.name}"
-                yield uri, _azure_fingerprint(uri, item)
-
-    def version(self, uri: str) -> str | None:
-        properties = self._properties(uri)
-        return None if properties is None else f"etag:{properties.etag}"
-
-    def create_new(self, uri: str, data: bytes) -> bool:
-        from azure.core.exceptions import ResourceExistsError
-
-        try:
-            self._blob_client(uri).upload_blob(data, overwrite=False)
-        except ResourceExistsError:
-            return False
-        except storage_errors() as exc:
-            raise StorageError(f"cannot create {uri}: {short_error(exc)}") from exc
-        return True
-
-    def delete(self, uri: str) -> None:
-        try:
-            self._blob_client(uri).delete_blob()
-        except missing_errors():
-            pass
-        except storage_errors() as exc:
-            raise StorageError(f"cannot delete {uri}: {short_error(exc)}") from exc
-
-    def read_with_revision(self, uri: str) -> tuple[bytes, str] | None:
-        try:
-            download = self._blob_client(uri).download_blob()
-            return download.readall(), str(download.properties.etag)
-        except missing_errors():
-            return None
-        except storage_errors() as exc:
-            raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
-
-    def replace_if_unchanged(self, uri: str, data: bytes, revision: str) -> bool:
-        blob = self._blob_client(uri)
-        return self._unless_changed(
-            uri, "replace", lambda: blob.upload_blob(data, overwrite=True, **_if_unchanged(revision))
-        )
-
-    def delete_if_unchanged(self, uri: str, revision: str) -> bool:
-        blob = self._blob_client(uri)
-        return self._unless_changed(uri, "delete", lambda: blob.delete_blob(**_if_unchanged(revision)))
-
-    @staticmethod
-    def _unless_changed(uri: str, action: str, request: Callable[[], Any]) -> bool:
-        from azure.core.exceptions import ResourceModifiedError
-
-        changed: tuple[type[BaseException], ...] = (ResourceModifiedError, *missing_errors())
-        try:
-            request()
-        except changed:
-            return False
-        except storage_errors() as exc:
-            raise StorageError(f"cannot {action} {uri}: {short_error(exc)}") from exc
-        return True
-
-    def presigned_url(self, uri: str, expires_in: int) -> str:
-        from azure.storage.blob import BlobSasPermissions, generate_blob_sas
-
-        blob = self._blob_client(uri)
-        account_key = getattr(blob.credential, "account_key", None)
-        if not account_key:
-            raise StorageError(
-                f"cannot presign {uri}: a SAS is signed with the account's key (give a connection string)"
-            )
-        sas = generate_blob_sas(
-            blob.account_name,
-            blob.container_name,
-            blob.blob_name,
-            account_key=account_key,
-            permission=BlobSasPermissions(read=True),
-            expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=expires_in),
-        )
-        return f"{blob.url}?{sas}"
-
-    def _blob_client(self, uri: str) -> Any:
-        bucket, key = bucket_and_key(uri)
-        return self._service(uri).get_blob_client(bucket, key)
-
-    def _container(self, uri: str) -> Any:
-        return self._service(uri).get_container_client(bucket_and_key(uri)[0])
-
-    def _service(self, uri: str) -> Any:
-        if "client" not in self.params:
-            raise StorageError(
-                f"cannot reach {uri}: Azure Blob needs a client (set {AZURE_CONNECTION_ENV} "
-                "or pass wasb_conn_id)"
-            )
-        return self.params["client"]
-
-    def _properties(self, uri: str) -> Any:
-        try:
-            return self._blob_client(uri).get_blob_properties()
-        except missing_errors():
-            return None
-        except storage_errors() as exc:
-            raise StorageError(f"cannot check {uri}: {short_error(exc)}") from exc
+        # One client keeps its credentials' access token between calls; `_http` is its session.
+        client = gcs.Client()
+        pooled = HTTPAdapter(pool_maxsize=POOL_CONNECTIONS)
+        client._http.mount("https://", pooled)
+        client._http.mount("http://", pooled)
+        # Under mutual TLS google-auth had mounted an adapter carrying the workload's certificate,
+        # which the pool just replaced: mounted again, it keeps the pool's size.
+        client._http.configure_mtls_channel()
+        return client
 
 
 def _gcs_fingerprint(uri: str, blob: Any) -> str:
@@ -613,22 +457,6 @@ def _gcs_fingerprint(uri: str, blob: Any) -> str:
     return f"generation:{uri}:{blob.generation}"
 
 
-def _azure_fingerprint(uri: str, properties: Any) -> str:
-    # Content-MD5 names the content when the uploader set it; an ETag names one version of one blob,
-    # with the blob's URI in one spelling (az://, never azure://) so both spellings share results.
-    md5 = properties.content_settings.content_md5
-    if md5:
-        return f"md5:{bytes(md5).hex()}:{properties.size}"
-    # A listing gives the ETag bare, a blob's properties give it quoted (as the HTTP header has it).
-    return f'etag:{listed_uri(uri)}:"{properties.etag.strip(chr(34))}"'
-
-
-def _if_unchanged(etag: str) -> dict[str, Any]:
-    from azure.core import MatchConditions
-
-    return {"etag": etag, "match_condition": MatchConditions.IfNotModified}
-
-
 def _error_code(exc: BaseException) -> str:
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
@@ -636,12 +464,6 @@ def _error_code(exc: BaseException) -> str:
 
 def _s3_fingerprint(etag: str, size: int) -> str:
     return "etag:" + etag.strip('"') + f":{size}"
-
-
-def _bucket_and_folder(prefix: str) -> tuple[str, str]:
-    parsed = urlparse(prefix)
-    folder = parsed.path.strip("/")
-    return parsed.netloc, f"{folder}/" if folder else ""
 
 
 def _opened_lock(lock: str) -> int:
@@ -678,29 +500,3 @@ def _fsync_directory(directory: str) -> None:
 
 def _temporary_suffix() -> str:
     return f"{os.getpid()}-{threading.get_ident()}-{next(_TEMPORARY_COUNTER)}.tmp"
-
-
-@functools.cache
-def _azure_client(connection_string: str) -> Any:
-    try:
-        from azure.storage.blob import BlobServiceClient
-    except ImportError as exc:
-        raise StorageError(
-            f"{AZURE_CONNECTION_ENV} is set but azure-storage-blob is not installed; "
-            "pip install 'airflow-provider-removebg[azure]'"
-        ) from exc
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
-
-    # azure-core's own session pools 10 connections, too few for a run's threads (as for S3 and
-    # GCS). Its pipeline retries; the adapter must not (azure-core mounts its adapter the same way).
-    session = requests.Session()
-    pooled = HTTPAdapter(
-        pool_maxsize=POOL_CONNECTIONS, max_retries=Retry(total=False, redirect=False, raise_on_status=False)
-    )
-    session.mount("https://", pooled)
-    session.mount("http://", pooled)
-    # The session, not a transport: the SDK builds its transport around it with the storage's
-    # timeouts (20 s to connect, 60 s per read), where a transport of ours would wait azure-core's 300 s.
-    return BlobServiceClient.from_connection_string(connection_string, session=session, session_owner=False)

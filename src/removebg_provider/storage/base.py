@@ -27,6 +27,10 @@ _DESCRIBE_WORKERS = 8
 _HASH_CHUNK = 1 << 20
 # A shard with at least this many images in one folder lists the folder instead of describing each.
 LISTING_MIN_OBJECTS = 16
+# Connections an object store's client keeps. The SDKs (boto3, google-cloud-storage, azure-core)
+# keep 10; a run's copy workers, store lookups and claims use many more at once, and every connection
+# past the pool is opened, used once and dropped with a warning.
+POOL_CONNECTIONS = 64
 
 
 class Backend:
@@ -222,6 +226,23 @@ class Backend:
             log.warning("cannot list %s, its objects are described one by one: %s", uris[0], short_error(exc))
             return None
         return found
+
+
+def unless_changed(
+    uri: str, action: str, request: Callable[[], Any], changed: tuple[type[BaseException], ...]
+) -> bool:
+    """Send a conditional `request`; False when the store raises one of `changed`.
+
+    `changed` are the errors that mean the condition failed (another revision is there, or none, or
+    one is there at all for a create); any other is a StorageError naming `action` and `uri`.
+    """
+    try:
+        request()
+    except changed:
+        return False
+    except storage_errors() as exc:
+        raise StorageError(f"cannot {action} {uri}: {short_error(exc)}") from exc
+    return True
 
 
 def described_side_by_side(

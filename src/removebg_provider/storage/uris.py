@@ -53,3 +53,10 @@ def listed_uri(uri: str) -> str:
 def folder_of(key: str) -> str:
     """The listing prefix of the folder holding `key`: everything up to its last "/" ("" at the root)."""
     return key[: key.rfind("/") + 1]
+
+
+def bucket_and_folder(prefix: str) -> tuple[str, str]:
+    """The bucket of `prefix` and its folder as a listing prefix ("" at the root, else ending in "/")."""
+    parsed = urlparse(prefix)
+    folder = parsed.path.strip("/")
+    return parsed.netloc, f"{folder}/" if folder else ""
