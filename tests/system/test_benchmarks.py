@@ -29,7 +29,7 @@ TOY_RUNS = {
         ["--families", "bria", "--sizes", "0.25", "--repeats", "1"],
         "| bria-rmbg (shapes only) |",
     ),
-    "result_store.py": (["--rows", "200", "--s3-objects", "100"], "'day2_billed':"),
+    "result_store.py": (["--rows", "200", "--objects", "100"], "'day2_billed':"),
     "store_scale.py": (["--rows", "500"], "plan + lookup + merge:"),
     "end_to_end.py": (
         ["--latency", "0.05", "--concurrency", "2", "--lengths", "0.2", "--baseline", "HEAD"],

@@ -365,8 +365,8 @@ class ResultStore:
         for uri in self._listed("claims"):
             found = self._claim_at(uri)
             # Only the dead run's write: a run that took the claim over in between keeps it.
-            if found is not None and _abandoned(found[0]):
-                dead_claims += self.storage.delete_if_unchanged(uri, found[1])
+            if found is not None and _abandoned(found[0]) and self.storage.delete_if_unchanged(uri, found[1]):
+                dead_claims += 1
         return PruneReport(examined, removed, dead_claims)
 
     def _listed(self, kind: str) -> list[str]:
