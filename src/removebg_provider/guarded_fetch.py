@@ -57,6 +57,13 @@ class FetchLimits:
     max_redirects: int
 
 
+# How far a fetch of an image someone else chose goes unless its caller says otherwise: the QA
+# report's tiles and the result store's descriptions of http(s) images.
+IMAGE_FETCH_LIMITS = FetchLimits(max_bytes=64 << 20, timeout_seconds=10.0, max_redirects=5)
+# `FetchRefused.code` of a host at an address the policy refuses.
+NOT_PUBLIC = 403
+
+
 @dataclass(frozen=True)
 class HeadAnswer:
     """What a HEAD request learnt: the final status and headers (names in lower case)."""
@@ -288,7 +295,7 @@ def _resolve_checked(host: str, port: int, url: str, is_allowed: AddressPolicy) 
     refused = [address for address in addresses if not is_allowed(address)]
     if refused:
         raise FetchRefused(
-            403,
+            NOT_PUBLIC,
             f"refusing to fetch {url}: {host!r} resolves to {refused[0]}, which is not a public address",
         )
     return addresses

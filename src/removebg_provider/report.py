@@ -19,8 +19,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from removebg_provider.errors import FetchRefused, ManifestError, StorageError
 from removebg_provider.guarded_fetch import (
+    IMAGE_FETCH_LIMITS,
+    NOT_PUBLIC,
     AddressPolicy,
-    FetchLimits,
     allow_any_address,
     fetch_url,
     is_public_address,
@@ -54,10 +55,8 @@ SHEET_COLUMNS = 4
 HEADER_HEIGHT = 200
 HISTOGRAM_BINS = 20
 # Per image, all redirects included: a host that drips bytes cannot hold the report (or `run`) up.
-FETCH_TIMEOUT_SECONDS = 10.0
-MAX_IMAGE_BYTES = 64 << 20
-MAX_REDIRECTS = 5
-_FETCH_LIMITS = FetchLimits(MAX_IMAGE_BYTES, FETCH_TIMEOUT_SECONDS, MAX_REDIRECTS)
+FETCH_TIMEOUT_SECONDS = IMAGE_FETCH_LIMITS.timeout_seconds
+MAX_IMAGE_BYTES = IMAGE_FETCH_LIMITS.max_bytes
 FETCH_WORKERS = 8
 
 FLAGGED, FAILED, SAMPLED = "flagged", "failed", "sample"
@@ -409,9 +408,9 @@ class _ImageFetcher:
     def fetch(self, uri: str) -> bytes:
         if scheme_of(uri) in ("http", "https"):
             try:
-                return fetch_url(uri, _FETCH_LIMITS, self.address_policy)
+                return fetch_url(uri, IMAGE_FETCH_LIMITS, self.address_policy)
             except FetchRefused as exc:
-                hint = " (allow private URLs for the report to fetch it)" if exc.code == 403 else ""
+                hint = " (allow private URLs for the report to fetch it)" if exc.code == NOT_PUBLIC else ""
                 raise _Unavailable(str(exc).replace(uri, "it")[:160] + hint) from exc
         try:
             return self.storage.read_bytes(uri, limit=MAX_IMAGE_BYTES)

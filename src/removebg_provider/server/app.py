@@ -20,7 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from removebg_provider.engines import MODES, Engine, Mode, engine_details, get_engines
 from removebg_provider.errors import FetchRefused
-from removebg_provider.guarded_fetch import FetchLimits, allow_any_address, fetch_url, is_public_address
+from removebg_provider.guarded_fetch import (
+    NOT_PUBLIC,
+    FetchLimits,
+    allow_any_address,
+    fetch_url,
+    is_public_address,
+)
 from removebg_provider.server.errors import RecordRejected, RequestRejected
 from removebg_provider.server.files import MEDIA_TYPES, Clock, FileStore
 from removebg_provider.server.imaging import (
@@ -357,7 +363,7 @@ class _Service:
                 return await asyncio.to_thread(fetch_url, job.url, self.fetch_limits, self.address_policy)
             except FetchRefused as refusal:
                 hint = "start the server with --allow-private-urls to permit this"
-                text = f"_url: {refusal} ({hint})" if refusal.code == 403 else f"_url: {refusal}"
+                text = f"_url: {refusal} ({hint})" if refusal.code == NOT_PUBLIC else f"_url: {refusal}"
                 raise RecordRejected(refusal.code, text) from refusal
         raise RecordRejected(400, "the record has no image: give it a '_base64' or a '_url' field")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -10,6 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from removebg_provider.errors import FetchRefused
 from removebg_provider.guarded_fetch import (
+    IMAGE_FETCH_LIMITS,
+    NOT_PUBLIC,
     AddressPolicy,
     FetchLimits,
     allow_any_address,
@@ -21,17 +24,12 @@ from removebg_provider.storage.base import Backend, described_side_by_side, regi
 
 log = logging.getLogger(__name__)
 
-# An http(s) image's description: a HEAD within 10 s in all, as the QA report's fetches; a body
-# (a server without validators) within 30 s. A host slower than that is left to the API's own fetch.
-_MAX_REDIRECTS = 5
-_HEAD_LIMITS = FetchLimits(max_bytes=0, timeout_seconds=10.0, max_redirects=_MAX_REDIRECTS)
+# An http(s) image's description: a HEAD within the QA report's limits; a body (a server without
+# validators) within 30 s, of at most the caller's limit. A host slower than that is left to the
+# API's own fetch.
 _BODY_SECONDS = 30.0
-# The largest body hashed when no limit is given: the QA report's cap on an image.
-_MAX_HASHED_BYTES = 64 << 20
 # An http(s) URL in an error's text, up to a space or the colon that ends the URL's mention.
 _URL_IN_TEXT = re.compile(r"https?://\S+?(?=:?(?:\s|$))")
-# FetchRefused's code for a host at an address the policy refuses.
-_NOT_PUBLIC = 403
 
 
 @register("http", "https")
@@ -63,7 +61,7 @@ class HttpBackend(Backend):
                 # Logged without the user info and query of its URLs: a password or a signature,
                 # in the manifest's URL or in a redirect's (a presigned URL the host made).
                 message = _URL_IN_TEXT.sub(lambda found: _shown(found[0]), str(exc).replace(uri, _shown(uri)))
-                (refused if exc.code == _NOT_PUBLIC else failed).append(message)
+                (refused if exc.code == NOT_PUBLIC else failed).append(message)
                 return None
 
         found = described_side_by_side(uris, described)
@@ -85,7 +83,7 @@ class HttpBackend(Backend):
 
     def _described(self, uri: str, limit: int | None, policy: AddressPolicy) -> str | None:
         """The fingerprint of `uri`, None when its server says it is gone; else `FetchRefused` says why."""
-        head = head_url(uri, _HEAD_LIMITS, policy)
+        head = head_url(uri, IMAGE_FETCH_LIMITS, policy)
         etag = head.headers.get("etag")
         answered = head.status < 400
         if answered and etag:
@@ -110,4 +108,5 @@ def _shown(uri: str) -> str:
 
 
 def _body_limits(limit: int | None) -> FetchLimits:
-    return FetchLimits(limit if limit is not None else _MAX_HASHED_BYTES, _BODY_SECONDS, _MAX_REDIRECTS)
+    max_bytes = limit if limit is not None else IMAGE_FETCH_LIMITS.max_bytes
+    return dataclasses.replace(IMAGE_FETCH_LIMITS, max_bytes=max_bytes, timeout_seconds=_BODY_SECONDS)
