@@ -38,14 +38,22 @@ import pyarrow.parquet as pq
 
 from _common import load_average, machine, write_subsection
 from removebg_provider import pipeline
+from removebg_provider.pipeline import store_index
 from removebg_provider.pipeline.shard import ShardWork
-from removebg_provider.pipeline.store import ResultStore, StoredOutput, StoredResult, result_key
-from removebg_provider.storage import Storage, comparable_uri
+from removebg_provider.pipeline.store import (
+    ResultStore,
+    StoredOutput,
+    StoredResult,
+    column_fingerprint,
+    result_key,
+)
+from removebg_provider.storage import Storage
 from scale import peak_rss_bytes
 
 GOAL_PEAK_BYTES = 1 << 30
 CHANGED_EVERY = 100
-_CUTOUT = b"\x89PNG\r\n\x1a\n" + b"\0" * 120
+# Yesterday's shards, as the index holds them: one file per shard of this many rows.
+_ROWS_PER_INDEX_PART = 100_000
 
 
 def _config(folder: Path) -> pipeline.PipelineConfig:
@@ -82,21 +90,26 @@ def write_manifest(folder: Path, rows: int) -> None:
             )
 
 
-def phase_store(folder: Path, rows: int) -> dict[str, float]:
-    """Yesterday's store: an entry and a cutout per row, all with yesterday's image_md5 (not timed)."""
+def phase_store(folder: Path, rows: int, entry_files: bool = True) -> dict[str, float]:
+    """Yesterday's store, all with yesterday's image_md5 (not timed): a cutout per row, and an entry per row
+    in yesterday's index (as its shards and merge write it) and, unless `entry_files` is off, as a file.
+
+    The cutouts are empty files: the lookup checks their version (a `stat`), never their bytes, and
+    ten million 4 KiB blocks would not fit this disk.
+    """
     config = _config(folder).resolved()
     storage = Storage()
     assert config.store_prefix is not None
     store = ResultStore(config.store_prefix, storage, holder="yesterday")
     stamp = datetime.now(timezone.utc)
-    sha = hashlib.sha256(_CUTOUT).hexdigest()
+    sha = hashlib.sha256(b"").hexdigest()
     made: set[str] = set()
+    part: dict[str, StoredResult] = {}
     started = time.perf_counter()
     for index in range(rows):
         sku = f"SKU-{index:08d}"
         reference = f"https://cdn.example.test/catalog/{index:08d}/front.jpg"
-        spelled = f"{comparable_uri(reference)}\n{_md5(index, False)}"
-        source = "column:" + hashlib.sha256(spelled.encode()).hexdigest()[:32]
+        source = column_fingerprint(reference, _md5(index, False))
         key = result_key(source, config)
         cutout = config.outputs_for(sku)["cutout"]
         entry_path = store.entry_uri(key)
@@ -104,11 +117,19 @@ def phase_store(folder: Path, rows: int) -> dict[str, float]:
             if path not in made:
                 os.makedirs(path, exist_ok=True)
                 made.add(path)
-        Path(cutout).write_bytes(_CUTOUT)
+        os.close(os.open(cutout, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644))
         version = storage.version(cutout)
         assert version is not None
         entry = StoredResult(key, source, {"cutout": StoredOutput(cutout, version, sha)}, stamp, 800, 600)
-        Path(entry_path).write_text(json.dumps(entry.to_json()))
+        if entry_files:
+            Path(entry_path).write_text(json.dumps(entry.to_json()))
+        part[key] = entry
+        if len(part) == _ROWS_PER_INDEX_PART or index == rows - 1:
+            store_index.write_part(
+                config.store_prefix, "yesterday", index // _ROWS_PER_INDEX_PART, part, storage
+            )
+            part = {}
+    store_index.complete(config.store_prefix, "yesterday", storage)
     return {"seconds": time.perf_counter() - started}
 
 
@@ -176,10 +197,10 @@ PHASES = {
 TIMED = ("plan", "lookup", "merge")
 
 
-def run_phase(name: str, folder: Path, rows: int) -> dict[str, Any]:
+def run_phase(name: str, folder: Path, rows: int, *options: str) -> dict[str, Any]:
     """Run one phase in a fresh interpreter; its figures plus its peak RSS in bytes."""
     completed = subprocess.run(
-        [sys.executable, __file__, "--phase", name, "--folder", str(folder), "--rows", str(rows)],
+        [sys.executable, __file__, "--phase", name, "--folder", str(folder), "--rows", str(rows), *options],
         capture_output=True,
         text=True,
         check=False,
@@ -198,12 +219,20 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--phases", default="plan,lookup,merge", help="timed phases to run, comma-separated")
     parser.add_argument("--folder", type=Path, help="work here (kept) instead of a temporary folder")
+    parser.add_argument(
+        "--no-entry-files",
+        action="store_true",
+        help="yesterday's entries in its index only, not also one file each (ten million files need inodes)",
+    )
     parser.add_argument("--write-doc", action="store_true", help="update docs/BENCHMARKS.md")
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.phase:
-        figures = PHASES[args.phase](args.folder, args.rows)
+        if args.phase == "store":
+            figures = phase_store(args.folder, args.rows, entry_files=not args.no_entry_files)
+        else:
+            figures = PHASES[args.phase](args.folder, args.rows)
         figures["peak_rss_bytes"] = peak_rss_bytes()
         print(json.dumps(figures))
         return 0
@@ -213,7 +242,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="removebg-store-scale-", dir=args.folder) as temporary:
         folder = Path(temporary)
         write_manifest(folder, args.rows)
-        store = run_phase("store", folder, args.rows) if "lookup" in wanted else {"seconds": 0.0}
+        options = ["--no-entry-files"] if args.no_entry_files else []
+        store = run_phase("store", folder, args.rows, *options) if "lookup" in wanted else {"seconds": 0.0}
         # Lookup and merge need a plan; merge needs every shard's results.
         needed = {"plan", *wanted, *(["fill"] if "merge" in wanted else [])}
         figures = {name: run_phase(name, folder, args.rows) for name in PHASES if name in needed - {"store"}}
@@ -236,7 +266,8 @@ def main() -> int:
 `{command}` on {machine()}; load average {load_before} before, {load_after} after.
 
 {args.rows:,} rows with a fingerprint column, 1 % of them changed since yesterday; yesterday's store
-has an entry and a cutout per row on local disk (filled in {store["seconds"]:.0f} s, not counted).
+has an entry per row in its index{"" if args.no_entry_files else " and as a file"} and an (empty) cutout
+per row on local disk (filled in {store["seconds"]:.0f} s, not counted).
 Each phase in a fresh process; peak RSS is its VmHWM.
 
 | phase | wall s | peak RSS MiB |

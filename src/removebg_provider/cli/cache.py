@@ -10,6 +10,7 @@ from typing import Any
 
 from removebg_provider.cli import subcommand_help
 from removebg_provider.errors import RemoveBgError
+from removebg_provider.pipeline import store_index
 from removebg_provider.pipeline.store import ResultStore
 from removebg_provider.storage import Storage
 
@@ -17,9 +18,10 @@ EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 _EPILOG = """
 The result store is where `removebg run` keeps finished results by image content and options
-(default <output prefix>/_removebg_cache; --cache-prefix of `run`). `stats` counts its entries and
-claims; `prune` removes entries that can no longer be served (their outputs were overwritten or
-deleted) once older than --older-than days, and claims left by dead runs. Prints JSON.
+(default <output prefix>/_removebg_cache; --cache-prefix of `run`). `stats` counts its entries,
+claims and index files; `prune` removes entries that can no longer be served (their outputs were
+overwritten or deleted) once older than --older-than days, claims left by dead runs, and index files
+older than that except the newest complete run's. Prints JSON.
 Exit codes: 0 done; 2 the store cannot be read or written.
 """
 
@@ -56,22 +58,27 @@ def add_parser(subcommands: Any) -> None:
 
 def _stats(args: argparse.Namespace) -> int:
     try:
-        found = ResultStore(args.store, Storage(), holder="removebg cache").stats()
+        storage = Storage()
+        found = ResultStore(args.store, storage, holder="removebg cache").stats()
+        index_files = len(store_index.files(args.store, storage))
     except RemoveBgError as exc:
         return _fail(str(exc))
-    print(json.dumps({"store": args.store, **found.to_dict()}, indent=2))
+    print(json.dumps({"store": args.store, **found.to_dict(), "index_files": index_files}, indent=2))
     return EXIT_OK
 
 
 def _prune(args: argparse.Namespace) -> int:
     if args.older_than < 0:
         return _fail(f"--older-than must not be negative, not {args.older_than}")
-    store = ResultStore(args.store, Storage(), holder="removebg cache")
+    storage = Storage()
+    store = ResultStore(args.store, storage, holder="removebg cache")
+    older_than = timedelta(days=args.older_than)
     try:
-        done = store.prune(timedelta(days=args.older_than), even_if_current=args.even_if_current)
+        done = store.prune(older_than, even_if_current=args.even_if_current)
+        index_files = store_index.prune(args.store, storage, older_than, even_if_current=args.even_if_current)
     except RemoveBgError as exc:
         return _fail(str(exc))
-    print(json.dumps({"store": args.store, **done.to_dict()}, indent=2))
+    print(json.dumps({"store": args.store, **done.to_dict(), "index_files_removed": index_files}, indent=2))
     return EXIT_OK
 
 

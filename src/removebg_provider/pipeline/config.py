@@ -216,6 +216,13 @@ class PipelineConfig:
             image_quality=self.image_quality,
         )
 
+    @property
+    def output_kinds(self) -> tuple[str, ...]:
+        """The kinds of output this run writes for every record (the cutout, and the mask if asked)."""
+        return tuple(
+            kind.name for kind in OUTPUT_KINDS if kind is CUTOUT or getattr(self, kind.request_flag or "")
+        )
+
     def outputs_for(self, record_id: str) -> dict[str, str]:
         """The durable URIs this run writes for `record_id`, by output kind."""
         return {
@@ -227,7 +234,7 @@ class PipelineConfig:
                 self.output_key_template,
             )
             for kind in OUTPUT_KINDS
-            if kind is CUTOUT or getattr(self, kind.request_flag or "")
+            if kind.name in self.output_kinds
         }
 
     @property

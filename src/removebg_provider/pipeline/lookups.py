@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from removebg_provider.pipeline import store_index
 from removebg_provider.pipeline.checkpoints import now
 from removebg_provider.pipeline.config import PipelineConfig
-from removebg_provider.pipeline.planning import CANONICAL, ID, REF, ROW, SOURCE
+from removebg_provider.pipeline.planning import CANONICAL, REF, ROW, SOURCE, read_parquet
 from removebg_provider.pipeline.results import RowResult
-from removebg_provider.pipeline.store import ResultStore, StoredResult, result_key
-from removebg_provider.storage import Storage, comparable_uri
+from removebg_provider.pipeline.store import ResultStore, StoredResult, column_fingerprint, result_key
+from removebg_provider.storage import Storage, scheme_of
 
 Row = dict[str, Any]
 # Store lookups in flight at once per shard: each is one small GET and a version check per output.
@@ -22,14 +23,24 @@ class ShardLookups:
     """What the result store knows of one shard's rows; fingerprints and entries are found on first use."""
 
     def __init__(
-        self, rows: list[Row], config: PipelineConfig, storage: Storage, store: ResultStore | None
+        self,
+        rows: list[Row],
+        config: PipelineConfig,
+        storage: Storage,
+        store: ResultStore | None,
+        indexed_uri: str | None = None,
     ) -> None:
+        """`indexed_uri`: the entries the plan found for these rows in the store's index (`store_index`)."""
         self.rows = rows
         self.config = config
         self.storage = storage
         self.store = store
+        self.indexed_uri = indexed_uri
         self._sources: dict[int, str] | None = None
         self._stored: dict[int, StoredResult] | None = None
+        self._indexed: dict[int, str] = {}
+        # The entries this shard stored or served, by key: tomorrow's index.
+        self.kept: dict[str, StoredResult] = {}
 
     def fingerprint(self, row: Row) -> str:
         """The checkpoint key's fingerprint of `row`: its reference, the run's options and its source."""
@@ -50,9 +61,7 @@ class ShardLookups:
             if row[CANONICAL] is not None or not row[REF]:
                 continue
             if row[SOURCE]:
-                # A catalog value such as a date names a version of this reference, not its bytes.
-                spelled = f"{comparable_uri(row[REF])}\n{row[SOURCE]}"
-                found[row[ROW]] = "column:" + hashlib.sha256(spelled.encode()).hexdigest()[:32]
+                found[row[ROW]] = column_fingerprint(row[REF], row[SOURCE])
             elif self.store is not None:
                 # Without a store a fingerprint only sharpens the in-run resume key; not worth a HEAD
                 # (or reading a file) per row on every run.
@@ -72,22 +81,67 @@ class ShardLookups:
         if self._stored is not None:
             return self._stored
         candidates = [row for row in self.rows if row[ROW] in self.sources] if self.store else []
-        with ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="removebg-lookup") as pool:
-            entries = list(pool.map(self.current_entry, candidates))
+        if candidates and self.indexed_uri is not None and self.storage.exists(self.indexed_uri):
+            table = read_parquet(self.indexed_uri, self.storage, columns=["row", "entry"])
+            self._indexed = dict(
+                zip(table.column("row").to_pylist(), table.column("entry").to_pylist(), strict=True)
+            )
+        if not candidates:
+            entries: list[StoredResult | None] = []
+        elif self._on_local_disk():
+            # A `stat` has no latency to overlap: threads would only contend for the interpreter.
+            entries = [self.current_entry(row) for row in candidates]
+        else:
+            with ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="removebg-lookup") as pool:
+                entries = list(pool.map(self.current_entry, candidates))
         self._stored = {row[ROW]: entry for row, entry in zip(candidates, entries, strict=True) if entry}
         return self._stored
+
+    def _on_local_disk(self) -> bool:
+        assert self.store is not None
+        return scheme_of(self.store.prefix) == "file" and scheme_of(self.config.output_prefix) == "file"
 
     def store_key(self, row: Row) -> str:
         """The result store's key of `row`: its source fingerprint and the run's removal options."""
         return result_key(self.sources[row[ROW]], self.config)
 
     def current_entry(self, row: Row) -> StoredResult | None:
-        """The stored result of `row`'s image and options, if its outputs are still what it recorded."""
+        """The stored result of `row`'s image and options, if its outputs are still what it recorded.
+
+        The entry the index gave this row is checked first; without one, or when it is not current,
+        the store's own entry is read.
+        """
         assert self.store is not None
-        entry = self.store.get(self.store_key(row))
-        if entry is None or not set(entry.destinations(self.config, row[ID])) <= set(entry.outputs):
+        key = self.store_key(row)
+        indexed = self._indexed_entry(row, key)
+        if indexed is not None and self._servable(indexed):
+            return indexed
+        entry = self.store.get(key)
+        return entry if entry is not None and self._servable(entry) else None
+
+    def _indexed_entry(self, row: Row, key: str) -> StoredResult | None:
+        text = self._indexed.get(row[ROW])
+        if text is None:
             return None
-        return entry if self.store.is_current(entry) else None
+        try:
+            entry = StoredResult.from_json(json.loads(text))
+        except (ValueError, KeyError, TypeError):
+            return None
+        # The plan joined on the key's first 64 bits: the whole key must be this row's.
+        return entry if entry.key == key else None
+
+    def _servable(self, entry: StoredResult) -> bool:
+        assert self.store is not None
+        return entry.serves(self.config) and self.store.is_current(entry)
+
+    def served(self, entry: StoredResult) -> None:
+        """Note an entry this shard served, for the store's index."""
+        self.kept[entry.key] = entry
+
+    def write_index(self, run_id: str, shard_index: int) -> None:
+        """Index the entries this shard stored or served (`store_index`), for the next run's plan."""
+        if self.store is not None:
+            store_index.write_part(self.store.prefix, run_id, shard_index, self.kept, self.storage)
 
     def claim(self, batch: list[Row]) -> tuple[list[Row], list[Row]]:
         """The rows this run may send (claimed, or without a fingerprint) and those another run is sending."""
@@ -115,4 +169,6 @@ class ShardLookups:
             "quality_flags": result.quality_flags,
         }
         key = result_key(source, self.config)
-        self.store.record(key, source, written, fields, result.processed_at or now())
+        entry = self.store.record(key, source, written, fields, result.processed_at or now())
+        if entry is not None:
+            self.kept[key] = entry

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from removebg_provider.errors import RemoveBgError
 from removebg_provider.manifest import RESULT_SCHEMA, ManifestWriter
+from removebg_provider.pipeline import store_index
 from removebg_provider.pipeline.checkpoints import ShardStaging, StoredResults
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.planning import CANONICAL, ID, INTERNAL_COLUMNS, ROW, Plan, read_parquet
@@ -61,6 +62,9 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
                     schema=output_schema,
                 )
             )
+    if config.store_prefix is not None:
+        store_index.complete(config.store_prefix, plan_.run_id, storage)
+        store_index.forget_indexed(config, plan_.run_id, storage)
     report_html_uri, report_png_uri = _write_report(config, storage)
     summary = dataclasses.replace(
         tally.summary(billed=billed),

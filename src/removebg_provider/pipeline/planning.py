@@ -24,6 +24,7 @@ from removebg_provider.manifest import (
     require_representable,
     require_text_columns,
 )
+from removebg_provider.pipeline import store_index
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.duplicates import ManifestHashes, SharedReferences
 from removebg_provider.storage import Storage, comparable_uri, join_uri, local_path, scheme_of
@@ -117,6 +118,10 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
         pq.write_table(schema.empty_table(), stream)
 
     plan_uri = join_uri(staging, "plan.json")
+    run_id = uuid.uuid4().hex
+    if config.store_prefix is not None:
+        store_index.register(config.store_prefix, run_id, storage)
+    join = _index_join(config, storage)
     shards: list[ShardDescriptor] = []
     for index, table in enumerate(_shard_tables(config, storage, shard_size, shared)):
         shard_uri = join_uri(staging, f"shards/shard-{index:05d}.parquet")
@@ -124,6 +129,11 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
             pq.write_table(table, stream, compression="zstd")
         first_row = int(table.column(ROW)[0].as_py())
         shards.append(ShardDescriptor(plan_uri, index, shard_uri, table.num_rows, first_row))
+        if join is not None:
+            join.add_shard(index, *(table.column(name).to_pylist() for name in (ROW, REF, SOURCE, CANONICAL)))
+    if join is not None:
+        indexed = join.write(run_id, storage)
+        log.info("result store index: %d of %d rows have an indexed entry to check", indexed, total_rows)
 
     result = Plan(
         plan_uri,
@@ -133,7 +143,7 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
         shared.duplicate_rows,
         frozenset(shared.canonical_ids),
         schema_uri,
-        run_id=uuid.uuid4().hex,
+        run_id=run_id,
     )
     storage.write_bytes(plan_uri, json.dumps(result.to_json()).encode())
     log.info(
@@ -145,6 +155,18 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
         shared.duplicate_rows,
     )
     return result
+
+
+def _index_join(config: PipelineConfig, storage: Storage) -> store_index.IndexJoin | None:
+    """The join of the result store's index to this manifest, when it can be made without reading images.
+
+    Only a fingerprint column gives every row's key from the manifest alone; other rows' keys need
+    their images described, which the shards do.
+    """
+    if config.store_prefix is None or not config.fingerprint_column:
+        return None
+    parts = store_index.newest_parts(config.store_prefix, storage)
+    return store_index.IndexJoin(config, parts) if parts else None
 
 
 def load_plan(plan_uri: str, storage: Storage) -> Plan:

@@ -25,6 +25,7 @@ from removebg_provider.errors import (
     TransientApiError,
 )
 from removebg_provider.outputs import OutputCopier
+from removebg_provider.pipeline import store_index
 from removebg_provider.pipeline.checkpoints import ShardStaging, now
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.lookups import ShardLookups
@@ -113,6 +114,7 @@ def process_shard(
         if owned_copier:
             copier.close()
     work.staging.write_results((row[ROW] for row in work.rows), results, work.billed_earlier + work.billed)
+    work.lookups.write_index(plan_.run_id, shard.index)
     summary = summarise(results.values(), billed=work.billed, shard_index=shard.index)
     log.info("shard %d done: %s", shard.index, json.dumps(summary.to_dict()))
     enforce_failure_policy(
@@ -147,7 +149,8 @@ class ShardWork:
         self.billed_earlier = checkpoints.billed_in_run
         prefix, holder = plan_.config.store_prefix, f"{plan_.run_id}/shard-{shard.index}"
         self.store = ResultStore(prefix, storage, holder) if prefix else None
-        self.lookups = ShardLookups(rows, plan_.config, storage, self.store)
+        indexed = store_index.indexed_uri(plan_.config, plan_.run_id, shard.index)
+        self.lookups = ShardLookups(rows, plan_.config, storage, self.store, indexed)
         self.billed = 0
         self._billed_lock = threading.Lock()
         # Image bytes read by this shard's workers: digest -> (id, row) of the first row to read them,
@@ -474,6 +477,7 @@ class ShardWork:
             destinations = entry.destinations(self.config, row[ID])
             if self.store.serve(entry, destinations):
                 outcomes[row[ID]] = self._reused(row, entry, destinations)
+                self.lookups.served(entry)
             else:
                 stale.append(row)
         served = [row for row in batch if row[ID] in outcomes]

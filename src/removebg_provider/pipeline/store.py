@@ -34,6 +34,7 @@ never a stale cutout.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -63,20 +64,50 @@ CLAIM_LEASE = timedelta(minutes=10)
 _RENEWALS_PER_LEASE = 3
 # How often a run waiting for another run's result looks for it: from the first to the last value.
 _WAIT_POLL_SECONDS = (0.2, 2.0)
+# Stands for the source in a key's text while the rest is made (no option's JSON can hold it).
+_SOURCE_MARK = "\0source\0"
 
 
 def result_key(source_fingerprint: str, config: PipelineConfig) -> str:
     """The store key of an image with this content, asked for with `config`'s removal options."""
+    before, after = _key_text_around_source(
+        config.mode,
+        config.binary_mask,
+        config.white_background,
+        config.image_format or DEFAULT_IMAGE_FORMAT,
+        config.image_quality,
+    )
+    text = before + json.dumps(source_fingerprint) + after
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+@functools.lru_cache(maxsize=16)
+def _key_text_around_source(
+    mode: str, binary_mask: bool, white_background: bool, image_format: str, image_quality: int | None
+) -> tuple[str, str]:
+    """The hashed text of a key before and after its source: the options' JSON is made once, not per row.
+
+    A plan computes a key for each of millions of rows; the text is the same as hashing the whole
+    dictionary with `json.dumps(..., sort_keys=True)`, so keys stored by earlier versions still match.
+    """
     parts = {
         "v": _KEY_VERSION,
-        "source": source_fingerprint,
-        "mode": config.mode,
-        "binary_mask": config.binary_mask,
-        "white_background": config.white_background,
-        "image_format": config.image_format or DEFAULT_IMAGE_FORMAT,
-        "image_quality": config.image_quality,
+        "source": _SOURCE_MARK,
+        "mode": mode,
+        "binary_mask": binary_mask,
+        "white_background": white_background,
+        "image_format": image_format,
+        "image_quality": image_quality,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+    before, after = json.dumps(parts, sort_keys=True).split(json.dumps(_SOURCE_MARK))
+    return before, after
+
+
+def column_fingerprint(reference: str, value: str) -> str:
+    """The source fingerprint of an image a catalog column describes (`fingerprint_column`)."""
+    # A catalog value such as a date names a version of this reference, not its bytes.
+    spelled = f"{comparable_uri(reference)}\n{value}"
+    return "column:" + hashlib.sha256(spelled.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -132,9 +163,16 @@ class StoredResult:
 
     def destinations(self, config: PipelineConfig, record_id: str) -> dict[str, str]:
         """The URIs a row with `record_id` gets for this result's outputs, by kind."""
-        wanted = config.outputs_for(record_id)
+        served = self._served_kinds(config.output_kinds)
+        return {kind: uri for kind, uri in config.outputs_for(record_id).items() if kind in served}
+
+    def serves(self, config: PipelineConfig) -> bool:
+        """Whether this result holds every output a run with `config` gives a row."""
+        return set(self._served_kinds(config.output_kinds)) <= set(self.outputs)
+
+    def _served_kinds(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
         # A binary-mask answer may carry the mask instead of the cutout: the row gets what was stored.
-        return {kind: uri for kind, uri in wanted.items() if kind in self.outputs or kind != CUTOUT.name}
+        return tuple(kind for kind in wanted if kind in self.outputs or kind != CUTOUT.name)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -451,10 +489,11 @@ class ResultStore:
         written: Mapping[str, tuple[str, bytes]],
         fields: Mapping[str, Any],
         stored_at: datetime,
-    ) -> None:
-        """Store the result of `key`: `written` maps each output kind to (its URI, its bytes).
+    ) -> StoredResult | None:
+        """Store the result of `key`, and return its entry: `written` maps each kind to (its URI, its bytes).
 
-        A failure only warns: the row's outputs are stored, the next run merely sends it again.
+        A failure only warns (and returns None): the row's outputs are stored, the next run merely
+        sends it again.
         """
         try:
             outputs = {
@@ -465,6 +504,8 @@ class ResultStore:
             self.storage.write_bytes(self.entry_uri(key), json.dumps(entry.to_json()).encode())
         except StorageError as exc:
             log.warning("result store entry %s not written (the image will be sent again): %s", key, exc)
+            return None
+        return entry
 
     def _version_of(self, uri: str) -> str:
         version = self.storage.version(uri)

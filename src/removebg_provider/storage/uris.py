@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from urllib.parse import urlparse
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+\-.]*):")
 
 
 def scheme_of(uri: str) -> str:
     """The URI's scheme, with plain paths and Windows drive letters counted as `file`."""
-    parsed = urlparse(uri)
-    if len(parsed.scheme) <= 1:
+    if uri[:1] > " " and "\t" not in uri and "\r" not in uri and "\n" not in uri:
+        # urlparse's own rule for a URI it would not clean first, without the rest of the parse:
+        # this runs several times for every row of a catalog.
+        found = _SCHEME.match(uri)
+        scheme = found.group(1) if found else ""
+    else:
+        scheme = urlparse(uri).scheme
+    if len(scheme) <= 1:
         return "file"
-    return parsed.scheme.lower()
+    return scheme.lower()
 
 
 def local_path(uri: str) -> str:

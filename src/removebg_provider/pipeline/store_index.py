@@ -1,0 +1,293 @@
+"""The result store's index: each run's entries in a few Parquet files, joined to the next plan in one pass.
+
+Layout under the store prefix, beside `entries/` and `claims/` (see `store`):
+
+    index/runs/<stamp>-<run id>.json            written by the plan of every run with a store
+    index/parts/<run id>/shard-<n>.parquet      the entries one shard of that run stored or served
+    index/complete/<stamp>-<run id>.json        written by the run's merge: every shard had its turn
+
+The per-key entries stay the truth; the index only saves their GETs on a daily catalog, where
+nearly every row was stored or served yesterday. The plan of a run whose manifest has a fingerprint
+column (every key known without reading an image) reads the newest complete run's parts once,
+streamed, and gives each shard the indexed entries of its rows
+(`<staging>/indexed/<run id>/shard-<n>.parquet`). A shard checks such an entry as it would a GET's:
+its key must be the row's and its outputs still their recorded versions. A row the index lacks, or
+whose indexed entry is no longer current, is looked up by GET, so an index older than the entries
+costs a GET, never a second bill, and never serves a stale cutout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from removebg_provider.errors import StorageError
+from removebg_provider.pipeline.config import PipelineConfig
+from removebg_provider.pipeline.store import StoredResult, column_fingerprint, result_key
+from removebg_provider.storage import Storage, join_uri
+
+log = logging.getLogger(__name__)
+
+_STAMP = "%Y%m%dT%H%M%S%fZ"
+_STAMP_LENGTH = len("20260101T000000000000Z")
+_PART = re.compile(r"shard-\d{5,}\.parquet")
+# Index rows read at a time by the plan: the join holds one batch of entries, not the index.
+_INDEX_BATCH_ROWS = 131_072
+INDEX_SCHEMA = pa.schema([("key_prefix", pa.uint64()), ("key", pa.string()), ("entry", pa.string())])
+_INDEXED_SCHEMA = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("entry", pa.string())])
+
+
+def key_prefix(key: str) -> int:
+    """A key's first 64 bits: what the plan joins on (the shard then checks the whole key)."""
+    return int(key[:16], 16)
+
+
+def write_part(
+    store_prefix: str, run_id: str, shard_index: int, entries: Mapping[str, StoredResult], storage: Storage
+) -> None:
+    """Index the entries one shard of a run stored or served; a failure only warns (tomorrow GETs them)."""
+    if not entries:
+        return
+    keys = sorted(entries)
+    table = pa.table(
+        {
+            "key_prefix": pa.array([key_prefix(key) for key in keys], pa.uint64()),
+            "key": keys,
+            "entry": [json.dumps(entries[key].to_json()) for key in keys],
+        },
+        schema=INDEX_SCHEMA,
+    )
+    uri = join_uri(store_prefix, f"index/parts/{run_id}/shard-{shard_index:05d}.parquet")
+    try:
+        with storage.atomic_writer(uri) as stream:
+            pq.write_table(table, stream, compression="zstd")
+    except StorageError as exc:
+        log.warning(
+            "result store index of shard %d not written (the next run reads its entries one by one): %s",
+            shard_index,
+            exc,
+        )
+
+
+def register(store_prefix: str, run_id: str, storage: Storage) -> None:
+    """Note a run that may write index parts, dated, so that `prune` finds them even if it never completes."""
+    try:
+        storage.write_bytes(_run_uri(store_prefix, "runs", run_id), json.dumps({"run_id": run_id}).encode())
+    except StorageError as exc:
+        log.warning("result store run %s not registered (its index may outlive prune): %s", run_id, exc)
+
+
+def complete(store_prefix: str, run_id: str, storage: Storage) -> None:
+    """Mark a run's index complete (its merge: every shard had its turn), so the next plan reads it."""
+    parts = [
+        uri for uri in storage.list_prefix(_parts_folder(store_prefix, run_id)) if uri.endswith(".parquet")
+    ]
+    if not parts:
+        return
+    body = {"run_id": run_id, "parts": sorted(_name(uri) for uri in parts)}
+    try:
+        storage.write_bytes(_run_uri(store_prefix, "complete", run_id), json.dumps(body).encode())
+    except StorageError as exc:
+        log.warning(
+            "result store index of run %s not marked complete (the next run reads entries one by one): %s",
+            run_id,
+            exc,
+        )
+
+
+def newest_parts(store_prefix: str, storage: Storage) -> list[str]:
+    """The index parts of the newest complete run; none when no run completed one (or it is unreadable)."""
+    completed = _listed(store_prefix, "complete", storage)
+    if not completed:
+        return []
+    newest, run_id = list(completed.items())[-1]
+    try:
+        names = json.loads(storage.read_bytes(newest))["parts"]
+    except (StorageError, ValueError, KeyError, TypeError) as exc:
+        log.warning("result store index %s is unreadable, entries are read one by one: %s", newest, exc)
+        return []
+    return [
+        join_uri(_parts_folder(store_prefix, run_id), name) for name in names if _PART.fullmatch(str(name))
+    ]
+
+
+def indexed_uri(config: PipelineConfig, run_id: str, shard_index: int) -> str:
+    """Where the plan puts the indexed entries of one shard's rows."""
+    return join_uri(config.staging, f"indexed/{run_id}/shard-{shard_index:05d}.parquet")
+
+
+def forget_indexed(config: PipelineConfig, run_id: str, storage: Storage) -> None:
+    """Remove the indexed entries the plan gave a run's shards: its merge is done with them."""
+    try:
+        for uri in storage.list_prefix(join_uri(config.staging, f"indexed/{run_id}/")):
+            storage.delete(uri)
+    except StorageError as exc:
+        log.warning("indexed entries of run %s not removed from the staging prefix: %s", run_id, exc)
+
+
+class IndexJoin:
+    """The plan's side: each sendable row's key prefix, then the index streamed past them once."""
+
+    def __init__(self, config: PipelineConfig, parts: list[str]) -> None:
+        self.config = config
+        self.parts = parts
+        self._prefixes: list[np.ndarray] = []
+        self._rows: list[np.ndarray] = []
+        self._shards: list[np.ndarray] = []
+
+    def add_shard(
+        self,
+        shard_index: int,
+        rows: list[int],
+        references: list[str | None],
+        values: list[str | None],
+        duplicate_of: list[str | None],
+    ) -> None:
+        """Note the key of each row of a shard the store would look up: one with a reference and a
+        fingerprint value that is not a duplicate of an earlier row's reference."""
+        prefixes: list[int] = []
+        numbers: list[int] = []
+        for row, reference, value, duplicate in zip(rows, references, values, duplicate_of, strict=True):
+            if reference and value and duplicate is None:
+                prefixes.append(key_prefix(result_key(column_fingerprint(reference, value), self.config)))
+                numbers.append(row)
+        self._prefixes.append(np.array(prefixes, dtype=np.uint64))
+        self._rows.append(np.array(numbers, dtype=np.int64))
+        self._shards.append(np.full(len(numbers), shard_index, dtype=np.int32))
+
+    def write(self, run_id: str, storage: Storage) -> int:
+        """Give each shard the indexed entries of its rows (`indexed_uri`); how many rows got one."""
+        if not self._prefixes:
+            return 0
+        shard_count = len(self._shards)
+        prefixes = np.concatenate(self._prefixes)
+        order = np.argsort(prefixes, kind="stable")
+        prefixes, rows, shards = (
+            prefixes[order],
+            np.concatenate(self._rows)[order],
+            np.concatenate(self._shards)[order],
+        )
+        self._prefixes, self._rows, self._shards = [], [], []
+        matched = 0
+        with tempfile.TemporaryDirectory(prefix="removebg-indexed-") as spill:
+
+            def matches() -> Iterator[pa.RecordBatch]:
+                nonlocal matched
+                for batch in self._index_batches(storage):
+                    batch_prefixes = batch.column(0).to_numpy()
+                    first = np.searchsorted(prefixes, batch_prefixes, side="left")
+                    last = np.searchsorted(prefixes, batch_prefixes, side="right")
+                    counts = last - first
+                    if not counts.any():
+                        continue
+                    # A prefix may stand for several rows (the same image under several ids): each gets it.
+                    which = np.repeat(np.arange(len(counts)), counts)
+                    at = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+                    matched += len(at)
+                    yield pa.record_batch(
+                        [pa.array(shards[at]), pa.array(rows[at]), batch.column(2).take(pa.array(which))],
+                        schema=_INDEXED_SCHEMA,
+                    )
+
+            ds.write_dataset(
+                matches(),
+                spill,
+                schema=_INDEXED_SCHEMA,
+                format="parquet",
+                partitioning=ds.partitioning(pa.schema([("shard", pa.int32())])),
+                file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
+                use_threads=False,
+                # One batch of the index may hold rows of every shard.
+                max_partitions=max(1024, shard_count + 1),
+            )
+            for folder in sorted(Path(spill).iterdir()):
+                tables = [
+                    pq.ParquetFile(path).read(columns=["row", "entry"]) for path in sorted(folder.iterdir())
+                ]
+                uri = indexed_uri(self.config, run_id, int(folder.name))
+                with storage.atomic_writer(uri) as stream:
+                    pq.write_table(pa.concat_tables(tables), stream, compression="zstd")
+        return matched
+
+    def _index_batches(self, storage: Storage) -> Iterator[pa.RecordBatch]:
+        for uri in self.parts:
+            try:
+                with storage.open(uri, "rb") as stream, pq.ParquetFile(stream) as index:
+                    yield from index.iter_batches(
+                        batch_size=_INDEX_BATCH_ROWS, columns=INDEX_SCHEMA.names, use_threads=False
+                    )
+            except (StorageError, pa.ArrowException, OSError) as exc:
+                log.warning(
+                    "result store index %s is unreadable, its entries are read one by one: %s", uri, exc
+                )
+
+
+def files(store_prefix: str, storage: Storage) -> list[str]:
+    """Every file of the index: the runs' registrations, their parts and the completion markers."""
+    runs = _listed(store_prefix, "runs", storage)
+    parts = [
+        uri for run_id in runs.values() for uri in storage.list_prefix(_parts_folder(store_prefix, run_id))
+    ]
+    return list(runs) + parts + list(_listed(store_prefix, "complete", storage))
+
+
+def prune(
+    store_prefix: str, storage: Storage, older_than: timedelta, *, even_if_current: bool = False
+) -> int:
+    """Remove the index files of runs registered more than `older_than` ago; how many went.
+
+    The newest complete run's files are kept unless `even_if_current` (its entries would otherwise
+    be read one by one tomorrow): with it, their images are billed again when met, as the entries'.
+    """
+    cutoff = _stamp(datetime.now(timezone.utc) - older_than)
+    completed = _listed(store_prefix, "complete", storage)
+    kept = set() if even_if_current else set(list(completed.values())[-1:])
+    old_runs = {
+        uri: run_id
+        for uri, run_id in _listed(store_prefix, "runs", storage).items()
+        if _name(uri) < cutoff and run_id not in kept
+    }
+    gone = set(old_runs.values())
+    doomed = [uri for run_id in gone for uri in storage.list_prefix(_parts_folder(store_prefix, run_id))]
+    doomed += [uri for uri, run_id in completed.items() if run_id in gone] + list(old_runs)
+    for uri in doomed:
+        storage.delete(uri)
+    return len(doomed)
+
+
+def _run_uri(store_prefix: str, kind: str, run_id: str) -> str:
+    return join_uri(store_prefix, f"index/{kind}/{_stamp()}-{run_id}.json")
+
+
+def _parts_folder(store_prefix: str, run_id: str) -> str:
+    return join_uri(store_prefix, f"index/parts/{run_id}/")
+
+
+def _listed(store_prefix: str, kind: str, storage: Storage) -> dict[str, str]:
+    """The `index/<kind>/` files (runs or complete), oldest first, with the run each names."""
+    found = storage.list_prefix(join_uri(store_prefix, f"index/{kind}/"))
+    listed = sorted((uri for uri in found if uri.endswith(".json")), key=_name)
+    return {uri: _name(uri)[_STAMP_LENGTH + 1 : -len(".json")] for uri in listed}
+
+
+def _name(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1]
+
+
+def _is_part(uri: str) -> bool:
+    """Whether `uri` names a part as a shard writes it (a marker cannot point the plan anywhere else)."""
+    return _PART.fullmatch(_name(uri)) is not None
+
+
+def _stamp(when: datetime | None = None) -> str:
+    return (when or datetime.now(timezone.utc)).strftime(_STAMP)

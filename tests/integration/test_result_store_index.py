@@ -1,0 +1,259 @@
+"""The result store's index: a catalog with a fingerprint column is looked up in one pass, never stale.
+
+Every test runs the real pipeline against the real local API server on 127.0.0.1 and counts the
+records the server billed. Removing the store's per-key entries (`entries/`) after a run leaves
+only its index: a row then served without a request was found through the index. A photo's width
+identifies its content: the server's cutout has the input's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from removebg_provider import pipeline
+from removebg_provider.client import RemoveBgClient
+from removebg_provider.storage import Storage
+from support.servers import LocalApiServer, sample_photo, start_api_server
+from support.stores import ObjectStore
+
+_HEIGHT = 40
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApiServer]:
+    with start_api_server(tmp_path_factory.mktemp("server")) as running:
+        yield running
+
+
+class _Catalog:
+    """Products with photos on local disk and an `image_md5` column, run day after day into one prefix."""
+
+    def __init__(self, folder: Path, count: int, output_prefix: str | None = None) -> None:
+        self.folder = folder
+        self.output_prefix = output_prefix or str(folder / "cutouts")
+        self.photos: dict[str, str] = {}
+        self.md5: dict[str, str] = {}
+        for index in range(count):
+            self.change(f"sku-{index}", 50 + index)
+
+    def change(self, sku: str, width: int) -> None:
+        """Give `sku` a new photo `width` pixels wide, at the same path, and a new `image_md5`."""
+        path = self.folder / "photos" / f"{sku}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(sample_photo(width, _HEIGHT, "JPEG"))
+        self.photos[sku] = str(path)
+        self.md5[sku] = f"md5-of-{width}"
+
+    def config(self, day: str) -> pipeline.PipelineConfig:
+        manifest = self.folder / f"{day}.parquet"
+        skus = list(self.photos)
+        columns = {
+            "sku": skus,
+            "image_url": [self.photos[s] for s in skus],
+            "image_md5": [self.md5[s] for s in skus],
+        }
+        pq.write_table(pa.table(columns), manifest)
+        return pipeline.PipelineConfig(
+            manifest_uri=str(manifest),
+            id_column="sku",
+            fingerprint_column="image_md5",
+            output_prefix=self.output_prefix,
+            output_manifest_uri=str(self.folder / f"{day}.enriched.parquet"),
+            shard_size=4,
+            max_records_per_request=3,
+            concurrency=2,
+            report=False,
+        )
+
+    @property
+    def store(self) -> Path:
+        return Path(self.output_prefix) / "_removebg_cache"
+
+
+def _billed(server: LocalApiServer, config: pipeline.PipelineConfig, storage: Storage | None = None) -> int:
+    """Run `config` and return how many records the server billed for it."""
+    server.reset_stats()
+    with RemoveBgClient(server.base_url, server.token, **config.resolved().client_settings()) as client:
+        pipeline.run(config, client, storage or Storage())
+    return int(server.stats()["records_billed"])
+
+
+def _rows(config: pipeline.PipelineConfig) -> dict[str, dict[str, object]]:
+    return {row["sku"]: row for row in pq.read_table(config.output_manifest_uri).to_pylist()}
+
+
+def _cutout_widths(config: pipeline.PipelineConfig) -> dict[str, int]:
+    widths = {}
+    for sku, row in _rows(config).items():
+        with Image.open(str(row["removebg_output_url"])) as cutout:
+            widths[sku] = cutout.width
+    return widths
+
+
+def _forget_entries(store: Path) -> None:
+    """Remove the store's per-key entries: only its index is left."""
+    shutil.rmtree(store / "entries")
+
+
+def test_day_two_serves_its_unchanged_rows_from_the_index_without_reading_their_entries(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 10)
+    _billed(server, catalog.config("monday"))
+    _forget_entries(catalog.store)
+    catalog.change("sku-3", 93)
+
+    tuesday = catalog.config("tuesday")
+
+    billed = _billed(server, tuesday)
+
+    rows = _rows(tuesday)
+    assert billed == 1
+    assert {row["removebg_status_code"] for row in rows.values()} == {200}
+    assert "reused from the result store" in str(rows["sku-0"]["removebg_status_text"])
+    assert _cutout_widths(tuesday)["sku-3"] == 93
+
+
+def test_repeating_a_day_served_from_the_index_bills_nothing(server: LocalApiServer, tmp_path: Path) -> None:
+    catalog = _Catalog(tmp_path, 6)
+    _billed(server, catalog.config("monday"))
+    _billed(server, catalog.config("tuesday"))
+    _forget_entries(catalog.store)
+
+    assert _billed(server, catalog.config("tuesday-again")) == 0
+
+
+def test_an_indexed_entry_whose_cutout_was_overwritten_since_is_not_served(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 4)
+    monday = catalog.config("monday")
+    _billed(server, monday)
+    cutout = Path(str(_rows(monday)["sku-2"]["removebg_output_url"]))
+    Image.new("RGBA", (7, 7)).save(cutout)
+
+    tuesday = catalog.config("tuesday")
+
+    billed = _billed(server, tuesday)
+
+    assert billed == 1
+    assert _cutout_widths(tuesday)["sku-2"] == 52
+
+
+def test_results_stored_by_a_run_that_stopped_before_its_merge_are_served_though_the_index_predates_them(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 6)
+    _billed(server, catalog.config("monday"))
+    catalog.change("sku-1", 91)
+    stopped = pipeline.plan(catalog.config("tuesday"), Storage())
+    server.reset_stats()
+    with RemoveBgClient(server.base_url, server.token, **stopped.config.client_settings()) as client:
+        for shard in stopped.shards:
+            pipeline.process_shard(shard, stopped, client, Storage())
+    assert server.stats()["records_billed"] == 1
+
+    again = catalog.config("tuesday-again")
+
+    billed = _billed(server, again)
+
+    assert billed == 0
+    assert _cutout_widths(again)["sku-1"] == 91
+
+
+def test_an_unreadable_index_file_is_skipped_with_a_warning_and_bills_nothing(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    catalog = _Catalog(tmp_path, 6)
+    _billed(server, catalog.config("monday"))
+    for part in (catalog.store / "index").rglob("*.parquet"):
+        part.write_bytes(b"not parquet")
+
+    with caplog.at_level(logging.WARNING, logger="removebg_provider"):
+        billed = _billed(server, catalog.config("tuesday"))
+
+    assert billed == 0
+    assert "is unreadable, its entries are read one by one" in caplog.text
+
+
+def test_an_index_marker_that_names_no_files_is_skipped_and_bills_nothing(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 4)
+    _billed(server, catalog.config("monday"))
+    for marker in (catalog.store / "index" / "complete").iterdir():
+        marker.write_text(json.dumps({"run_id": "0" * 32, "parts": ["missing.parquet"]}))
+
+    assert _billed(server, catalog.config("tuesday")) == 0
+
+
+def test_the_index_serves_day_two_on_each_object_store(
+    server: LocalApiServer, object_store: ObjectStore, tmp_path: Path
+) -> None:
+    storage = object_store.storage
+    catalog = _Catalog(tmp_path, 6, output_prefix=object_store.uri("cutouts"))
+    _billed(server, catalog.config("monday"), storage)
+    entries = [
+        uri
+        for group in range(256)
+        for uri in storage.list_prefix(object_store.uri(f"cutouts/_removebg_cache/entries/{group:02x}/"))
+    ]
+    assert len(entries) == 6
+    for uri in entries:
+        storage.delete(uri)
+    catalog.change("sku-4", 94)
+
+    assert _billed(server, catalog.config("tuesday"), storage) == 1
+
+
+def _cache(*args: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-m", "removebg_provider", "cache", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    found: dict[str, object] = json.loads(done.stdout)
+    return found
+
+
+def test_prune_keeps_the_newest_complete_index_and_removes_older_ones(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 6)
+    _billed(server, catalog.config("monday"))
+    monday_files = _cache("stats", str(catalog.store))["index_files"]
+    _billed(server, catalog.config("tuesday"))
+
+    pruned = _cache("prune", str(catalog.store), "--older-than", "0")
+
+    assert pruned["index_files_removed"] == monday_files
+    _forget_entries(catalog.store)
+    assert _billed(server, catalog.config("wednesday")) == 0
+
+
+def test_prune_even_if_current_removes_the_newest_index_too_and_its_images_are_billed_again(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 3)
+    _billed(server, catalog.config("monday"))
+
+    indexed = _cache("stats", str(catalog.store))["index_files"]
+
+    pruned = _cache("prune", str(catalog.store), "--older-than", "0", "--even-if-current")
+
+    assert pruned["index_files_removed"] == indexed
+    assert _cache("stats", str(catalog.store))["index_files"] == 0
+    assert _billed(server, catalog.config("tuesday")) == 3
