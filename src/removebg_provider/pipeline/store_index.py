@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from removebg_provider.errors import StorageError
@@ -41,10 +40,13 @@ log = logging.getLogger(__name__)
 _STAMP = "%Y%m%dT%H%M%S%fZ"
 _STAMP_LENGTH = len("20260101T000000000000Z")
 _PART = re.compile(r"shard-\d{5,}\.parquet")
-# Index rows read at a time by the plan: the join holds one batch of entries, not the index.
-_INDEX_BATCH_ROWS = 131_072
+# Index rows written per row group and read at a time by the plan: the join holds one batch of
+# entries (about 16 MB of JSON), not the index.
+_INDEX_BATCH_ROWS = 32_768
+# Matches the plan holds before writing them to its spill folder.
+_SPILL_BYTES = 16 << 20
 INDEX_SCHEMA = pa.schema([("key_prefix", pa.uint64()), ("key", pa.string()), ("entry", pa.string())])
-_INDEXED_SCHEMA = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("entry", pa.string())])
+_INDEXED_SCHEMA = pa.schema([("row", pa.int64()), ("entry", pa.string())])
 
 
 def key_prefix(key: str) -> int:
@@ -70,7 +72,7 @@ def write_part(
     uri = join_uri(store_prefix, f"index/parts/{run_id}/shard-{shard_index:05d}.parquet")
     try:
         with storage.atomic_writer(uri) as stream:
-            pq.write_table(table, stream, compression="zstd")
+            pq.write_table(table, stream, compression="zstd", row_group_size=_INDEX_BATCH_ROWS)
     except StorageError as exc:
         log.warning(
             "result store index of shard %d not written (the next run reads its entries one by one): %s",
@@ -169,7 +171,6 @@ class IndexJoin:
         """Give each shard the indexed entries of its rows (`indexed_uri`); how many rows got one."""
         if not self._prefixes:
             return 0
-        shard_count = len(self._shards)
         prefixes = np.concatenate(self._prefixes)
         order = np.argsort(prefixes, kind="stable")
         prefixes, rows, shards = (
@@ -179,44 +180,24 @@ class IndexJoin:
         )
         self._prefixes, self._rows, self._shards = [], [], []
         matched = 0
-        with tempfile.TemporaryDirectory(prefix="removebg-indexed-") as spill:
-
-            def matches() -> Iterator[pa.RecordBatch]:
-                nonlocal matched
-                for batch in self._index_batches(storage):
-                    batch_prefixes = batch.column(0).to_numpy()
-                    first = np.searchsorted(prefixes, batch_prefixes, side="left")
-                    last = np.searchsorted(prefixes, batch_prefixes, side="right")
-                    counts = last - first
-                    if not counts.any():
-                        continue
-                    # A prefix may stand for several rows (the same image under several ids): each gets it.
-                    which = np.repeat(np.arange(len(counts)), counts)
-                    at = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-                    matched += len(at)
-                    yield pa.record_batch(
-                        [pa.array(shards[at]), pa.array(rows[at]), batch.column(2).take(pa.array(which))],
-                        schema=_INDEXED_SCHEMA,
-                    )
-
-            ds.write_dataset(
-                matches(),
-                spill,
-                schema=_INDEXED_SCHEMA,
-                format="parquet",
-                partitioning=ds.partitioning(pa.schema([("shard", pa.int32())])),
-                file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
-                use_threads=False,
-                # One batch of the index may hold rows of every shard.
-                max_partitions=max(1024, shard_count + 1),
-            )
-            for folder in sorted(Path(spill).iterdir()):
-                tables = [
-                    pq.ParquetFile(path).read(columns=["row", "entry"]) for path in sorted(folder.iterdir())
-                ]
-                uri = indexed_uri(self.config, run_id, int(folder.name))
-                with storage.atomic_writer(uri) as stream:
-                    pq.write_table(pa.concat_tables(tables), stream, compression="zstd")
+        with tempfile.TemporaryDirectory(prefix="removebg-indexed-") as folder:
+            spill = _Spill(Path(folder))
+            for batch in self._index_batches(storage):
+                batch_prefixes = batch.column(0).to_numpy()
+                first = np.searchsorted(prefixes, batch_prefixes, side="left")
+                counts = np.searchsorted(prefixes, batch_prefixes, side="right") - first
+                if not counts.any():
+                    continue
+                # A prefix may stand for several rows (the same image under several ids): each gets it.
+                which = np.repeat(np.arange(len(counts)), counts)
+                at = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+                matched += len(at)
+                spill.add(
+                    shards[at], pa.table({"row": rows[at], "entry": batch.column(2).take(pa.array(which))})
+                )
+            for shard_index, table in spill.by_shard():
+                with storage.atomic_writer(indexed_uri(self.config, run_id, shard_index)) as stream:
+                    pq.write_table(table, stream, compression="zstd")
         return matched
 
     def _index_batches(self, storage: Storage) -> Iterator[pa.RecordBatch]:
@@ -230,6 +211,63 @@ class IndexJoin:
                 log.warning(
                     "result store index %s is unreadable, its entries are read one by one: %s", uri, exc
                 )
+
+
+class _Spill:
+    """The plan's matches on local disk, grouped by shard; a bounded amount of them in memory.
+
+    Each flush writes one Arrow IPC file, sorted by shard, with one record batch per shard, so a
+    shard's matches are read back batch by batch without reading the rest.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._tables: list[pa.Table] = []
+        self._shards: list[np.ndarray] = []
+        self._bytes = 0
+        self._files = 0
+        # Shard -> (spill file, record batch) of each flush that held matches of that shard.
+        self._batches: dict[int, list[tuple[Path, int]]] = {}
+
+    def add(self, shards: np.ndarray, table: pa.Table) -> None:
+        """Keep `table`'s matches (one per row, of shard `shards[i]`); flushed once large enough."""
+        self._tables.append(table)
+        self._shards.append(shards)
+        self._bytes += table.nbytes
+        if self._bytes >= _SPILL_BYTES:
+            self._flush()
+
+    def by_shard(self) -> Iterator[tuple[int, pa.Table]]:
+        """Each shard with its matches, shard after shard."""
+        self._flush()
+        readers: dict[Path, pa.ipc.RecordBatchFileReader] = {}
+        for shard_index in sorted(self._batches):
+            batches = []
+            for path, number in self._batches[shard_index]:
+                if path not in readers:
+                    readers[path] = pa.ipc.open_file(pa.OSFile(str(path)))
+                batches.append(readers[path].get_batch(number))
+            yield shard_index, pa.Table.from_batches(batches, schema=_INDEXED_SCHEMA)
+
+    def _flush(self) -> None:
+        if not self._tables:
+            return
+        shards = np.concatenate(self._shards)
+        order = np.argsort(shards, kind="stable")
+        table = pa.concat_tables(self._tables).take(pa.array(order)).combine_chunks()
+        shards = shards[order]
+        self._tables, self._shards, self._bytes = [], [], 0
+        path = self.folder / f"{self._files:06d}.arrow"
+        self._files += 1
+        starts = np.r_[0, np.flatnonzero(np.diff(shards)) + 1]
+        stops = np.r_[starts[1:], len(shards)]
+        written = 0
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _INDEXED_SCHEMA) as writer:
+            for start, stop in zip(starts, stops, strict=True):
+                for batch in table.slice(start, stop - start).to_batches():
+                    writer.write_batch(batch)
+                    self._batches.setdefault(int(shards[start]), []).append((path, written))
+                    written += 1
 
 
 def files(store_prefix: str, storage: Storage) -> list[str]:
