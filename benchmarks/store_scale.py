@@ -1,19 +1,19 @@
 """Plan, store lookup and merge of a big daily catalog against yesterday's result store.
 
 The manifest has a fingerprint column (`image_md5`), so nothing is read to describe an image. The
-store is filled as yesterday's run would have left it: one entry per row, each pointing at that
-row's cutout under the output prefix (written here directly, in the store's own entry format, not
-timed). Today 1 % of the rows carry a new `image_md5`. Each timed phase runs in a fresh process
-(peak RSS = its VmHWM):
+store is filled as yesterday's run would have left it (`phase_store`): an entry per row in its index,
+each pointing at that row's cutout under the output prefix, and, in the default layout, the entry as
+a file too (written here directly, in the store's own formats, not timed). Today 1 % of the rows
+carry a new `image_md5`. Each timed phase runs in a fresh process (peak RSS = its VmHWM):
 
-- plan: `pipeline.plan` of today's manifest;
+- plan: `pipeline.plan` of today's manifest, with its join to the store's index;
 - lookup: every shard's triage against the store (`ShardWork.classify_counts`, what the shard tasks
-  and `--dry-run` do first): source fingerprints from the column, one entry GET and one version
-  check per row; it must find 99 % reused and 1 % to send;
+  and `--dry-run` do first): source fingerprints from the column, the indexed entry (or an entry
+  GET) and one version check per row; it must find 99 % reused and 1 % to send;
 - merge: `pipeline.merge`, with a stored result for every row (written beforehand, not timed).
 
 Run: PYTHONPATH=src .venv/bin/python benchmarks/store_scale.py [--rows 100000] [--phases plan,lookup,merge]
-     [--folder DIR] [--write-doc]
+     [--store-layout entries|index|index-only] [--folder DIR] [--write-doc]
 """
 
 from __future__ import annotations
@@ -90,9 +90,13 @@ def write_manifest(folder: Path, rows: int) -> None:
             )
 
 
-def phase_store(folder: Path, rows: int, entry_files: bool = True) -> dict[str, float]:
-    """Yesterday's store, all with yesterday's image_md5 (not timed): a cutout per row, and an entry per row
-    in yesterday's index (as its shards and merge write it) and, unless `entry_files` is off, as a file.
+def phase_store(folder: Path, rows: int, layout: str = "entries") -> dict[str, float]:
+    """Yesterday's store, all with yesterday's image_md5 (not timed), as `layout` says.
+
+    - `entries`: an entry per row in yesterday's index (as its shards and merge write it) and as a
+      file, and a cutout per row;
+    - `index`: the same without the entry files (ten million files need more inodes than this disk has);
+    - `index-only`: the index alone, for the plan (the lookup would find no cutout current).
 
     The cutouts are empty files: the lookup checks their version (a `stat`), never their bytes, and
     ten million 4 KiB blocks would not fit this disk.
@@ -117,11 +121,13 @@ def phase_store(folder: Path, rows: int, entry_files: bool = True) -> dict[str, 
             if path not in made:
                 os.makedirs(path, exist_ok=True)
                 made.add(path)
-        os.close(os.open(cutout, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644))
-        version = storage.version(cutout)
-        assert version is not None
+        if layout == "index-only":
+            version = "stat:0:0:0"
+        else:
+            os.close(os.open(cutout, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644))
+            version = storage.version(cutout) or ""
         entry = StoredResult(key, source, {"cutout": StoredOutput(cutout, version, sha)}, stamp, 800, 600)
-        if entry_files:
+        if layout == "entries":
             Path(entry_path).write_text(json.dumps(entry.to_json()))
         part[key] = entry
         if len(part) == _ROWS_PER_INDEX_PART or index == rows - 1:
@@ -220,9 +226,11 @@ def main() -> int:
     parser.add_argument("--phases", default="plan,lookup,merge", help="timed phases to run, comma-separated")
     parser.add_argument("--folder", type=Path, help="work here (kept) instead of a temporary folder")
     parser.add_argument(
-        "--no-entry-files",
-        action="store_true",
-        help="yesterday's entries in its index only, not also one file each (ten million files need inodes)",
+        "--store-layout",
+        choices=("entries", "index", "index-only"),
+        default="entries",
+        help="yesterday's store: entries as files and in the index (default), in the index only, or the "
+        "index without cutouts (plan only)",
     )
     parser.add_argument("--write-doc", action="store_true", help="update docs/BENCHMARKS.md")
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
@@ -230,7 +238,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.phase:
         if args.phase == "store":
-            figures = phase_store(args.folder, args.rows, entry_files=not args.no_entry_files)
+            figures = phase_store(args.folder, args.rows, args.store_layout)
         else:
             figures = PHASES[args.phase](args.folder, args.rows)
         figures["peak_rss_bytes"] = peak_rss_bytes()
@@ -242,8 +250,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="removebg-store-scale-", dir=args.folder) as temporary:
         folder = Path(temporary)
         write_manifest(folder, args.rows)
-        options = ["--no-entry-files"] if args.no_entry_files else []
-        store = run_phase("store", folder, args.rows, *options) if "lookup" in wanted else {"seconds": 0.0}
+        if args.store_layout == "index-only" and wanted != ["plan"]:
+            parser.error("--store-layout index-only measures the plan alone: --phases plan")
+        layout = ["--store-layout", args.store_layout]
+        needs_store = "lookup" in wanted or args.store_layout == "index-only"
+        store = run_phase("store", folder, args.rows, *layout) if needs_store else {"seconds": 0.0}
         # Lookup and merge need a plan; merge needs every shard's results.
         needed = {"plan", *wanted, *(["fill"] if "merge" in wanted else [])}
         figures = {name: run_phase(name, folder, args.rows) for name in PHASES if name in needed - {"store"}}
@@ -266,8 +277,8 @@ def main() -> int:
 `{command}` on {machine()}; load average {load_before} before, {load_after} after.
 
 {args.rows:,} rows with a fingerprint column, 1 % of them changed since yesterday; yesterday's store
-has an entry per row in its index{"" if args.no_entry_files else " and as a file"} and an (empty) cutout
-per row on local disk (filled in {store["seconds"]:.0f} s, not counted).
+is laid out as `{args.store_layout}` (see `phase_store`) on local disk (filled in
+{store["seconds"]:.0f} s, not counted).
 Each phase in a fresh process; peak RSS is its VmHWM.
 
 | phase | wall s | peak RSS MiB |

@@ -1,9 +1,11 @@
 """The manifest pipeline, resumable, without Airflow: plan -> shards -> batches -> API -> copy -> merge.
 
-Its rooms: `config` (the settings), `planning` (manifest -> shards), `shard` (a shard's batches,
-requests and copies), `workers` (the threads that run batches, shard after shard), `checkpoints`
-(durable progress), `results` (row results and summaries), `merging` (the enriched manifest) and
-`running` (all of it in one process).
+Its rooms: `config` (the settings), `planning` (manifest -> shards), `duplicates` (repeated ids and
+shared images), `shard` (a shard's batches, requests and copies), `workers` (the threads that run
+batches, shard after shard), `checkpoints` (durable progress), `store` (the result store),
+`store_index` (its index, joined to the next plan), `lookups` (a shard's side of the store),
+`results` (row results and summaries), `merging` (the enriched manifest) and `running` (all of it
+in one process).
 """
 
 from removebg_provider.pipeline.config import PipelineConfig
