@@ -13,7 +13,7 @@ import logging
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -257,3 +257,48 @@ def test_prune_even_if_current_removes_the_newest_index_too_and_its_images_are_b
     assert pruned["index_files_removed"] == indexed
     assert _cache("stats", str(catalog.store))["index_files"] == 0
     assert _billed(server, catalog.config("tuesday")) == 3
+
+
+def _rewrite_index_parts(store: Path, change: Callable[[pa.Table], pa.Table]) -> None:
+    """Replace every index part of the store by `change` of it, as another version or a hostile hand might."""
+    parts = sorted((store / "index" / "parts").rglob("*.parquet"))
+    assert parts
+    for part in parts:
+        pq.write_table(change(pq.read_table(part)), part)
+
+
+def test_an_index_file_in_another_layout_is_skipped_with_a_warning_and_bills_nothing(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    catalog = _Catalog(tmp_path, 4)
+    _billed(server, catalog.config("monday"))
+    _rewrite_index_parts(catalog.store, lambda part: part.set_column(0, "key_prefix", part.column("key")))
+
+    with caplog.at_level(logging.WARNING, logger="removebg_provider"):
+        billed = _billed(server, catalog.config("tuesday"))
+
+    assert billed == 0
+    assert "its entries are read one by one" in caplog.text
+
+
+def test_index_rows_without_a_key_prefix_are_skipped_and_bill_nothing(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 4)
+    _billed(server, catalog.config("monday"))
+    _rewrite_index_parts(
+        catalog.store, lambda part: part.set_column(0, "key_prefix", pa.nulls(part.num_rows, pa.uint64()))
+    )
+
+    assert _billed(server, catalog.config("tuesday")) == 0
+
+
+def test_an_index_marker_whose_parts_are_not_a_list_is_skipped_and_bills_nothing(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 4)
+    _billed(server, catalog.config("monday"))
+    for marker in (catalog.store / "index" / "complete").iterdir():
+        marker.write_text(json.dumps({"run_id": "0" * 32, "parts": 5}))
+
+    assert _billed(server, catalog.config("tuesday")) == 0

@@ -115,6 +115,8 @@ def newest_parts(store_prefix: str, storage: Storage) -> list[str]:
     newest, run_id = list(completed.items())[-1]
     try:
         names = json.loads(storage.read_bytes(newest))["parts"]
+        if not isinstance(names, list):
+            raise TypeError(f"its parts are {type(names).__name__}, not a list")
     except (StorageError, ValueError, KeyError, TypeError) as exc:
         log.warning("result store index %s is unreadable, entries are read one by one: %s", newest, exc)
         return []
@@ -204,10 +206,15 @@ class IndexJoin:
         for uri in self.parts:
             try:
                 with storage.open(uri, "rb") as stream, pq.ParquetFile(stream) as index:
-                    yield from index.iter_batches(
+                    if not _has_index_columns(index.schema_arrow):
+                        # Another version's layout, or a hand's: the join would misread it.
+                        raise ValueError(f"its columns are {index.schema_arrow}, not {INDEX_SCHEMA}")
+                    for batch in index.iter_batches(
                         batch_size=_INDEX_BATCH_ROWS, columns=INDEX_SCHEMA.names, use_threads=False
-                    )
-            except (StorageError, pa.ArrowException, OSError) as exc:
+                    ):
+                        # A row without a key prefix or an entry points nowhere.
+                        yield batch.drop_null()
+            except (StorageError, pa.ArrowException, OSError, ValueError) as exc:
                 log.warning(
                     "result store index %s is unreadable, its entries are read one by one: %s", uri, exc
                 )
@@ -268,6 +275,14 @@ class _Spill:
                     writer.write_batch(batch)
                     self._batches.setdefault(int(shards[start]), []).append((path, written))
                     written += 1
+
+
+def _has_index_columns(schema: pa.Schema) -> bool:
+    """Whether a part has the index's columns with their types (`INDEX_SCHEMA`)."""
+    return all(
+        schema.get_field_index(field.name) >= 0 and schema.field(field.name).type == field.type
+        for field in INDEX_SCHEMA
+    )
 
 
 def files(store_prefix: str, storage: Storage) -> list[str]:
