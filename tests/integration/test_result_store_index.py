@@ -229,6 +229,38 @@ def _cache(*args: str) -> dict[str, object]:
     return found
 
 
+def _index_files_after_a_run_overtaken_by_a_prune(server: LocalApiServer, catalog: _Catalog) -> list[Path]:
+    """Run a day whose registration a prune removes while its shards run; the index files left on disk."""
+    _billed(server, catalog.config("monday"))
+    tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
+    _cache("prune", str(catalog.store), "--older-than", "0")
+    with RemoveBgClient(server.base_url, server.token, **tuesday.config.client_settings()) as client:
+        for shard in tuesday.shards:
+            pipeline.process_shard(shard, tuesday, client, Storage())
+    pipeline.merge(tuesday, Storage())
+    return [path for path in (catalog.store / "index").rglob("*") if path.is_file()]
+
+
+def test_stats_counts_the_index_files_of_a_run_that_a_prune_overtook(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 6)
+    on_disk = _index_files_after_a_run_overtaken_by_a_prune(server, catalog)
+
+    assert _cache("stats", str(catalog.store))["index_files"] == len(on_disk)
+
+
+def test_prune_removes_the_index_files_of_a_run_that_an_earlier_prune_overtook(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 6)
+    _index_files_after_a_run_overtaken_by_a_prune(server, catalog)
+
+    _cache("prune", str(catalog.store), "--older-than", "0", "--even-if-current")
+
+    assert [path for path in (catalog.store / "index").rglob("*") if path.is_file()] == []
+
+
 def test_prune_keeps_the_newest_complete_index_and_removes_older_ones(
     server: LocalApiServer, tmp_path: Path
 ) -> None:

@@ -288,10 +288,11 @@ def _has_index_columns(schema: pa.Schema) -> bool:
 def files(store_prefix: str, storage: Storage) -> list[str]:
     """Every file of the index: the runs' registrations, their parts and the completion markers."""
     runs = _listed(store_prefix, "runs", storage)
-    parts = [
-        uri for run_id in runs.values() for uri in storage.list_prefix(_parts_folder(store_prefix, run_id))
-    ]
-    return list(runs) + parts + list(_listed(store_prefix, "complete", storage))
+    completed = _listed(store_prefix, "complete", storage)
+    # A run that a prune overtook (its registration removed while it ran) is found by its marker.
+    run_ids = dict.fromkeys([*runs.values(), *completed.values()])
+    parts = [uri for run_id in run_ids for uri in storage.list_prefix(_parts_folder(store_prefix, run_id))]
+    return list(runs) + parts + list(completed)
 
 
 def prune(
@@ -301,18 +302,18 @@ def prune(
 
     The newest complete run's files are kept unless `even_if_current` (its entries would otherwise
     be read one by one tomorrow): with it, their images are billed again when met, as the entries'.
+    A run whose registration an earlier prune removed while it ran is dated by its completion.
     """
     cutoff = _stamp(datetime.now(timezone.utc) - older_than)
     completed = _listed(store_prefix, "complete", storage)
+    registered = _listed(store_prefix, "runs", storage)
     kept = set() if even_if_current else set(list(completed.values())[-1:])
-    old_runs = {
-        uri: run_id
-        for uri, run_id in _listed(store_prefix, "runs", storage).items()
-        if _name(uri) < cutoff and run_id not in kept
-    }
-    gone = set(old_runs.values())
+    started = {run_id: _name(uri)[:_STAMP_LENGTH] for uri, run_id in completed.items()}
+    started.update({run_id: _name(uri)[:_STAMP_LENGTH] for uri, run_id in registered.items()})
+    gone = {run_id for run_id, stamp in started.items() if stamp < cutoff and run_id not in kept}
     doomed = [uri for run_id in gone for uri in storage.list_prefix(_parts_folder(store_prefix, run_id))]
-    doomed += [uri for uri, run_id in completed.items() if run_id in gone] + list(old_runs)
+    doomed += [uri for uri, run_id in completed.items() if run_id in gone]
+    doomed += [uri for uri, run_id in registered.items() if run_id in gone]
     for uri in doomed:
         storage.delete(uri)
     return len(doomed)
