@@ -334,3 +334,22 @@ def test_an_index_marker_whose_parts_are_not_a_list_is_skipped_and_bills_nothing
         marker.write_text(json.dumps({"run_id": "0" * 32, "parts": 5}))
 
     assert _billed(server, catalog.config("tuesday")) == 0
+
+
+def test_an_indexed_entry_without_outputs_costs_a_get_and_every_row_keeps_its_cutout(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 4)
+    _billed(server, catalog.config("monday"))
+
+    def hollow(part: pa.Table) -> pa.Table:
+        entries = [json.dumps({**json.loads(text), "outputs": {}}) for text in part["entry"].to_pylist()]
+        return part.set_column(2, "entry", pa.array(entries, pa.string()))
+
+    _rewrite_index_parts(catalog.store, hollow)
+    tuesday = catalog.config("tuesday")
+
+    billed = _billed(server, tuesday)
+
+    assert billed == 0
+    assert _cutout_widths(tuesday) == {f"sku-{index}": 50 + index for index in range(4)}

@@ -163,16 +163,21 @@ class StoredResult:
 
     def destinations(self, config: PipelineConfig, record_id: str) -> dict[str, str]:
         """The URIs a row with `record_id` gets for this result's outputs, by kind."""
-        served = self._served_kinds(config.output_kinds)
+        served = self._served_kinds(config)
         return {kind: uri for kind, uri in config.outputs_for(record_id).items() if kind in served}
 
     def serves(self, config: PipelineConfig) -> bool:
         """Whether this result holds every output a run with `config` gives a row."""
-        return set(self._served_kinds(config.output_kinds)) <= set(self.outputs)
+        return set(self._served_kinds(config)) <= set(self.outputs)
 
-    def _served_kinds(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    def _served_kinds(self, config: PipelineConfig) -> tuple[str, ...]:
         # A binary-mask answer may carry the mask instead of the cutout: the row gets what was stored.
-        return tuple(kind for kind in wanted if kind in self.outputs or kind != CUTOUT.name)
+        # Any other run's result holds its cutout (an entry without one would serve a row nothing).
+        return tuple(
+            kind
+            for kind in config.output_kinds
+            if kind in self.outputs or kind != CUTOUT.name or not config.binary_mask
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
