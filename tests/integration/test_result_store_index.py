@@ -23,11 +23,14 @@ from PIL import Image
 
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
+from removebg_provider.errors import FailurePolicyError
 from removebg_provider.storage import Storage
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import ObjectStore
 
 _HEIGHT = 40
+# The columns of an index part, as `removebg run` writes them.
+INDEX_TYPES = (("key_prefix", pa.uint64()), ("key", pa.string()), ("entry", pa.string()))
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +173,44 @@ def test_results_stored_by_a_run_that_stopped_before_its_merge_are_served_though
 
     assert billed == 0
     assert _cutout_widths(again)["sku-1"] == 91
+
+
+def test_a_retried_shard_keeps_in_the_index_the_rows_its_first_try_served(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 4)
+    _billed(server, catalog.config("monday"))
+    catalog.change("sku-1", 91)
+    catalog.change("sku-2", 92)
+    tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
+    assert len(tuesday.shards) == 1
+    with RemoveBgClient(server.base_url, server.token, **tuesday.config.client_settings()) as client:
+        # The first try serves the unchanged rows, may send nothing, and fails; its task is retried.
+        with pytest.raises(FailurePolicyError):
+            pipeline.process_shard(tuesday.shards[0], tuesday, client, Storage(), budget=pipeline.Budget(0))
+        pipeline.process_shard(tuesday.shards[0], tuesday, client, Storage())
+    pipeline.merge(tuesday, Storage())
+    _forget_entries(catalog.store)
+
+    assert _billed(server, catalog.config("wednesday")) == 0
+
+
+def test_a_hand_made_index_part_where_a_shard_writes_its_own_is_replaced_without_failing_the_shard(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 4)
+    _billed(server, catalog.config("monday"))
+    tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
+    part = catalog.store / "index" / "parts" / tuesday.run_id / "shard-00000.parquet"
+    part.parent.mkdir(parents=True)
+    hand_made = {"key_prefix": [1], "key": ["not a key"], "entry": ["{}"]}
+    pq.write_table(pa.table(hand_made, schema=pa.schema(INDEX_TYPES)), part)
+    with RemoveBgClient(server.base_url, server.token, **tuesday.config.client_settings()) as client:
+        pipeline.process_shard(tuesday.shards[0], tuesday, client, Storage())
+    pipeline.merge(tuesday, Storage())
+    _forget_entries(catalog.store)
+
+    assert _billed(server, catalog.config("wednesday")) == 0
 
 
 def test_an_unreadable_index_file_is_skipped_with_a_warning_and_bills_nothing(

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 _STAMP = "%Y%m%dT%H%M%S%fZ"
 _STAMP_LENGTH = len("20260101T000000000000Z")
 _PART = re.compile(r"shard-\d{5,}\.parquet")
+_KEY = re.compile(r"[0-9a-f]{40}")
 # Index rows written per row group and read at a time by the plan: the join holds one batch of
 # entries (about 16 MB of JSON), not the index.
 _INDEX_BATCH_ROWS = 32_768
@@ -57,19 +58,25 @@ def key_prefix(key: str) -> int:
 def write_part(
     store_prefix: str, run_id: str, shard_index: int, entries: Mapping[str, StoredResult], storage: Storage
 ) -> None:
-    """Index the entries one shard of a run stored or served; a failure only warns (tomorrow GETs them)."""
+    """Index the entries one shard of a run stored or served; a failure only warns (tomorrow GETs them).
+
+    A later try of the shard (a retried task) adds its entries to those of the earlier tries: the
+    rows it resumed from their checkpoints were stored or served by them, not looked up again.
+    """
     if not entries:
         return
-    keys = sorted(entries)
+    uri = join_uri(store_prefix, f"index/parts/{run_id}/shard-{shard_index:05d}.parquet")
+    texts = _earlier_part(uri, storage)
+    texts.update((key, json.dumps(entry.to_json())) for key, entry in entries.items())
+    keys = sorted(texts)
     table = pa.table(
         {
             "key_prefix": pa.array([key_prefix(key) for key in keys], pa.uint64()),
             "key": keys,
-            "entry": [json.dumps(entries[key].to_json()) for key in keys],
+            "entry": [texts[key] for key in keys],
         },
         schema=INDEX_SCHEMA,
     )
-    uri = join_uri(store_prefix, f"index/parts/{run_id}/shard-{shard_index:05d}.parquet")
     try:
         with storage.atomic_writer(uri) as stream:
             pq.write_table(table, stream, compression="zstd", row_group_size=_INDEX_BATCH_ROWS)
@@ -79,6 +86,23 @@ def write_part(
             shard_index,
             exc,
         )
+
+
+def _earlier_part(uri: str, storage: Storage) -> dict[str, str]:
+    """The entries (as JSON, by key) an earlier try of a shard indexed at `uri`; none if unreadable."""
+    try:
+        if not storage.exists(uri):
+            return {}
+        with storage.open(uri, "rb") as stream, pq.ParquetFile(stream) as part:
+            if not _has_index_columns(part.schema_arrow):
+                return {}
+            table = part.read(columns=["key", "entry"], use_threads=False).drop_null()
+    except (StorageError, pa.ArrowException, OSError, ValueError) as exc:
+        log.warning("result store index %s of an earlier try is unreadable, written anew: %s", uri, exc)
+        return {}
+    found = zip(table.column("key").to_pylist(), table.column("entry").to_pylist(), strict=True)
+    # Only keys as `result_key` makes them: the key prefix is read from the first 16 hex digits.
+    return {key: entry for key, entry in found if _KEY.fullmatch(key)}
 
 
 def register(store_prefix: str, run_id: str, storage: Storage) -> None:
