@@ -121,7 +121,7 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
     run_id = uuid.uuid4().hex
     if config.store_prefix is not None:
         store_index.register(config.store_prefix, run_id, storage)
-    join = _index_join(config, storage)
+    join = _index_join(config, storage, total_rows)
     shards: list[ShardDescriptor] = []
     for index, table in enumerate(_shard_tables(config, storage, shard_size, shared)):
         shard_uri = join_uri(staging, f"shards/shard-{index:05d}.parquet")
@@ -157,7 +157,7 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
     return result
 
 
-def _index_join(config: PipelineConfig, storage: Storage) -> store_index.IndexJoin | None:
+def _index_join(config: PipelineConfig, storage: Storage, total_rows: int) -> store_index.IndexJoin | None:
     """The join of the result store's index to this manifest, when it can be made without reading images.
 
     Only a fingerprint column gives every row's key from the manifest alone; other rows' keys need
@@ -166,7 +166,7 @@ def _index_join(config: PipelineConfig, storage: Storage) -> store_index.IndexJo
     if config.store_prefix is None or not config.fingerprint_column:
         return None
     parts = store_index.newest_parts(config.store_prefix, storage)
-    return store_index.IndexJoin(config, parts) if parts else None
+    return store_index.IndexJoin(config, parts, total_rows) if parts else None
 
 
 def load_plan(plan_uri: str, storage: Storage) -> Plan:
