@@ -175,6 +175,30 @@ def test_results_stored_by_a_run_that_stopped_before_its_merge_are_served_though
     assert _cutout_widths(again)["sku-1"] == 91
 
 
+def test_unreadable_indexed_entries_handed_to_a_shard_are_skipped_with_a_warning_and_bill_nothing(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    catalog = _Catalog(tmp_path, 6)
+    _billed(server, catalog.config("monday"))
+    tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
+    handed = list(Path(tuesday.config.staging).rglob("indexed/*/*.parquet"))
+    assert handed
+    for path in handed:
+        path.write_bytes(b"not parquet")
+    server.reset_stats()
+
+    settings = tuesday.config.client_settings()
+    with (
+        caplog.at_level(logging.WARNING, logger="removebg_provider"),
+        RemoveBgClient(server.base_url, server.token, **settings) as client,
+    ):
+        for shard in tuesday.shards:
+            pipeline.process_shard(shard, tuesday, client, Storage())
+
+    assert server.stats()["records_billed"] == 0
+    assert "are unreadable, entries are read one by one" in caplog.text
+
+
 def test_a_retried_shard_keeps_in_the_index_the_rows_its_first_try_served(
     server: LocalApiServer, tmp_path: Path
 ) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pyarrow as pa
+
+from removebg_provider.errors import StorageError
 from removebg_provider.pipeline import store_index
 from removebg_provider.pipeline.checkpoints import now
 from removebg_provider.pipeline.config import PipelineConfig
@@ -13,6 +17,8 @@ from removebg_provider.pipeline.planning import CANONICAL, REF, ROW, SOURCE, rea
 from removebg_provider.pipeline.results import RowResult
 from removebg_provider.pipeline.store import ResultStore, StoredResult, column_fingerprint, result_key
 from removebg_provider.storage import Storage, scheme_of
+
+log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 # Store lookups in flight at once per shard: each is one small GET and a version check per output.
@@ -81,11 +87,8 @@ class ShardLookups:
         if self._stored is not None:
             return self._stored
         candidates = [row for row in self.rows if row[ROW] in self.sources] if self.store else []
-        if candidates and self.indexed_uri is not None and self.storage.exists(self.indexed_uri):
-            table = read_parquet(self.indexed_uri, self.storage, columns=["row", "entry"])
-            self._indexed = dict(
-                zip(table.column("row").to_pylist(), table.column("entry").to_pylist(), strict=True)
-            )
+        if candidates and self.indexed_uri is not None:
+            self._indexed = self._read_indexed(self.indexed_uri)
         if not candidates:
             entries: list[StoredResult | None] = []
         elif self._on_local_disk():
@@ -96,6 +99,18 @@ class ShardLookups:
                 entries = list(pool.map(self.current_entry, candidates))
         self._stored = {row[ROW]: entry for row, entry in zip(candidates, entries, strict=True) if entry}
         return self._stored
+
+    def _read_indexed(self, uri: str) -> dict[int, str]:
+        """The entries the plan found in the index for this shard's rows; none if it wrote none."""
+        try:
+            if not self.storage.exists(uri):
+                return {}
+            table = read_parquet(uri, self.storage, columns=["row", "entry"])
+        except (StorageError, pa.ArrowException) as exc:
+            # A hint only: every row is then looked up by GET.
+            log.warning("indexed entries %s are unreadable, entries are read one by one: %s", uri, exc)
+            return {}
+        return dict(zip(table.column("row").to_pylist(), table.column("entry").to_pylist(), strict=True))
 
     def _on_local_disk(self) -> bool:
         assert self.store is not None

@@ -149,7 +149,12 @@ class ShardWork:
         self.billed_earlier = checkpoints.billed_in_run
         prefix, holder = plan_.config.store_prefix, f"{plan_.run_id}/shard-{shard.index}"
         self.store = ResultStore(prefix, storage, holder) if prefix else None
-        indexed = store_index.indexed_uri(plan_.config, plan_.run_id, shard.index)
+        # Only a plan with a fingerprint column joins the index (`store_index`): no other shard looks.
+        indexed = (
+            store_index.indexed_uri(plan_.config, plan_.run_id, shard.index)
+            if plan_.config.fingerprint_column
+            else None
+        )
         self.lookups = ShardLookups(rows, plan_.config, storage, self.store, indexed)
         self.billed = 0
         self._billed_lock = threading.Lock()
