@@ -33,6 +33,7 @@ from removebg_provider.errors import ManifestError
 from removebg_provider.pipeline.store import ResultStore, StoredResult, result_key
 from removebg_provider.storage import Storage
 from support.file_server import FileServer, serve_files
+from support.runs import billed_by_run
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import MotoS3, ObjectStore, fresh_store
 
@@ -108,14 +109,6 @@ def _config(tmp_path: Path, manifest: str, **overrides: object) -> pipeline.Pipe
     return pipeline.PipelineConfig(**options)  # type: ignore[arg-type]
 
 
-def _billed(server: LocalApiServer, config: pipeline.PipelineConfig, storage: Storage | None = None) -> int:
-    """Run `config` and return how many records the server billed for it."""
-    server.reset_stats()
-    with RemoveBgClient(server.base_url, server.token, **config.resolved().client_settings()) as client:
-        pipeline.run(config, client, storage or Storage())
-    return server.stats()["records_billed"]
-
-
 def _rows(config: pipeline.PipelineConfig) -> dict[str, dict[str, object]]:
     return {row["sku"]: row for row in pq.read_table(config.output_manifest_uri).to_pylist()}
 
@@ -148,13 +141,13 @@ def test_day_two_of_a_catalog_bills_exactly_its_changed_and_new_images(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 8)
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+    billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
     _photo(Path(catalog["sku-1"]), 90)
     _photo(Path(catalog["sku-5"]), 91)
     catalog["sku-new"] = _photo(tmp_path / "photos" / "sku-new.jpg", 92)
     day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog))
 
-    billed = _billed(server, day2)
+    billed = billed_by_run(server, day2)
 
     widths = _cutout_widths(day2)
     assert billed == 3
@@ -167,9 +160,9 @@ def test_the_same_manifest_under_another_file_name_bills_nothing(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 6)
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "monday.parquet", catalog)))
+    billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "monday.parquet", catalog)))
 
-    billed = _billed(server, _config(tmp_path, _manifest(tmp_path / "tuesday.parquet", catalog)))
+    billed = billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "tuesday.parquet", catalog)))
 
     assert billed == 0
 
@@ -179,10 +172,10 @@ def test_a_reused_row_says_so_with_status_200_and_durable_outputs(
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 2)
     first = _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog))
-    _billed(server, first)
+    billed_by_run(server, first)
     second = _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog))
 
-    _billed(server, second)
+    billed_by_run(server, second)
 
     row = _rows(second)["sku-0"]
     assert row["removebg_status_code"] == 200
@@ -198,10 +191,10 @@ def test_a_changed_photo_at_the_same_path_is_sent_again_and_gets_the_new_cutout(
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 3)
     config = _config(tmp_path, _manifest(tmp_path / "catalog.parquet", catalog))
-    _billed(server, config)
+    billed_by_run(server, config)
     _photo(Path(catalog["sku-2"]), 99)
 
-    billed = _billed(server, config)
+    billed = billed_by_run(server, config)
 
     assert billed == 1
     assert _cutout_widths(config)["sku-2"] == 99
@@ -212,12 +205,12 @@ def test_a_photo_changed_back_is_never_served_the_cutout_that_overwrote_it(
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 1)
     config = _config(tmp_path, _manifest(tmp_path / "catalog.parquet", catalog))
-    _billed(server, config)
+    billed_by_run(server, config)
     _photo(Path(catalog["sku-0"]), 77)
-    _billed(server, config)
+    billed_by_run(server, config)
     _photo(Path(catalog["sku-0"]), 50)
 
-    _billed(server, config)
+    billed_by_run(server, config)
 
     assert _cutout_widths(config)["sku-0"] == 50
 
@@ -227,33 +220,33 @@ def test_another_product_with_an_earlier_photo_gets_that_photo_s_cutout_not_the_
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 1)
     original = Path(catalog["sku-0"]).read_bytes()
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+    billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
     _photo(Path(catalog["sku-0"]), 77)
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog)))
+    billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog)))
     other = tmp_path / "photos" / "other.jpg"
     other.write_bytes(original)
     day3 = _config(tmp_path, _manifest(tmp_path / "day3.parquet", {**catalog, "sku-other": str(other)}))
 
-    _billed(server, day3)
+    billed_by_run(server, day3)
 
     assert _cutout_widths(day3) == {"sku-0": 77, "sku-other": 50}
 
 
 def test_reversed_rows_bill_nothing_on_a_rerun(server: LocalApiServer, tmp_path: Path) -> None:
     catalog = _catalog(tmp_path / "photos", 12)
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "m.parquet", catalog)))
+    billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "m.parquet", catalog)))
     reversed_catalog = dict(reversed(catalog.items()))
 
-    billed = _billed(server, _config(tmp_path, _manifest(tmp_path / "m.parquet", reversed_catalog)))
+    billed = billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "m.parquet", reversed_catalog)))
 
     assert billed == 0
 
 
 def test_another_shard_size_bills_nothing_on_a_rerun(server: LocalApiServer, tmp_path: Path) -> None:
     manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 12))
-    _billed(server, _config(tmp_path, manifest, shard_size=4))
+    billed_by_run(server, _config(tmp_path, manifest, shard_size=4))
 
-    billed = _billed(server, _config(tmp_path, manifest, shard_size=5))
+    billed = billed_by_run(server, _config(tmp_path, manifest, shard_size=5))
 
     assert billed == 0
 
@@ -263,12 +256,12 @@ def test_a_relative_spelling_of_the_manifest_and_photos_bills_nothing_on_a_rerun
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 4)
     manifest = _manifest(tmp_path / "m" / "x.parquet", catalog)
-    _billed(server, _config(tmp_path, manifest))
+    billed_by_run(server, _config(tmp_path, manifest))
     monkeypatch.chdir(tmp_path)
     relative = {sku: "./" + os.path.relpath(path, tmp_path) for sku, path in catalog.items()}
     _manifest(tmp_path / "m" / "x.parquet", relative)
 
-    billed = _billed(server, _config(tmp_path, "./m/x.parquet", output_prefix="./cutouts"))
+    billed = billed_by_run(server, _config(tmp_path, "./m/x.parquet", output_prefix="./cutouts"))
 
     assert billed == 0
 
@@ -277,9 +270,9 @@ def test_a_trailing_slash_on_the_output_prefix_bills_nothing_on_a_rerun(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 4))
-    _billed(server, _config(tmp_path, manifest))
+    billed_by_run(server, _config(tmp_path, manifest))
 
-    billed = _billed(server, _config(tmp_path, manifest, output_prefix=f"{tmp_path / 'cutouts'}/"))
+    billed = billed_by_run(server, _config(tmp_path, manifest, output_prefix=f"{tmp_path / 'cutouts'}/"))
 
     assert billed == 0
 
@@ -292,18 +285,18 @@ def test_an_unwritable_output_manifest_is_refused_before_billing_and_the_correct
     (tmp_path / "a-file").write_text("not a folder")
     unwritable = _config(tmp_path, manifest, output_manifest_uri=str(tmp_path / "a-file" / "e.parquet"))
     with pytest.raises(ManifestError, match="cannot write the output manifest"):
-        _billed(server, unwritable)
+        billed_by_run(server, unwritable)
 
-    billed = _billed(server, _config(tmp_path, manifest))
+    billed = billed_by_run(server, _config(tmp_path, manifest))
 
     assert billed == 4
 
 
 def test_without_the_cache_every_row_is_sent_again(server: LocalApiServer, tmp_path: Path) -> None:
     catalog = _catalog(tmp_path / "photos", 3)
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog)))
+    billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog)))
 
-    billed = _billed(server, _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog), cache=False))
+    billed = billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog), cache=False))
 
     assert billed == 3
 
@@ -312,9 +305,11 @@ def test_other_removal_options_are_another_result_and_are_sent(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 2)
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog)))
+    billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog)))
 
-    billed = _billed(server, _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog), binary_mask=True))
+    billed = billed_by_run(
+        server, _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog), binary_mask=True)
+    )
 
     assert billed == 2
 
@@ -324,10 +319,10 @@ def test_a_fingerprint_column_value_that_changed_sends_the_row_again(
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 3)
     day1 = _manifest(tmp_path / "day1.parquet", catalog, image_md5=["a", "b", "c"])
-    _billed(server, _config(tmp_path, day1, fingerprint_column="image_md5"))
+    billed_by_run(server, _config(tmp_path, day1, fingerprint_column="image_md5"))
     day2 = _manifest(tmp_path / "day2.parquet", catalog, image_md5=["a", "b2", "c"])
 
-    billed = _billed(server, _config(tmp_path, day2, fingerprint_column="image_md5"))
+    billed = billed_by_run(server, _config(tmp_path, day2, fingerprint_column="image_md5"))
 
     assert billed == 1
 
@@ -337,7 +332,9 @@ def test_a_fingerprint_column_is_trusted_instead_of_the_image_bytes(
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 2)
     updated = ["2024-06-01", "2024-06-01"]
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog, image_updated_at=updated)))
+    billed_by_run(
+        server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog, image_updated_at=updated))
+    )
     _photo(Path(catalog["sku-0"]), 88)
     day2 = _config(
         tmp_path,
@@ -345,7 +342,7 @@ def test_a_fingerprint_column_is_trusted_instead_of_the_image_bytes(
         fingerprint_column="image_updated_at",
     )
 
-    billed = _billed(server, day2)
+    billed = billed_by_run(server, day2)
 
     assert billed == 2
     assert _cutout_widths(day2)["sku-0"] == 88
@@ -356,7 +353,7 @@ def test_one_cache_prefix_serves_runs_writing_to_dated_output_prefixes(
 ) -> None:
     manifest = _manifest(tmp_path / "m.parquet", _catalog(tmp_path / "photos", 3))
     shared = str(tmp_path / "store")
-    _billed(
+    billed_by_run(
         server, _config(tmp_path, manifest, output_prefix=str(tmp_path / "2024-06-01"), cache_prefix=shared)
     )
     day2 = _config(
@@ -367,7 +364,7 @@ def test_one_cache_prefix_serves_runs_writing_to_dated_output_prefixes(
         cache_prefix=shared,
     )
 
-    billed = _billed(server, day2)
+    billed = billed_by_run(server, day2)
 
     rows = _rows(day2)
     assert billed == 0
@@ -379,12 +376,12 @@ def test_skip_existing_sends_a_product_whose_photo_changed_at_the_same_path(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 3)
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
+    billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog)))
     _photo(Path(catalog["sku-0"]), 95)
     with pytest.warns(FutureWarning, match="skip_existing is deprecated"):
         day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog), skip_existing=True)
 
-    billed = _billed(server, day2)
+    billed = billed_by_run(server, day2)
 
     assert billed == 1
     assert _cutout_widths(day2)["sku-0"] == 95
@@ -394,7 +391,7 @@ def test_dry_run_counts_rows_the_store_would_serve_as_reused_not_billable(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _catalog(tmp_path / "photos", 4)
-    _billed(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog)))
+    billed_by_run(server, _config(tmp_path, _manifest(tmp_path / "a.parquet", catalog)))
     catalog["sku-new"] = _photo(tmp_path / "photos" / "sku-new.jpg", 70)
     config = _config(tmp_path, _manifest(tmp_path / "b.parquet", catalog))
 
@@ -424,10 +421,10 @@ def test_the_store_on_s3_serves_a_renamed_manifest_without_billing(
             shard_size=20,
         )
 
-    first = _billed(server, config("monday"), s3_store.storage)
+    first = billed_by_run(server, config("monday"), s3_store.storage)
     s3_store.storage.write_bytes(catalog["sku-3"], sample_photo(97, _HEIGHT, "JPEG"))
 
-    second = _billed(server, config("tuesday"), s3_store.storage)
+    second = billed_by_run(server, config("tuesday"), s3_store.storage)
 
     assert (first, second) == (20, 1)
 
@@ -499,7 +496,7 @@ def test_an_image_claimed_by_a_process_that_died_is_sent_without_waiting_for_the
     subprocess.run([sys.executable, "-c", claim], check=True, env=env)
     assert Path(ResultStore(str(config.store_prefix), Storage(), "probe").claim_uri(key)).is_file()
 
-    billed = _billed(server, config)
+    billed = billed_by_run(server, config)
 
     assert billed == 2
 
@@ -509,11 +506,11 @@ def test_an_image_url_whose_body_changed_is_sent_again_and_an_unchanged_one_is_n
     # It listens on 127.0.0.1: the run may describe its images only when private URLs are allowed.
     with _two_photos_served(tmp_path, etags=False) as (images, server, catalog):
         day1 = _manifest(tmp_path / "day1.parquet", catalog)
-        _billed(server, _config(tmp_path, day1, allow_private_urls=True))
+        billed_by_run(server, _config(tmp_path, day1, allow_private_urls=True))
         images.files["a.jpg"] = sample_photo(80, _HEIGHT, "JPEG")
         day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog), allow_private_urls=True)
 
-        billed = _billed(server, day2)
+        billed = billed_by_run(server, day2)
 
     assert billed == 1
     assert _cutout_widths(day2) == {"sku-a": 80, "sku-b": 51}
@@ -524,11 +521,11 @@ def test_an_image_url_is_described_by_the_etag_of_a_head_request_when_the_server
 ) -> None:
     with _two_photos_served(tmp_path, etags=True) as (images, server, catalog):
         day1 = _manifest(tmp_path / "day1.parquet", catalog)
-        _billed(server, _config(tmp_path, day1, allow_private_urls=True))
+        billed_by_run(server, _config(tmp_path, day1, allow_private_urls=True))
         images.files["b.jpg"] = sample_photo(81, _HEIGHT, "JPEG")
         day2 = _config(tmp_path, _manifest(tmp_path / "day2.parquet", catalog), allow_private_urls=True)
 
-        billed = _billed(server, day2)
+        billed = billed_by_run(server, day2)
 
     assert billed == 1
     assert sorted(images.heads) == ["/a.jpg", "/a.jpg", "/b.jpg", "/b.jpg"]
@@ -545,7 +542,7 @@ def test_image_urls_at_private_addresses_are_not_requested_by_the_run_unless_all
     with _two_photos_served(tmp_path, etags=True) as (images, server, catalog):
         config = _config(tmp_path, _manifest(tmp_path / "day1.parquet", catalog))
 
-        billed = _billed(server, config)
+        billed = billed_by_run(server, config)
 
     assert billed == 2
     assert images.heads == []
@@ -650,7 +647,7 @@ def test_a_device_or_an_oversized_image_gets_no_fingerprint_and_fails_alone_with
         tmp_path, _manifest(tmp_path / "m.parquet", catalog), max_image_bytes=100_000, max_failed_fraction=1.0
     )
 
-    _billed(server, config)
+    billed_by_run(server, config)
 
     rows = _rows(config)
     assert {sku: row["removebg_status_code"] for sku, row in rows.items()} == {

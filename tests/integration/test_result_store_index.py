@@ -25,6 +25,7 @@ from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.errors import FailurePolicyError
 from removebg_provider.storage import Storage
+from support.runs import billed_by_run
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import ObjectStore
 
@@ -84,14 +85,6 @@ class _Catalog:
         return Path(self.output_prefix) / "_removebg_cache"
 
 
-def _billed(server: LocalApiServer, config: pipeline.PipelineConfig, storage: Storage | None = None) -> int:
-    """Run `config` and return how many records the server billed for it."""
-    server.reset_stats()
-    with RemoveBgClient(server.base_url, server.token, **config.resolved().client_settings()) as client:
-        pipeline.run(config, client, storage or Storage())
-    return int(server.stats()["records_billed"])
-
-
 def _rows(config: pipeline.PipelineConfig) -> dict[str, dict[str, object]]:
     return {row["sku"]: row for row in pq.read_table(config.output_manifest_uri).to_pylist()}
 
@@ -113,13 +106,13 @@ def test_day_two_serves_its_unchanged_rows_from_the_index_without_reading_their_
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 10)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     _forget_entries(catalog.store)
     catalog.change("sku-3", 93)
 
     tuesday = catalog.config("tuesday")
 
-    billed = _billed(server, tuesday)
+    billed = billed_by_run(server, tuesday)
 
     rows = _rows(tuesday)
     assert billed == 1
@@ -130,11 +123,11 @@ def test_day_two_serves_its_unchanged_rows_from_the_index_without_reading_their_
 
 def test_repeating_a_day_served_from_the_index_bills_nothing(server: LocalApiServer, tmp_path: Path) -> None:
     catalog = _Catalog(tmp_path, 6)
-    _billed(server, catalog.config("monday"))
-    _billed(server, catalog.config("tuesday"))
+    billed_by_run(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("tuesday"))
     _forget_entries(catalog.store)
 
-    assert _billed(server, catalog.config("tuesday-again")) == 0
+    assert billed_by_run(server, catalog.config("tuesday-again")) == 0
 
 
 def test_an_indexed_entry_whose_cutout_was_overwritten_since_is_not_served(
@@ -142,13 +135,13 @@ def test_an_indexed_entry_whose_cutout_was_overwritten_since_is_not_served(
 ) -> None:
     catalog = _Catalog(tmp_path, 4)
     monday = catalog.config("monday")
-    _billed(server, monday)
+    billed_by_run(server, monday)
     cutout = Path(str(_rows(monday)["sku-2"]["removebg_output_url"]))
     Image.new("RGBA", (7, 7)).save(cutout)
 
     tuesday = catalog.config("tuesday")
 
-    billed = _billed(server, tuesday)
+    billed = billed_by_run(server, tuesday)
 
     assert billed == 1
     assert _cutout_widths(tuesday)["sku-2"] == 52
@@ -158,7 +151,7 @@ def test_results_stored_by_a_run_that_stopped_before_its_merge_are_served_though
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 6)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     catalog.change("sku-1", 91)
     stopped = pipeline.plan(catalog.config("tuesday"), Storage())
     server.reset_stats()
@@ -169,7 +162,7 @@ def test_results_stored_by_a_run_that_stopped_before_its_merge_are_served_though
 
     again = catalog.config("tuesday-again")
 
-    billed = _billed(server, again)
+    billed = billed_by_run(server, again)
 
     assert billed == 0
     assert _cutout_widths(again)["sku-1"] == 91
@@ -179,7 +172,7 @@ def test_unreadable_indexed_entries_handed_to_a_shard_are_skipped_with_a_warning
     server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     catalog = _Catalog(tmp_path, 6)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
     handed = list(Path(tuesday.config.staging).rglob("indexed/*/*.parquet"))
     assert handed
@@ -203,7 +196,7 @@ def test_a_retried_shard_keeps_in_the_index_the_rows_its_first_try_served(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 4)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     catalog.change("sku-1", 91)
     catalog.change("sku-2", 92)
     tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
@@ -216,14 +209,14 @@ def test_a_retried_shard_keeps_in_the_index_the_rows_its_first_try_served(
     pipeline.merge(tuesday, Storage())
     _forget_entries(catalog.store)
 
-    assert _billed(server, catalog.config("wednesday")) == 0
+    assert billed_by_run(server, catalog.config("wednesday")) == 0
 
 
 def test_a_hand_made_index_part_where_a_shard_writes_its_own_is_replaced_without_failing_the_shard(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 4)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
     part = catalog.store / "index" / "parts" / tuesday.run_id / "shard-00000.parquet"
     part.parent.mkdir(parents=True)
@@ -234,19 +227,19 @@ def test_a_hand_made_index_part_where_a_shard_writes_its_own_is_replaced_without
     pipeline.merge(tuesday, Storage())
     _forget_entries(catalog.store)
 
-    assert _billed(server, catalog.config("wednesday")) == 0
+    assert billed_by_run(server, catalog.config("wednesday")) == 0
 
 
 def test_an_unreadable_index_file_is_skipped_with_a_warning_and_bills_nothing(
     server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     catalog = _Catalog(tmp_path, 6)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     for part in (catalog.store / "index").rglob("*.parquet"):
         part.write_bytes(b"not parquet")
 
     with caplog.at_level(logging.WARNING, logger="removebg_provider"):
-        billed = _billed(server, catalog.config("tuesday"))
+        billed = billed_by_run(server, catalog.config("tuesday"))
 
     assert billed == 0
     assert "is unreadable, its entries are read one by one" in caplog.text
@@ -256,11 +249,11 @@ def test_an_index_marker_that_names_no_files_is_skipped_and_bills_nothing(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 4)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     for marker in (catalog.store / "index" / "complete").iterdir():
         marker.write_text(json.dumps({"run_id": "0" * 32, "parts": ["missing.parquet"]}))
 
-    assert _billed(server, catalog.config("tuesday")) == 0
+    assert billed_by_run(server, catalog.config("tuesday")) == 0
 
 
 def test_the_index_serves_day_two_on_each_object_store(
@@ -268,7 +261,7 @@ def test_the_index_serves_day_two_on_each_object_store(
 ) -> None:
     storage = object_store.storage
     catalog = _Catalog(tmp_path, 6, output_prefix=object_store.uri("cutouts"))
-    _billed(server, catalog.config("monday"), storage)
+    billed_by_run(server, catalog.config("monday"), storage)
     entries = [
         uri
         for group in range(256)
@@ -279,7 +272,7 @@ def test_the_index_serves_day_two_on_each_object_store(
         storage.delete(uri)
     catalog.change("sku-4", 94)
 
-    assert _billed(server, catalog.config("tuesday"), storage) == 1
+    assert billed_by_run(server, catalog.config("tuesday"), storage) == 1
 
 
 def _cache(*args: str) -> dict[str, object]:
@@ -296,7 +289,7 @@ def _cache(*args: str) -> dict[str, object]:
 
 def _index_files_after_a_run_overtaken_by_a_prune(server: LocalApiServer, catalog: _Catalog) -> list[Path]:
     """Run a day whose registration a prune removes while its shards run; the index files left on disk."""
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
     _cache("prune", str(catalog.store), "--older-than", "0")
     with RemoveBgClient(server.base_url, server.token, **tuesday.config.client_settings()) as client:
@@ -330,22 +323,22 @@ def test_prune_keeps_the_newest_complete_index_and_removes_older_ones(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 6)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     monday_files = _cache("stats", str(catalog.store))["index_files"]
-    _billed(server, catalog.config("tuesday"))
+    billed_by_run(server, catalog.config("tuesday"))
 
     pruned = _cache("prune", str(catalog.store), "--older-than", "0")
 
     assert pruned["index_files_removed"] == monday_files
     _forget_entries(catalog.store)
-    assert _billed(server, catalog.config("wednesday")) == 0
+    assert billed_by_run(server, catalog.config("wednesday")) == 0
 
 
 def test_prune_even_if_current_removes_the_newest_index_too_and_its_images_are_billed_again(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 3)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
 
     indexed = _cache("stats", str(catalog.store))["index_files"]
 
@@ -353,7 +346,7 @@ def test_prune_even_if_current_removes_the_newest_index_too_and_its_images_are_b
 
     assert pruned["index_files_removed"] == indexed
     assert _cache("stats", str(catalog.store))["index_files"] == 0
-    assert _billed(server, catalog.config("tuesday")) == 3
+    assert billed_by_run(server, catalog.config("tuesday")) == 3
 
 
 def _rewrite_index_parts(store: Path, change: Callable[[pa.Table], pa.Table]) -> None:
@@ -368,11 +361,11 @@ def test_an_index_file_in_another_layout_is_skipped_with_a_warning_and_bills_not
     server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     catalog = _Catalog(tmp_path, 4)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     _rewrite_index_parts(catalog.store, lambda part: part.set_column(0, "key_prefix", part.column("key")))
 
     with caplog.at_level(logging.WARNING, logger="removebg_provider"):
-        billed = _billed(server, catalog.config("tuesday"))
+        billed = billed_by_run(server, catalog.config("tuesday"))
 
     assert billed == 0
     assert "its entries are read one by one" in caplog.text
@@ -382,30 +375,30 @@ def test_index_rows_without_a_key_prefix_are_skipped_and_bill_nothing(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 4)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     _rewrite_index_parts(
         catalog.store, lambda part: part.set_column(0, "key_prefix", pa.nulls(part.num_rows, pa.uint64()))
     )
 
-    assert _billed(server, catalog.config("tuesday")) == 0
+    assert billed_by_run(server, catalog.config("tuesday")) == 0
 
 
 def test_an_index_marker_whose_parts_are_not_a_list_is_skipped_and_bills_nothing(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 4)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
     for marker in (catalog.store / "index" / "complete").iterdir():
         marker.write_text(json.dumps({"run_id": "0" * 32, "parts": 5}))
 
-    assert _billed(server, catalog.config("tuesday")) == 0
+    assert billed_by_run(server, catalog.config("tuesday")) == 0
 
 
 def test_an_indexed_entry_without_outputs_costs_a_get_and_every_row_keeps_its_cutout(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
     catalog = _Catalog(tmp_path, 4)
-    _billed(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("monday"))
 
     def hollow(part: pa.Table) -> pa.Table:
         entries = [json.dumps({**json.loads(text), "outputs": {}}) for text in part["entry"].to_pylist()]
@@ -414,7 +407,7 @@ def test_an_indexed_entry_without_outputs_costs_a_get_and_every_row_keeps_its_cu
     _rewrite_index_parts(catalog.store, hollow)
     tuesday = catalog.config("tuesday")
 
-    billed = _billed(server, tuesday)
+    billed = billed_by_run(server, tuesday)
 
     assert billed == 0
     assert _cutout_widths(tuesday) == {f"sku-{index}": 50 + index for index in range(4)}

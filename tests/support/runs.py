@@ -1,4 +1,4 @@
-"""Factories the pipeline tests share: a manifest of distinct photos, a small run and running it."""
+"""Factories the pipeline tests share: a manifest of distinct photos, a small run, running it and its bill."""
 
 from __future__ import annotations
 
@@ -44,6 +44,15 @@ def run_pipeline(
 ) -> pipeline.RunSummary:
     """`pipeline.run` of `config` against `server`, with the client the config's settings describe."""
     return run_through(server.base_url, server.token, config, storage)
+
+
+def billed_by_run(
+    server: LocalApiServer, config: pipeline.PipelineConfig, storage: Storage | None = None
+) -> int:
+    """Run `config` against `server` (`run_pipeline`) and return how many records the server billed for it."""
+    server.reset_stats()
+    run_pipeline(server, config, storage)
+    return int(server.stats()["records_billed"])
 
 
 def run_through(
