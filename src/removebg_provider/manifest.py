@@ -42,6 +42,9 @@ _EXTENSIONS: dict[str, ManifestFormat] = {
     ".json": "jsonl",
 }
 _CSV_BLOCK_BYTES = 4 << 20
+# A CSV header is parsed from the first block of this many bytes, read from at most this many.
+_CSV_HEADER_BLOCK_BYTES = 1 << 16
+_CSV_HEADER_READ_BYTES = 1 << 20
 _JSON_BLOCK_BYTES = 16 << 20
 
 
@@ -98,9 +101,23 @@ def read_schema(uri: str, storage: Storage, fmt: str | None = None) -> pa.Schema
                 return parquet.schema_arrow
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise ManifestError(f"cannot read manifest {uri} as parquet: {_first_line(exc)}") from exc
-    for batch in iter_batches(uri, storage, fmt=resolved, batch_rows=1):
-        return batch.schema
+    try:
+        if resolved == "csv":
+            # Every CSV column is read as text: the header is the schema.
+            return pa.schema([(name, pa.string()) for name in _csv_header(uri, storage)])
+        with storage.open(uri, "rb") as stream:
+            first_lines = _whole_lines(stream.read(_JSON_BLOCK_BYTES))
+        for batch in _jsonl_batches(pa.BufferReader(first_lines), None, 1):
+            return batch.schema
+    except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+        raise ManifestError(f"cannot read manifest {uri} as {resolved}: {_first_line(exc)}") from exc
     return _empty_schema(uri, storage, resolved)
+
+
+def _whole_lines(data: bytes) -> bytes:
+    """`data` up to its last line break: the first block of a file, without a line cut in two."""
+    end = data.rfind(b"\n")
+    return data[: end + 1] if end >= 0 else data
 
 
 def require_columns(uri: str, schema: pa.Schema, columns: Sequence[str]) -> None:
@@ -280,7 +297,7 @@ def _csv_batches(
     batch_rows: int,
 ) -> Iterator[pa.RecordBatch]:
     names = _csv_header(uri, storage)
-    reader = pa_csv.open_csv(
+    with pa_csv.open_csv(
         stream,
         read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
@@ -289,28 +306,31 @@ def _csv_batches(
             include_columns=list(columns) if columns else None,
             strings_can_be_null=True,
         ),
-    )
-    yield from _rebatch(reader, batch_rows)
+    ) as reader:
+        yield from _rebatch(reader, batch_rows)
 
 
 def _csv_header(uri: str, storage: Storage) -> list[str]:
+    # Parsed from the file's first bytes in memory, not from the Python stream: a reader left with a
+    # read ahead of a Python file in Arrow's I/O thread can abort the interpreter at exit.
     with storage.open(uri, "rb") as stream:
-        head = pa_csv.open_csv(
-            stream,
-            read_options=pa_csv.ReadOptions(block_size=1 << 16, use_threads=False),
-            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-        )
+        first_bytes = stream.read(_CSV_HEADER_READ_BYTES)
+    with pa_csv.open_csv(
+        pa.BufferReader(first_bytes),
+        read_options=pa_csv.ReadOptions(block_size=_CSV_HEADER_BLOCK_BYTES, use_threads=False),
+        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+    ) as head:
         return list(head.schema.names)
 
 
 def _jsonl_batches(
-    stream: IO[bytes], columns: Sequence[str] | None, batch_rows: int
+    stream: IO[bytes] | pa.NativeFile, columns: Sequence[str] | None, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
-    reader = pa_json.open_json(
+    with pa_json.open_json(
         stream, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES, use_threads=False)
-    )
-    for batch in _rebatch(reader, batch_rows):
-        yield batch.select(list(columns)) if columns else batch
+    ) as reader:
+        for batch in _rebatch(reader, batch_rows):
+            yield batch.select(list(columns)) if columns else batch
 
 
 def _rebatch(reader: Any, batch_rows: int) -> Iterator[pa.RecordBatch]:
