@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import pytest
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.storage import Storage
+from support.runs import removebg_cache
 from support.servers import LocalApiServer, sample_photo, start_api_server
 
 
@@ -50,18 +48,6 @@ def _billed(server: LocalApiServer, tmp_path: Path, photos: list[str], name: str
     return int(server.stats()["records_billed"])
 
 
-def _cache(*args: str) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-m", "removebg_provider", "cache", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    found: dict[str, object] = json.loads(done.stdout)
-    return found
-
-
 def _store(tmp_path: Path) -> str:
     return str(tmp_path / "cutouts" / "_removebg_cache")
 
@@ -69,7 +55,7 @@ def _store(tmp_path: Path) -> str:
 def test_stats_counts_one_entry_per_image_stored(server: LocalApiServer, tmp_path: Path) -> None:
     _billed(server, tmp_path, _photos(tmp_path / "photos", 3), "monday")
 
-    stats = _cache("stats", _store(tmp_path))
+    stats = removebg_cache("stats", _store(tmp_path))
 
     assert (stats["entries"], stats["claims"]) == (3, 0)
 
@@ -82,7 +68,7 @@ def test_prune_removes_only_entries_whose_outputs_were_overwritten(
     Path(photos[0]).write_bytes(sample_photo(90, 32, "JPEG"))
     _billed(server, tmp_path, photos, "tuesday")
 
-    pruned = _cache("prune", _store(tmp_path), "--older-than", "0")
+    pruned = removebg_cache("prune", _store(tmp_path), "--older-than", "0")
 
     assert (pruned["entries_examined"], pruned["entries_removed"]) == (4, 1)
     assert _billed(server, tmp_path, photos, "wednesday") == 0
@@ -94,7 +80,7 @@ def test_prune_even_if_current_removes_entries_that_could_still_be_served(
     photos = _photos(tmp_path / "photos", 2)
     _billed(server, tmp_path, photos, "monday")
 
-    pruned = _cache("prune", _store(tmp_path), "--older-than", "0", "--even-if-current")
+    pruned = removebg_cache("prune", _store(tmp_path), "--older-than", "0", "--even-if-current")
 
     assert pruned["entries_removed"] == 2
     assert _billed(server, tmp_path, photos, "tuesday") == 2
@@ -104,6 +90,6 @@ def test_prune_keeps_entries_younger_than_older_than(server: LocalApiServer, tmp
     photos = _photos(tmp_path / "photos", 2)
     _billed(server, tmp_path, photos, "monday")
 
-    pruned = _cache("prune", _store(tmp_path), "--older-than", "1", "--even-if-current")
+    pruned = removebg_cache("prune", _store(tmp_path), "--older-than", "1", "--even-if-current")
 
     assert pruned["entries_removed"] == 0

@@ -24,7 +24,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from removebg_provider import pipeline
@@ -33,7 +32,7 @@ from removebg_provider.errors import ManifestError
 from removebg_provider.pipeline.store import ResultStore, StoredResult, result_key
 from removebg_provider.storage import Storage
 from support.file_server import FileServer, serve_files
-from support.runs import billed_by_run
+from support.runs import billed_by_run, cutout_widths, enriched_rows
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import MotoS3, ObjectStore, fresh_store
 
@@ -109,10 +108,6 @@ def _config(tmp_path: Path, manifest: str, **overrides: object) -> pipeline.Pipe
     return pipeline.PipelineConfig(**options)  # type: ignore[arg-type]
 
 
-def _rows(config: pipeline.PipelineConfig) -> dict[str, dict[str, object]]:
-    return {row["sku"]: row for row in pq.read_table(config.output_manifest_uri).to_pylist()}
-
-
 @contextlib.contextmanager
 def _two_photos_served(
     tmp_path: Path, *, etags: bool
@@ -129,14 +124,6 @@ def _two_photos_served(
         yield images, server, {"sku-a": f"{images.base_url}/a.jpg", "sku-b": f"{images.base_url}/b.jpg"}
 
 
-def _cutout_widths(config: pipeline.PipelineConfig) -> dict[str, int]:
-    widths = {}
-    for sku, row in _rows(config).items():
-        with Image.open(str(row["removebg_output_url"])) as cutout:
-            widths[sku] = cutout.width
-    return widths
-
-
 def test_day_two_of_a_catalog_bills_exactly_its_changed_and_new_images(
     server: LocalApiServer, tmp_path: Path
 ) -> None:
@@ -149,11 +136,11 @@ def test_day_two_of_a_catalog_bills_exactly_its_changed_and_new_images(
 
     billed = billed_by_run(server, day2)
 
-    widths = _cutout_widths(day2)
+    widths = cutout_widths(day2)
     assert billed == 3
     assert (widths["sku-1"], widths["sku-5"], widths["sku-new"]) == (90, 91, 92)
     assert widths["sku-0"] == 50
-    assert {row["removebg_status_code"] for row in _rows(day2).values()} == {200}
+    assert {row["removebg_status_code"] for row in enriched_rows(day2).values()} == {200}
 
 
 def test_the_same_manifest_under_another_file_name_bills_nothing(
@@ -177,12 +164,12 @@ def test_a_reused_row_says_so_with_status_200_and_durable_outputs(
 
     billed_by_run(server, second)
 
-    row = _rows(second)["sku-0"]
+    row = enriched_rows(second)["sku-0"]
     assert row["removebg_status_code"] == 200
     assert "reused from the result store" in str(row["removebg_status_text"])
     assert row["removebg_attempts"] == 0
-    assert row["removebg_output_url"] == _rows(first)["sku-0"]["removebg_output_url"]
-    assert row["removebg_source_fingerprint"] == _rows(first)["sku-0"]["removebg_source_fingerprint"]
+    assert row["removebg_output_url"] == enriched_rows(first)["sku-0"]["removebg_output_url"]
+    assert row["removebg_source_fingerprint"] == enriched_rows(first)["sku-0"]["removebg_source_fingerprint"]
     assert Path(str(row["removebg_output_url"])).is_file()
 
 
@@ -197,7 +184,7 @@ def test_a_changed_photo_at_the_same_path_is_sent_again_and_gets_the_new_cutout(
     billed = billed_by_run(server, config)
 
     assert billed == 1
-    assert _cutout_widths(config)["sku-2"] == 99
+    assert cutout_widths(config)["sku-2"] == 99
 
 
 def test_a_photo_changed_back_is_never_served_the_cutout_that_overwrote_it(
@@ -212,7 +199,7 @@ def test_a_photo_changed_back_is_never_served_the_cutout_that_overwrote_it(
 
     billed_by_run(server, config)
 
-    assert _cutout_widths(config)["sku-0"] == 50
+    assert cutout_widths(config)["sku-0"] == 50
 
 
 def test_another_product_with_an_earlier_photo_gets_that_photo_s_cutout_not_the_overwriting_one(
@@ -229,7 +216,7 @@ def test_another_product_with_an_earlier_photo_gets_that_photo_s_cutout_not_the_
 
     billed_by_run(server, day3)
 
-    assert _cutout_widths(day3) == {"sku-0": 77, "sku-other": 50}
+    assert cutout_widths(day3) == {"sku-0": 77, "sku-other": 50}
 
 
 def test_reversed_rows_bill_nothing_on_a_rerun(server: LocalApiServer, tmp_path: Path) -> None:
@@ -345,7 +332,7 @@ def test_a_fingerprint_column_is_trusted_instead_of_the_image_bytes(
     billed = billed_by_run(server, day2)
 
     assert billed == 2
-    assert _cutout_widths(day2)["sku-0"] == 88
+    assert cutout_widths(day2)["sku-0"] == 88
 
 
 def test_one_cache_prefix_serves_runs_writing_to_dated_output_prefixes(
@@ -366,10 +353,10 @@ def test_one_cache_prefix_serves_runs_writing_to_dated_output_prefixes(
 
     billed = billed_by_run(server, day2)
 
-    rows = _rows(day2)
+    rows = enriched_rows(day2)
     assert billed == 0
     assert rows["sku-1"]["removebg_output_url"] == str(tmp_path / "2024-06-02" / "sku-1.png")
-    assert _cutout_widths(day2) == {"sku-0": 50, "sku-1": 51, "sku-2": 52}
+    assert cutout_widths(day2) == {"sku-0": 50, "sku-1": 51, "sku-2": 52}
 
 
 def test_skip_existing_sends_a_product_whose_photo_changed_at_the_same_path(
@@ -384,7 +371,7 @@ def test_skip_existing_sends_a_product_whose_photo_changed_at_the_same_path(
     billed = billed_by_run(server, day2)
 
     assert billed == 1
-    assert _cutout_widths(day2)["sku-0"] == 95
+    assert cutout_widths(day2)["sku-0"] == 95
 
 
 def test_dry_run_counts_rows_the_store_would_serve_as_reused_not_billable(
@@ -513,7 +500,7 @@ def test_an_image_url_whose_body_changed_is_sent_again_and_an_unchanged_one_is_n
         billed = billed_by_run(server, day2)
 
     assert billed == 1
-    assert _cutout_widths(day2) == {"sku-a": 80, "sku-b": 51}
+    assert cutout_widths(day2) == {"sku-a": 80, "sku-b": 51}
 
 
 def test_an_image_url_is_described_by_the_etag_of_a_head_request_when_the_server_gives_one(
@@ -529,8 +516,8 @@ def test_an_image_url_is_described_by_the_etag_of_a_head_request_when_the_server
 
     assert billed == 1
     assert sorted(images.heads) == ["/a.jpg", "/a.jpg", "/b.jpg", "/b.jpg"]
-    assert str(_rows(day2)["sku-a"]["removebg_source_fingerprint"]).startswith("etag:")
-    assert _cutout_widths(day2) == {"sku-a": 50, "sku-b": 81}
+    assert str(enriched_rows(day2)["sku-a"]["removebg_source_fingerprint"]).startswith("etag:")
+    assert cutout_widths(day2) == {"sku-a": 50, "sku-b": 81}
 
 
 def test_image_urls_at_private_addresses_are_not_requested_by_the_run_unless_allowed(
@@ -548,7 +535,7 @@ def test_image_urls_at_private_addresses_are_not_requested_by_the_run_unless_all
     assert images.heads == []
     # One GET per image: the API server's fetch, none from the run.
     assert len(images.ranges) == 2
-    rows = _rows(config)
+    rows = enriched_rows(config)
     assert {sku: row["removebg_status_code"] for sku, row in rows.items()} == {"sku-a": 200, "sku-b": 200}
     assert all(row["removebg_source_fingerprint"] is None for row in rows.values())
     assert "2 image URL(s) not described" in caplog.text
@@ -649,7 +636,7 @@ def test_a_device_or_an_oversized_image_gets_no_fingerprint_and_fails_alone_with
 
     billed_by_run(server, config)
 
-    rows = _rows(config)
+    rows = enriched_rows(config)
     assert {sku: row["removebg_status_code"] for sku, row in rows.items()} == {
         "sku-0": 200,
         "sku-device": 422,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.errors import FailurePolicyError
 from removebg_provider.storage import Storage
-from support.runs import billed_by_run
+from support.runs import billed_by_run, cutout_widths, enriched_rows, removebg_cache
 from support.servers import LocalApiServer, sample_photo, start_api_server
 from support.stores import ObjectStore
 
@@ -85,18 +83,6 @@ class _Catalog:
         return Path(self.output_prefix) / "_removebg_cache"
 
 
-def _rows(config: pipeline.PipelineConfig) -> dict[str, dict[str, object]]:
-    return {row["sku"]: row for row in pq.read_table(config.output_manifest_uri).to_pylist()}
-
-
-def _cutout_widths(config: pipeline.PipelineConfig) -> dict[str, int]:
-    widths = {}
-    for sku, row in _rows(config).items():
-        with Image.open(str(row["removebg_output_url"])) as cutout:
-            widths[sku] = cutout.width
-    return widths
-
-
 def _forget_entries(store: Path) -> None:
     """Remove the store's per-key entries: only its index is left."""
     shutil.rmtree(store / "entries")
@@ -114,11 +100,11 @@ def test_day_two_serves_its_unchanged_rows_from_the_index_without_reading_their_
 
     billed = billed_by_run(server, tuesday)
 
-    rows = _rows(tuesday)
+    rows = enriched_rows(tuesday)
     assert billed == 1
     assert {row["removebg_status_code"] for row in rows.values()} == {200}
     assert "reused from the result store" in str(rows["sku-0"]["removebg_status_text"])
-    assert _cutout_widths(tuesday)["sku-3"] == 93
+    assert cutout_widths(tuesday)["sku-3"] == 93
 
 
 def test_repeating_a_day_served_from_the_index_bills_nothing(server: LocalApiServer, tmp_path: Path) -> None:
@@ -136,7 +122,7 @@ def test_an_indexed_entry_whose_cutout_was_overwritten_since_is_not_served(
     catalog = _Catalog(tmp_path, 4)
     monday = catalog.config("monday")
     billed_by_run(server, monday)
-    cutout = Path(str(_rows(monday)["sku-2"]["removebg_output_url"]))
+    cutout = Path(str(enriched_rows(monday)["sku-2"]["removebg_output_url"]))
     Image.new("RGBA", (7, 7)).save(cutout)
 
     tuesday = catalog.config("tuesday")
@@ -144,7 +130,7 @@ def test_an_indexed_entry_whose_cutout_was_overwritten_since_is_not_served(
     billed = billed_by_run(server, tuesday)
 
     assert billed == 1
-    assert _cutout_widths(tuesday)["sku-2"] == 52
+    assert cutout_widths(tuesday)["sku-2"] == 52
 
 
 def test_results_stored_by_a_run_that_stopped_before_its_merge_are_served_though_the_index_predates_them(
@@ -165,7 +151,7 @@ def test_results_stored_by_a_run_that_stopped_before_its_merge_are_served_though
     billed = billed_by_run(server, again)
 
     assert billed == 0
-    assert _cutout_widths(again)["sku-1"] == 91
+    assert cutout_widths(again)["sku-1"] == 91
 
 
 def test_unreadable_indexed_entries_handed_to_a_shard_are_skipped_with_a_warning_and_bill_nothing(
@@ -275,23 +261,11 @@ def test_the_index_serves_day_two_on_each_object_store(
     assert billed_by_run(server, catalog.config("tuesday"), storage) == 1
 
 
-def _cache(*args: str) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-m", "removebg_provider", "cache", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    found: dict[str, object] = json.loads(done.stdout)
-    return found
-
-
 def _index_files_after_a_run_overtaken_by_a_prune(server: LocalApiServer, catalog: _Catalog) -> list[Path]:
     """Run a day whose registration a prune removes while its shards run; the index files left on disk."""
     billed_by_run(server, catalog.config("monday"))
     tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
-    _cache("prune", str(catalog.store), "--older-than", "0")
+    removebg_cache("prune", str(catalog.store), "--older-than", "0")
     with RemoveBgClient(server.base_url, server.token, **tuesday.config.client_settings()) as client:
         for shard in tuesday.shards:
             pipeline.process_shard(shard, tuesday, client, Storage())
@@ -305,7 +279,7 @@ def test_stats_counts_the_index_files_of_a_run_that_a_prune_overtook(
     catalog = _Catalog(tmp_path, 6)
     on_disk = _index_files_after_a_run_overtaken_by_a_prune(server, catalog)
 
-    assert _cache("stats", str(catalog.store))["index_files"] == len(on_disk)
+    assert removebg_cache("stats", str(catalog.store))["index_files"] == len(on_disk)
 
 
 def test_prune_removes_the_index_files_of_a_run_that_an_earlier_prune_overtook(
@@ -314,7 +288,7 @@ def test_prune_removes_the_index_files_of_a_run_that_an_earlier_prune_overtook(
     catalog = _Catalog(tmp_path, 6)
     _index_files_after_a_run_overtaken_by_a_prune(server, catalog)
 
-    _cache("prune", str(catalog.store), "--older-than", "0", "--even-if-current")
+    removebg_cache("prune", str(catalog.store), "--older-than", "0", "--even-if-current")
 
     assert [path for path in (catalog.store / "index").rglob("*") if path.is_file()] == []
 
@@ -324,10 +298,10 @@ def test_prune_keeps_the_newest_complete_index_and_removes_older_ones(
 ) -> None:
     catalog = _Catalog(tmp_path, 6)
     billed_by_run(server, catalog.config("monday"))
-    monday_files = _cache("stats", str(catalog.store))["index_files"]
+    monday_files = removebg_cache("stats", str(catalog.store))["index_files"]
     billed_by_run(server, catalog.config("tuesday"))
 
-    pruned = _cache("prune", str(catalog.store), "--older-than", "0")
+    pruned = removebg_cache("prune", str(catalog.store), "--older-than", "0")
 
     assert pruned["index_files_removed"] == monday_files
     _forget_entries(catalog.store)
@@ -340,12 +314,12 @@ def test_prune_even_if_current_removes_the_newest_index_too_and_its_images_are_b
     catalog = _Catalog(tmp_path, 3)
     billed_by_run(server, catalog.config("monday"))
 
-    indexed = _cache("stats", str(catalog.store))["index_files"]
+    indexed = removebg_cache("stats", str(catalog.store))["index_files"]
 
-    pruned = _cache("prune", str(catalog.store), "--older-than", "0", "--even-if-current")
+    pruned = removebg_cache("prune", str(catalog.store), "--older-than", "0", "--even-if-current")
 
     assert pruned["index_files_removed"] == indexed
-    assert _cache("stats", str(catalog.store))["index_files"] == 0
+    assert removebg_cache("stats", str(catalog.store))["index_files"] == 0
     assert billed_by_run(server, catalog.config("tuesday")) == 3
 
 
@@ -410,4 +384,4 @@ def test_an_indexed_entry_without_outputs_costs_a_get_and_every_row_keeps_its_cu
     billed = billed_by_run(server, tuesday)
 
     assert billed == 0
-    assert _cutout_widths(tuesday) == {f"sku-{index}": 50 + index for index in range(4)}
+    assert cutout_widths(tuesday) == {f"sku-{index}": 50 + index for index in range(4)}

@@ -1,8 +1,12 @@
-"""Factories the pipeline tests share: a manifest of distinct photos, a small run, running it and its bill."""
+"""Factories the pipeline tests share: a manifest of distinct photos, a small run, running it, its bill
+and what it wrote (rows, cutouts, `removebg cache` output)."""
 
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -91,3 +95,30 @@ class CopierKilledBeforeCopying(OutputCopier):
 
     def copy(self, source_url: str, destination_uri: str, ext: str, *, fresh: bool = False) -> bytes:
         raise KeyboardInterrupt("worker killed before copying")
+
+
+def enriched_rows(config: pipeline.PipelineConfig) -> dict[str, dict[str, object]]:
+    """The enriched manifest `config` wrote, row by row, by its `sku` column."""
+    return {row["sku"]: row for row in pq.read_table(config.output_manifest_uri).to_pylist()}
+
+
+def cutout_widths(config: pipeline.PipelineConfig) -> dict[str, int]:
+    """The width of each row's cutout, by `sku`: it tells which photo the cutout was made from."""
+    widths = {}
+    for sku, row in enriched_rows(config).items():
+        with Image.open(str(row["removebg_output_url"])) as cutout:
+            widths[sku] = cutout.width
+    return widths
+
+
+def removebg_cache(*args: str) -> dict[str, object]:
+    """`python -m removebg_provider cache ARGS` as a user runs it: its JSON output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "removebg_provider", "cache", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    found: dict[str, object] = json.loads(done.stdout)
+    return found
