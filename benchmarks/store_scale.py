@@ -135,7 +135,7 @@ def phase_store(folder: Path, rows: int, layout: str = "entries") -> dict[str, f
                 config.store_prefix, "yesterday", index // _ROWS_PER_INDEX_PART, part, storage
             )
             part = {}
-    store_index.complete(config.store_prefix, "yesterday", storage)
+    store_index.complete(config.store_prefix, "yesterday", rows, storage)
     return {"seconds": time.perf_counter() - started}
 
 

@@ -41,9 +41,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApiServer]
 class _Catalog:
     """Products with photos on local disk and an `image_md5` column, run day after day into one prefix."""
 
-    def __init__(self, folder: Path, count: int, output_prefix: str | None = None) -> None:
+    def __init__(
+        self, folder: Path, count: int, output_prefix: str | None = None, cache_prefix: str | None = None
+    ) -> None:
         self.folder = folder
         self.output_prefix = output_prefix or str(folder / "cutouts")
+        self.cache_prefix = cache_prefix
         self.photos: dict[str, str] = {}
         self.md5: dict[str, str] = {}
         for index in range(count):
@@ -57,9 +60,10 @@ class _Catalog:
         self.photos[sku] = str(path)
         self.md5[sku] = f"md5-of-{width}"
 
-    def config(self, day: str) -> pipeline.PipelineConfig:
+    def config(self, day: str, skus: list[str] | None = None) -> pipeline.PipelineConfig:
+        """The run of `day`: the whole catalog, or only `skus`."""
         manifest = self.folder / f"{day}.parquet"
-        skus = list(self.photos)
+        skus = skus or list(self.photos)
         columns = {
             "sku": skus,
             "image_url": [self.photos[s] for s in skus],
@@ -71,6 +75,7 @@ class _Catalog:
             id_column="sku",
             fingerprint_column="image_md5",
             output_prefix=self.output_prefix,
+            cache_prefix=self.cache_prefix,
             output_manifest_uri=str(self.folder / f"{day}.enriched.parquet"),
             shard_size=4,
             max_records_per_request=3,
@@ -80,7 +85,7 @@ class _Catalog:
 
     @property
     def store(self) -> Path:
-        return Path(self.output_prefix) / "_removebg_cache"
+        return Path(self.cache_prefix or Path(self.output_prefix) / "_removebg_cache")
 
 
 def _forget_entries(store: Path) -> None:
@@ -131,6 +136,53 @@ def test_an_indexed_entry_whose_cutout_was_overwritten_since_is_not_served(
 
     assert billed == 1
     assert cutout_widths(tuesday)["sku-2"] == 52
+
+
+def test_day_two_finds_its_rows_in_the_index_though_another_catalog_sharing_the_store_ran_since(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    shared = str(tmp_path / "shared-cache")
+    shoes = _Catalog(tmp_path / "shoes", 8, cache_prefix=shared)
+    bags = _Catalog(tmp_path / "bags", 5, cache_prefix=shared)
+    billed_by_run(server, shoes.config("monday"))
+    billed_by_run(server, bags.config("monday"))
+    _forget_entries(shoes.store)
+    shoes.change("sku-2", 92)
+
+    tuesday = shoes.config("tuesday")
+
+    billed = billed_by_run(server, tuesday)
+
+    assert billed == 1
+    assert cutout_widths(tuesday)["sku-2"] == 92
+
+
+def test_day_two_finds_its_rows_in_the_index_though_a_one_off_run_of_a_few_of_them_ran_since(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 8)
+    billed_by_run(server, catalog.config("monday"))
+    billed_by_run(server, catalog.config("retouch", skus=["sku-0", "sku-1"]))
+    _forget_entries(catalog.store)
+
+    assert billed_by_run(server, catalog.config("tuesday")) == 0
+
+
+def test_the_index_of_a_run_far_larger_than_the_manifest_is_not_read(
+    server: LocalApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = str(tmp_path / "shared-cache")
+    small = _Catalog(tmp_path / "small", 2, cache_prefix=shared)
+    large = _Catalog(tmp_path / "large", 12, cache_prefix=shared)
+    billed_by_run(server, small.config("monday"))
+    billed_by_run(server, large.config("monday"))
+    _forget_entries(small.store)
+
+    with caplog.at_level(logging.INFO, logger="removebg_provider"):
+        billed = billed_by_run(server, small.config("tuesday"))
+
+    assert billed == 0
+    assert "(12 rows) skipped: far larger than this manifest" in caplog.text
 
 
 def test_results_stored_by_a_run_that_stopped_before_its_merge_are_served_though_the_index_predates_them(

@@ -165,8 +165,8 @@ def _index_join(config: PipelineConfig, storage: Storage, total_rows: int) -> st
     """
     if config.store_prefix is None or not config.fingerprint_column:
         return None
-    parts = store_index.newest_parts(config.store_prefix, storage)
-    return store_index.IndexJoin(config, parts, total_rows) if parts else None
+    runs = store_index.recent_runs(config.store_prefix, storage)
+    return store_index.IndexJoin(config, runs, total_rows) if runs else None
 
 
 def load_plan(plan_uri: str, storage: Storage) -> Plan:

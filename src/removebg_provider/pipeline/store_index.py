@@ -8,12 +8,17 @@ Layout under the store prefix, beside `entries/` and `claims/` (see `store`):
 
 The per-key entries stay the truth; the index only saves their GETs on a daily catalog, where
 nearly every row was stored or served yesterday. The plan of a run whose manifest has a fingerprint
-column (every key known without reading an image) reads the newest complete run's parts once,
-streamed, and gives each shard the indexed entries of its rows
-(`<staging>/indexed/<run id>/shard-<n>.parquet`). A shard checks such an entry as it would a GET's:
-its key must be the row's and its outputs still their recorded versions. A row the index lacks, or
-whose indexed entry is no longer current, is looked up by GET, so an index older than the entries
-costs a GET, never a second bill, and never serves a stale cutout.
+column (every key known without reading an image) streams complete runs' parts once, newest run
+first, and gives each shard the indexed entries of its rows
+(`<staging>/indexed/<run id>/shard-<n>.parquet`). Runs of other catalogs sharing the store, or a
+small one-off run, may have completed since this catalog's last run: the plan reads older runs
+until those read cover half of its rows (`IndexJoin.write`), skipping runs far larger than its
+manifest, whose streaming would cost more than the GETs it saves.
+
+A shard checks an indexed entry as it would a GET's: its key must be the row's and its outputs
+still their recorded versions. A row the index lacks, or whose indexed entry is no longer current,
+is looked up by GET, so an index older than the entries costs a GET, never a second bill, and
+never serves a stale cutout.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -48,6 +54,13 @@ _INDEX_BATCH_ROWS = 32_768
 _SPILL_BYTES = 16 << 20
 INDEX_SCHEMA = pa.schema([("key_prefix", pa.uint64()), ("key", pa.string()), ("entry", pa.string())])
 _INDEXED_SCHEMA = pa.schema([("row", pa.int64()), ("entry", pa.string())])
+# Complete runs a plan considers, newest first. Once the runs read cover this share of its rows, an
+# older run would add at most the rest (on a daily catalog, the few images changed since).
+_RUNS_CONSIDERED = 8
+_COVERED_SHARE = 0.5
+# Index rows a plan streams at most, per row it joins: a run far larger than the manifest (another
+# catalog's) would cost more than the GETs it could save.
+_ROWS_STREAMED_PER_ROW = 4
 
 
 def key_prefix(key: str) -> int:
@@ -113,14 +126,17 @@ def register(store_prefix: str, run_id: str, storage: Storage) -> None:
         log.warning("result store run %s not registered (its index may outlive prune): %s", run_id, exc)
 
 
-def complete(store_prefix: str, run_id: str, storage: Storage) -> None:
-    """Mark a run's index complete (its merge: every shard had its turn), so the next plan reads it."""
+def complete(store_prefix: str, run_id: str, rows: int, storage: Storage) -> None:
+    """Mark a run's index complete (its merge: every shard had its turn), so the next plan reads it.
+
+    `rows`: the run's manifest rows, at most its entries: what reading its parts would cost a plan.
+    """
     parts = [
         uri for uri in storage.list_prefix(_parts_folder(store_prefix, run_id)) if uri.endswith(".parquet")
     ]
     if not parts:
         return
-    body = {"run_id": run_id, "parts": sorted(_name(uri) for uri in parts)}
+    body = {"run_id": run_id, "rows": rows, "parts": sorted(_name(uri) for uri in parts)}
     try:
         storage.write_bytes(_run_uri(store_prefix, "complete", run_id), json.dumps(body).encode())
     except StorageError as exc:
@@ -131,22 +147,33 @@ def complete(store_prefix: str, run_id: str, storage: Storage) -> None:
         )
 
 
-def newest_parts(store_prefix: str, storage: Storage) -> list[str]:
-    """The index parts of the newest complete run; none when no run completed one (or it is unreadable)."""
-    completed = _listed(store_prefix, "complete", storage)
-    if not completed:
-        return []
-    newest, run_id = list(completed.items())[-1]
-    try:
-        names = json.loads(storage.read_bytes(newest))["parts"]
-        if not isinstance(names, list):
-            raise TypeError(f"its parts are {type(names).__name__}, not a list")
-    except (StorageError, ValueError, KeyError, TypeError) as exc:
-        log.warning("result store index %s is unreadable, entries are read one by one: %s", newest, exc)
-        return []
-    return [
-        join_uri(_parts_folder(store_prefix, run_id), name) for name in names if _PART.fullmatch(str(name))
-    ]
+@dataclass(frozen=True)
+class IndexedRun:
+    """One complete run's index: its parts, and its manifest's rows if its marker says (older ones don't)."""
+
+    run_id: str
+    parts: tuple[str, ...]
+    rows: int | None
+
+
+def recent_runs(store_prefix: str, storage: Storage) -> list[IndexedRun]:
+    """Complete runs a plan may read, newest first: at most `_RUNS_CONSIDERED`, unreadable ones skipped."""
+    completed = list(_listed(store_prefix, "complete", storage).items())
+    runs: list[IndexedRun] = []
+    for marker, run_id in reversed(completed[-_RUNS_CONSIDERED:]):
+        try:
+            body = json.loads(storage.read_bytes(marker))
+            names, rows = body["parts"], body.get("rows")
+            if not isinstance(names, list):
+                raise TypeError(f"its parts are {type(names).__name__}, not a list")
+        except (StorageError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("result store index %s is unreadable, entries are read one by one: %s", marker, exc)
+            continue
+        folder = _parts_folder(store_prefix, run_id)
+        parts = tuple(join_uri(folder, name) for name in names if _PART.fullmatch(str(name)))
+        if parts:
+            runs.append(IndexedRun(run_id, parts, rows if isinstance(rows, int) and rows >= 0 else None))
+    return runs
 
 
 def indexed_uri(config: PipelineConfig, run_id: str, shard_index: int) -> str:
@@ -164,16 +191,17 @@ def forget_indexed(config: PipelineConfig, run_id: str, storage: Storage) -> Non
 
 
 class IndexJoin:
-    """The plan's side: each sendable row's key prefix, then the index streamed past them once.
+    """The plan's side: each sendable row's key prefix, then complete runs' indexes streamed past them once.
 
     It holds 12 bytes per row (a key's first 64 bits and its row number) in arrays made once for
     the whole manifest, sorted in place: a ten-million-row manifest costs 120 MB and, while sorting,
     80 MB more.
     """
 
-    def __init__(self, config: PipelineConfig, parts: list[str], total_rows: int) -> None:
+    def __init__(self, config: PipelineConfig, runs: list[IndexedRun], total_rows: int) -> None:
+        """`runs`: complete runs, newest first (`recent_runs`); a row takes the newest run's entry."""
         self.config = config
-        self.parts = parts
+        self.runs = runs
         self._prefixes = np.empty(total_rows, dtype=np.uint64)
         self._rows = np.empty(total_rows, dtype=np.uint32 if total_rows < 2**32 else np.int64)
         self._count = 0
@@ -205,7 +233,11 @@ class IndexJoin:
         self._count = end
 
     def write(self, run_id: str, storage: Storage) -> int:
-        """Give each shard the indexed entries of its rows (`indexed_uri`); how many rows got one."""
+        """Give each shard the indexed entries of its rows (`indexed_uri`); how many rows got one.
+
+        Runs are read newest first until they cover `_COVERED_SHARE` of the rows; a run of known
+        size that would take the rows streamed past `_ROWS_STREAMED_PER_ROW` per row is skipped.
+        """
         if not self._count:
             return 0
         prefixes, rows = self._prefixes[: self._count], self._rows[: self._count]
@@ -214,32 +246,48 @@ class IndexJoin:
         rows = rows[order]
         del order
         first_rows = np.array(self._first_rows)
-        matched = 0
+        # Which sorted positions a run read earlier (a newer one) already gave an entry.
+        matched_at = np.zeros(self._count, dtype=bool)
+        matched = streamed = 0
+        budget = _ROWS_STREAMED_PER_ROW * self._count
         with tempfile.TemporaryDirectory(prefix="removebg-indexed-") as folder:
             spill = _Spill(Path(folder))
-            for batch in self._index_batches(storage):
-                batch_prefixes = batch.column(0).to_numpy()
-                first = np.searchsorted(prefixes, batch_prefixes, side="left")
-                counts = np.searchsorted(prefixes, batch_prefixes, side="right") - first
-                if not counts.any():
+            for run in self.runs:
+                if matched >= _COVERED_SHARE * self._count:
+                    break
+                if run.rows is not None and streamed + run.rows > budget:
+                    log.info(
+                        "result store index of run %s (%d rows) skipped: far larger than this manifest",
+                        run.run_id,
+                        run.rows,
+                    )
                     continue
-                # A prefix may stand for several rows (the same image under several ids): each gets it.
-                which = np.repeat(np.arange(len(counts)), counts)
-                at = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-                matched += len(at)
-                found = rows[at]
-                shards = np.searchsorted(first_rows, found, side="right") - 1
-                spill.add(
-                    shards,
-                    pa.table({"row": found.astype(np.int64), "entry": batch.column(2).take(pa.array(which))}),
-                )
+                before = matched
+                for batch in self._index_batches(run, storage):
+                    streamed += batch.num_rows
+                    which, at = _matches(prefixes, batch.column(0).to_numpy())
+                    fresh = ~matched_at[at]
+                    which, at = which[fresh], at[fresh]
+                    if not len(at):
+                        continue
+                    matched_at[at] = True
+                    matched += len(at)
+                    found = rows[at]
+                    shards = np.searchsorted(first_rows, found, side="right") - 1
+                    spill.add(
+                        shards,
+                        pa.table(
+                            {"row": found.astype(np.int64), "entry": batch.column(2).take(pa.array(which))}
+                        ),
+                    )
+                log.info("result store index of run %s: entries for %d rows", run.run_id, matched - before)
             for shard_index, table in spill.by_shard():
                 with storage.atomic_writer(indexed_uri(self.config, run_id, shard_index)) as stream:
                     pq.write_table(table, stream, compression="zstd")
         return matched
 
-    def _index_batches(self, storage: Storage) -> Iterator[pa.RecordBatch]:
-        for uri in self.parts:
+    def _index_batches(self, run: IndexedRun, storage: Storage) -> Iterator[pa.RecordBatch]:
+        for uri in run.parts:
             try:
                 with storage.open(uri, "rb") as stream, pq.ParquetFile(stream) as index:
                     if not _has_index_columns(index.schema_arrow):
@@ -254,6 +302,18 @@ class IndexJoin:
                 log.warning(
                     "result store index %s is unreadable, its entries are read one by one: %s", uri, exc
                 )
+
+
+def _matches(prefixes: np.ndarray, batch_prefixes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each match of a batch's key prefixes in the sorted `prefixes`: (its batch row, its sorted position).
+
+    A prefix may stand for several rows (the same image under several ids): each gets it.
+    """
+    first = np.searchsorted(prefixes, batch_prefixes, side="left")
+    counts = np.searchsorted(prefixes, batch_prefixes, side="right") - first
+    which = np.repeat(np.arange(len(counts)), counts)
+    at = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    return which, at
 
 
 class _Spill:
