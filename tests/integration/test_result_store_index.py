@@ -88,6 +88,11 @@ class _Catalog:
         return Path(self.cache_prefix or Path(self.output_prefix) / "_removebg_cache")
 
 
+def _handed_to_shards(plan: pipeline.Plan) -> list[Path]:
+    """The indexed entries a plan handed its shards, in its staging prefix."""
+    return [path for path in Path(plan.config.staging).rglob("*.parquet") if "indexed" in path.parts]
+
+
 def _forget_entries(store: Path) -> None:
     """Remove the store's per-key entries: only its index is left."""
     shutil.rmtree(store / "entries")
@@ -212,7 +217,7 @@ def test_unreadable_indexed_entries_handed_to_a_shard_are_skipped_with_a_warning
     catalog = _Catalog(tmp_path, 6)
     billed_by_run(server, catalog.config("monday"))
     tuesday = pipeline.plan(catalog.config("tuesday"), Storage())
-    handed = list(Path(tuesday.config.staging).rglob("indexed/*/*.parquet"))
+    handed = _handed_to_shards(tuesday)
     assert handed
     for path in handed:
         path.write_bytes(b"not parquet")
@@ -228,6 +233,19 @@ def test_unreadable_indexed_entries_handed_to_a_shard_are_skipped_with_a_warning
 
     assert server.stats()["records_billed"] == 0
     assert "are unreadable, entries are read one by one" in caplog.text
+
+
+def test_a_finished_run_leaves_no_indexed_entries_of_an_unfinished_run_of_its_job_in_staging(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 8)
+    billed_by_run(server, catalog.config("monday"))
+    unfinished = pipeline.plan(catalog.config("tuesday"), Storage())
+    assert _handed_to_shards(unfinished)
+
+    billed_by_run(server, catalog.config("tuesday"))
+
+    assert not _handed_to_shards(unfinished)
 
 
 def test_a_retried_shard_keeps_in_the_index_the_rows_its_first_try_served(

@@ -64,7 +64,7 @@ def merge(plan_: Plan, storage: Storage) -> RunSummary:
             )
     if config.store_prefix is not None:
         store_index.complete(config.store_prefix, plan_.run_id, plan_.total_rows, storage)
-        store_index.forget_indexed(config, plan_.run_id, storage)
+        store_index.forget_indexed(config, storage)
     report_html_uri, report_png_uri = _write_report(config, storage)
     summary = dataclasses.replace(
         tally.summary(billed=billed),

@@ -132,7 +132,7 @@ def plan(config: PipelineConfig, storage: Storage) -> Plan:
         if join is not None:
             join.add_shard(index, *(table.column(name).to_pylist() for name in (ROW, REF, SOURCE, CANONICAL)))
     if join is not None:
-        indexed = join.write(run_id, storage)
+        indexed = join.write(storage)
         log.info("result store index: %d of %d rows have an indexed entry to check", indexed, total_rows)
 
     result = Plan(
@@ -165,6 +165,8 @@ def _index_join(config: PipelineConfig, storage: Storage, total_rows: int) -> st
     """
     if config.store_prefix is None or not config.fingerprint_column:
         return None
+    # What an earlier plan of this job handed its shards is not this plan's.
+    store_index.forget_indexed(config, storage)
     runs = store_index.recent_runs(config.store_prefix, storage)
     return store_index.IndexJoin(config, runs, total_rows) if runs else None
 

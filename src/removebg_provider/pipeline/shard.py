@@ -151,9 +151,7 @@ class ShardWork:
         self.store = ResultStore(prefix, storage, holder) if prefix else None
         # Only a plan with a fingerprint column joins the index (`store_index`): no other shard looks.
         indexed = (
-            store_index.indexed_uri(plan_.config, plan_.run_id, shard.index)
-            if plan_.config.fingerprint_column
-            else None
+            store_index.indexed_uri(plan_.config, shard.index) if plan_.config.fingerprint_column else None
         )
         self.lookups = ShardLookups(rows, plan_.config, storage, self.store, indexed)
         self.billed = 0

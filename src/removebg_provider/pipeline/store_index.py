@@ -176,18 +176,23 @@ def recent_runs(store_prefix: str, storage: Storage) -> list[IndexedRun]:
     return runs
 
 
-def indexed_uri(config: PipelineConfig, run_id: str, shard_index: int) -> str:
-    """Where the plan puts the indexed entries of one shard's rows."""
-    return join_uri(config.staging, f"indexed/{run_id}/shard-{shard_index:05d}.parquet")
+def indexed_uri(config: PipelineConfig, shard_index: int) -> str:
+    """Where the plan puts the indexed entries of one shard's rows.
+
+    One place per job, not per run: a plan or a merge removes what an earlier run of the job left
+    there. A shard finding another plan's file (two runs of one job at once) checks each entry's
+    whole key, so it only reads some rows by GET.
+    """
+    return join_uri(config.staging, f"indexed/shard-{shard_index:05d}.parquet")
 
 
-def forget_indexed(config: PipelineConfig, run_id: str, storage: Storage) -> None:
-    """Remove the indexed entries the plan gave a run's shards: its merge is done with them."""
+def forget_indexed(config: PipelineConfig, storage: Storage) -> None:
+    """Remove the indexed entries handed to a job's shards (a new plan replaces them; a merge is done)."""
     try:
-        for uri in storage.list_prefix(join_uri(config.staging, f"indexed/{run_id}/")):
+        for uri in storage.list_prefix(join_uri(config.staging, "indexed/")):
             storage.delete(uri)
     except StorageError as exc:
-        log.warning("indexed entries of run %s not removed from the staging prefix: %s", run_id, exc)
+        log.warning("indexed entries not removed from the staging prefix %s: %s", config.staging, exc)
 
 
 class IndexJoin:
@@ -232,7 +237,7 @@ class IndexJoin:
         self._rows[self._count : end] = numbers
         self._count = end
 
-    def write(self, run_id: str, storage: Storage) -> int:
+    def write(self, storage: Storage) -> int:
         """Give each shard the indexed entries of its rows (`indexed_uri`); how many rows got one.
 
         Runs are read newest first until they cover `_COVERED_SHARE` of the rows; a run of known
@@ -282,7 +287,7 @@ class IndexJoin:
                     )
                 log.info("result store index of run %s: entries for %d rows", run.run_id, matched - before)
             for shard_index, table in spill.by_shard():
-                with storage.atomic_writer(indexed_uri(self.config, run_id, shard_index)) as stream:
+                with storage.atomic_writer(indexed_uri(self.config, shard_index)) as stream:
                     pq.write_table(table, stream, compression="zstd")
         return matched
 
