@@ -46,12 +46,22 @@ class LocalBackend(Backend):
 
     def create_new(self, uri: str, data: bytes) -> bool:
         # Written aside, then hard-linked into place: link() refuses an existing name, and the file
-        # is whole the moment its name appears.
+        # is whole the moment its name appears. Not fsynced, unlike every other write: an exclusive
+        # create arbitrates between live processes (the result store's claims, leases that their
+        # holders renew), and after a power loss a claim lost or cut short is one whose lease is over.
         directory, name = os.path.split(os.path.abspath(local_path(uri)))
         aside = os.path.join(directory, f".{name}.{_temporary_suffix()}")
-        with self.atomic_writer(aside) as stream:
-            stream.write(data)
         try:
+            try:
+                handle = os.open(aside, _CREATE_NEW, 0o666)
+            except FileNotFoundError:
+                os.makedirs(directory, exist_ok=True)
+                handle = os.open(aside, _CREATE_NEW, 0o666)
+        except OSError as exc:
+            raise StorageError(f"cannot create {uri}: {short_error(exc)}") from exc
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
             os.link(aside, os.path.join(directory, name))
         except FileExistsError:
             return False
