@@ -1,4 +1,4 @@
-"""Plan, store lookup and merge of a big daily catalog against yesterday's result store.
+"""Plan, store lookup, shard tasks and merge of a big daily catalog against yesterday's result store.
 
 The manifest has a fingerprint column (`image_md5`), so nothing is read to describe an image. The
 store is filled as yesterday's run would have left it (`phase_store`): an entry per row in its index,
@@ -10,10 +10,14 @@ carry a new `image_md5`. Each timed phase runs in a fresh process (peak RSS = it
 - lookup: every shard's triage against the store (`ShardWork.classify_counts`, what the shard tasks
   and `--dry-run` do first): source fingerprints from the column, the indexed entry (or an entry
   GET) and one version check per row; it must find 99 % reused and 1 % to send;
+- shards: every shard task in full (`pipeline.process_shard`): the lookup again, then the reused rows
+  served (checkpoints, results), the 1 % sent to a fake API without latency, the index parts; a
+  day's shard work is this phase, of which the lookup is a part;
 - merge: `pipeline.merge`, with a stored result for every row (written beforehand, not timed).
 
-Run: PYTHONPATH=src .venv/bin/python benchmarks/store_scale.py [--rows 100000] [--phases plan,lookup,merge]
-     [--store-layout entries|index|index-only] [--folder DIR] [--write-doc]
+Run: PYTHONPATH=src .venv/bin/python benchmarks/store_scale.py [--rows 100000]
+     [--phases plan,lookup,shards,merge] [--store-layout entries|index|index-only]
+     [--folder DIR] [--write-doc]
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from _common import load_average, machine, write_subsection
+from _common import fake_api, load_average, machine, write_subsection
 from removebg_provider import pipeline
+from removebg_provider.client import RemoveBgClient
 from removebg_provider.pipeline import store_index
 from removebg_provider.pipeline.shard import ShardWork
 from removebg_provider.pipeline.store import (
@@ -159,6 +164,26 @@ def phase_lookup(folder: Path, rows: int) -> dict[str, float]:
     return {"seconds": seconds, "reused": counts["reused"], "todo": counts["todo"]}
 
 
+def phase_shards(folder: Path, rows: int) -> dict[str, float]:
+    """Every shard task in turn, as the mapped tasks run them: the lookup, the reused rows served
+    (their checkpoints and results), the changed 1 % sent to a fake API without latency (their
+    cutouts, entries and claims) and each shard's index part."""
+    storage = Storage()
+    planned = pipeline.load_plan(f"{_config(folder).resolved().staging}/plan.json", storage)
+    billed = 0
+    with (
+        fake_api(0.0, 0) as api,
+        RemoveBgClient(api.base_url, "bench-token", **planned.config.client_settings()) as client,
+    ):
+        started = time.perf_counter()
+        for shard in planned.shards:
+            billed += pipeline.process_shard(shard, planned, client, storage).billed_records
+        seconds = time.perf_counter() - started
+    if billed != -(-rows // CHANGED_EVERY):
+        raise AssertionError(f"the shards billed {billed} records, expected {-(-rows // CHANGED_EVERY)}")
+    return {"seconds": seconds, "billed": billed}
+
+
 def phase_fill(folder: Path, rows: int) -> dict[str, float]:
     """A stored result for every row, as finished shard tasks leave them (not timed)."""
     storage = Storage()
@@ -197,10 +222,11 @@ PHASES = {
     "store": phase_store,
     "plan": phase_plan,
     "lookup": phase_lookup,
+    "shards": phase_shards,
     "fill": phase_fill,
     "merge": phase_merge,
 }
-TIMED = ("plan", "lookup", "merge")
+TIMED = ("plan", "lookup", "shards", "merge")
 
 
 def run_phase(name: str, folder: Path, rows: int, *options: str) -> dict[str, Any]:
@@ -253,7 +279,7 @@ def main() -> int:
         if args.store_layout == "index-only" and wanted != ["plan"]:
             parser.error("--store-layout index-only measures the plan alone: --phases plan")
         layout = ["--store-layout", args.store_layout]
-        needs_store = "lookup" in wanted or args.store_layout == "index-only"
+        needs_store = "lookup" in wanted or "shards" in wanted or args.store_layout == "index-only"
         store = run_phase("store", folder, args.rows, *layout) if needs_store else {"seconds": 0.0}
         # Lookup and merge need a plan; merge needs every shard's results.
         needed = {"plan", *wanted, *(["fill"] if "merge" in wanted else [])}
@@ -261,13 +287,15 @@ def main() -> int:
     load_after = load_average()
     timed = [name for name in TIMED if name in wanted]
     peak = max(figures[name]["peak_rss_bytes"] for name in timed)
-    total = sum(figures[name]["seconds"] for name in timed)
+    # The shards phase does the lookup again: a day is plan, shard tasks and merge.
+    day = [name for name in timed if not (name == "lookup" and "shards" in timed)]
+    total = sum(figures[name]["seconds"] for name in day)
     lines = "\n".join(
         f"| {name} | {figures[name]['seconds']:.1f} | {figures[name]['peak_rss_bytes'] / 2**20:.0f} |"
         for name in timed
     )
     print(
-        f"plan + lookup + merge: {total:.1f} s, peak RSS {peak / 2**20:.0f} MiB; "
+        f"{' + '.join(day)}: {total:.1f} s, peak RSS {peak / 2**20:.0f} MiB; "
         f"load {load_before} -> {load_after}"
     )
     if args.write_doc:
@@ -285,7 +313,7 @@ Each phase in a fresh process; peak RSS is its VmHWM.
 |---|---:|---:|
 {lines}
 
-Plan + lookup + merge: {total:.1f} s; the largest peak {peak / 2**20:.0f} MiB (goal: 1 GiB).
+{" + ".join(day).capitalize()}: {total:.1f} s; the largest peak {peak / 2**20:.0f} MiB (goal: 1 GiB).
 """,
         )
     return 0

@@ -8,6 +8,7 @@ identifies its content: the server's cutout has the input's size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -188,6 +189,24 @@ def test_the_index_of_a_run_far_larger_than_the_manifest_is_not_read(
 
     assert billed == 0
     assert "(12 rows) skipped: far larger than this manifest" in caplog.text
+
+
+def test_rows_whose_stored_cutouts_were_all_overwritten_are_sent_again_a_request_s_worth_at_a_time(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 24)
+    one_shard = {"shard_size": 24, "concurrency": 1}
+    monday = dataclasses.replace(catalog.config("monday"), **one_shard)
+    billed_by_run(server, monday)
+    for row in enriched_rows(monday).values():
+        Image.new("RGBA", (7, 7)).save(Path(str(row["removebg_output_url"])))
+
+    tuesday = dataclasses.replace(catalog.config("tuesday"), **one_shard)
+
+    billed = billed_by_run(server, tuesday)
+
+    assert billed == 24
+    assert sorted(cutout_widths(tuesday).values()) == list(range(50, 74))
 
 
 def test_results_stored_by_a_run_that_stopped_before_its_merge_are_served_though_the_index_predates_them(

@@ -9,6 +9,7 @@ the API client is then built from `client_settings()`, so the two always agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import string
 import typing
@@ -216,9 +217,10 @@ class PipelineConfig:
             image_quality=self.image_quality,
         )
 
-    @property
+    @functools.cached_property
     def output_kinds(self) -> tuple[str, ...]:
         """The kinds of output this run writes for every record (the cutout, and the mask if asked)."""
+        # Cached (the settings never change): every served row asks, twice.
         return tuple(
             kind.name for kind in OUTPUT_KINDS if kind is CUTOUT or getattr(self, kind.request_flag or "")
         )

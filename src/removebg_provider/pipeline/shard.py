@@ -236,7 +236,10 @@ class ShardWork:
         concurrency = self.config.requests_in_flight
         stored = self.lookups.stored_results()
         to_copy = [copy_only[i : i + size] for i in range(0, len(copy_only), size)]
-        to_reuse = [reused[i : i + size] for i in range(0, len(reused), size)]
+        # Served rows cost no request and are not checkpointed: each worker takes a share of them (at
+        # least a request's worth), not a request's worth at a time.
+        reuse_size = max(size, -(-len(reused) // (WORKERS_PER_SLOT * concurrency)))
+        to_reuse = [reused[i : i + reuse_size] for i in range(0, len(reused), reuse_size)]
         to_send = [todo[i : i + size] for i in range(0, len(todo), size)]
         slots = request_slots or threading.Semaphore(concurrency)
         self._stop = stop or threading.Event()
@@ -461,11 +464,13 @@ class ShardWork:
         progress: Progress,
         request_slots: threading.Semaphore,
     ) -> list[RowResult | None]:
-        """Rows found in the store: served without a request; a row whose stored outputs changed is sent."""
+        """Rows found in the store: served without a request; rows whose stored outputs changed are sent."""
         by_id, stale = self._serve_stored(batch, stored, progress)
-        if stale:
-            sent = self._process_batch(stale, client, copier, budget, progress, request_slots)
-            by_id.update(zip(_ids(stale), sent, strict=True))
+        size = self.config.records_per_request
+        for start in range(0, len(stale), size):
+            resent = stale[start : start + size]
+            sent = self._process_batch(resent, client, copier, budget, progress, request_slots)
+            by_id.update(zip(_ids(resent), sent, strict=True))
         return [by_id.get(row[ID]) for row in batch]
 
     def _serve_stored(
@@ -483,8 +488,9 @@ class ShardWork:
                 self.lookups.served(entry)
             else:
                 stale.append(row)
-        served = [row for row in batch if row[ID] in outcomes]
-        return dict(zip(_ids(served), self._finish(served, outcomes, progress), strict=True)), stale
+        # Not checkpointed: a later try of the shard finds them in the store again, without a request.
+        progress.advance(len(outcomes), 0)
+        return dict(outcomes), stale
 
     def _reused(self, row: Row, entry: StoredResult, destinations: dict[str, str]) -> RowResult:
         return RowResult(
@@ -500,6 +506,8 @@ class ShardWork:
             processed_at=now(),
             foreground_fraction=entry.foreground_fraction,
             quality_flags=entry.quality_flags,
+            fingerprint=self.lookups.fingerprint(row),
+            source_fingerprint=self.lookups.sources.get(row[ROW]),
         )
 
     def _repeats_earlier_bytes(self, row: Row, record: ImageRecord) -> bool:
