@@ -14,6 +14,7 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,7 +27,7 @@ from removebg_provider.errors import FailurePolicyError
 from removebg_provider.storage import Storage
 from support.runs import billed_by_run, cutout_widths, enriched_rows, removebg_cache
 from support.servers import LocalApiServer, sample_photo, start_api_server
-from support.stores import ObjectStore
+from support.stores import ObjectStore, StoreServer
 
 _HEIGHT = 40
 # The columns of an index part, as `removebg run` writes them.
@@ -348,6 +349,24 @@ def test_the_index_serves_day_two_on_each_object_store(
     catalog.change("sku-4", 94)
 
     assert billed_by_run(server, catalog.config("tuesday"), storage) == 1
+
+
+def test_day_two_on_an_object_store_checks_its_served_cutouts_by_listing_not_one_request_each(
+    server: LocalApiServer, object_store: ObjectStore, store_server: StoreServer, tmp_path: Path
+) -> None:
+    catalog = _Catalog(tmp_path, 20, output_prefix=object_store.uri("cutouts"))
+    one_shard = {"shard_size": 20, "max_records_per_request": 10}
+    billed_by_run(server, dataclasses.replace(catalog.config("monday"), **one_shard), object_store.storage)
+    tuesday = dataclasses.replace(catalog.config("tuesday"), **one_shard)
+    requests_sent: list[str] = []
+
+    billed = billed_by_run(server, tuesday, store_server.counted_storage(requests_sent))
+
+    rows = enriched_rows(tuesday)
+    assert billed == 0
+    assert len(rows) == 20
+    assert all("reused from the result store" in str(row["removebg_status_text"]) for row in rows.values())
+    assert [url for url in requests_sent if ".png" in urlsplit(url).path] == []
 
 
 def _index_files_after_a_run_overtaken_by_a_prune(server: LocalApiServer, catalog: _Catalog) -> list[Path]:

@@ -188,6 +188,45 @@ def test_fingerprints_of_many_objects_in_one_folder_cost_one_listing_not_a_reque
     assert [url for url in requests_sent if ".jpg" in urlsplit(url).path] == []
 
 
+def test_versions_of_many_objects_in_one_folder_cost_one_listing_and_match_each_object_s_own(
+    object_store: ObjectStore, store_server: StoreServer
+) -> None:
+    uris = [object_store.uri(f"cutouts/p-{i:02d}.png") for i in range(40)]
+    for index, uri in enumerate(uris):
+        object_store.storage.write_bytes(uri, f"cutout {index}".encode())
+    missing = object_store.uri("cutouts/p-99.png")
+    requests_sent: list[str] = []
+
+    found = store_server.counted_storage(requests_sent).versions([*uris, missing])
+
+    assert found == {uri: object_store.storage.version(uri) for uri in uris} | {missing: None}
+    assert None not in [found[uri] for uri in uris]
+    assert requests_sent
+    assert [url for url in requests_sent if ".png" in urlsplit(url).path] == []
+
+
+def test_a_listing_whose_objects_asked_for_are_spread_thin_over_a_large_folder_stops_after_a_page(
+    moto_s3: MotoS3,
+) -> None:
+    # A bucket of its own, left for the server to drop when it stops: deleting 1,050 objects one by
+    # one would take moto longer than the test.
+    store = moto_s3.new_store()
+    client = moto_s3.client()
+    keys = [f"photos/p-{i:05d}.jpg" for i in range(1050)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=store.bucket, Key=key, Body=key.encode()), keys))
+    asked = [store.uri(key) for key in keys[::50]]
+    requests_sent: list[str] = []
+
+    found = moto_s3.counted_storage(requests_sent).fingerprints(asked)
+
+    listings = [url for url in requests_sent if "list-type" in urlsplit(url).query]
+    assert found == {uri: store.storage.fingerprints([uri])[uri] for uri in asked}
+    assert None not in found.values()
+    # The folder is two pages; the first shows 21 objects among 1,000, the last is asked for alone.
+    assert len(listings) == 1
+
+
 @pytest.mark.parametrize(
     "names",
     [

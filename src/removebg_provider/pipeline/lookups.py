@@ -89,16 +89,34 @@ class ShardLookups:
         candidates = [row for row in self.rows if row[ROW] in self.sources] if self.store else []
         if candidates and self.indexed_uri is not None:
             self._indexed = self._read_indexed(self.indexed_uri)
-        if not candidates:
+        self._stored = self._current_indexed(candidates)
+        rest = [row for row in candidates if row[ROW] not in self._stored]
+        if not rest:
             entries: list[StoredResult | None] = []
         elif self._on_local_disk():
             # A `stat` has no latency to overlap: threads would only contend for the interpreter.
-            entries = [self.current_entry(row) for row in candidates]
+            entries = [self._entry_by_get(row) for row in rest]
         else:
             with ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="removebg-lookup") as pool:
-                entries = list(pool.map(self.current_entry, candidates))
-        self._stored = {row[ROW]: entry for row, entry in zip(candidates, entries, strict=True) if entry}
+                entries = list(pool.map(self._entry_by_get, rest))
+        self._stored.update((row[ROW], entry) for row, entry in zip(rest, entries, strict=True) if entry)
         return self._stored
+
+    def _current_indexed(self, candidates: list[Row]) -> dict[int, StoredResult]:
+        """The rows whose indexed entries are current, their outputs checked together (`ResultStore.current`).
+
+        An indexed entry is only a hint: its whole key must be the row's (the plan joined on 64 bits).
+        """
+        if self.store is None or not self._indexed:
+            return {}
+        indexed = {
+            row[ROW]: entry
+            for row in candidates
+            if (entry := self._indexed_entry(row, self.store_key(row))) is not None
+            and entry.serves(self.config)
+        }
+        current = self.store.current(list(indexed.values()))
+        return {row: entry for (row, entry), ok in zip(indexed.items(), current, strict=True) if ok}
 
     def _read_indexed(self, uri: str) -> dict[int, str]:
         """The entries the plan found in the index for this shard's rows; none if it wrote none."""
@@ -126,12 +144,15 @@ class ShardLookups:
         The entry the index gave this row is checked first; without one, or when it is not current,
         the store's own entry is read.
         """
-        assert self.store is not None
-        key = self.store_key(row)
-        indexed = self._indexed_entry(row, key)
+        indexed = self._indexed_entry(row, self.store_key(row))
         if indexed is not None and self._servable(indexed):
             return indexed
-        entry = self.store.get(key)
+        return self._entry_by_get(row)
+
+    def _entry_by_get(self, row: Row) -> StoredResult | None:
+        """The store's own entry of `row`, if it is current."""
+        assert self.store is not None
+        entry = self.store.get(self.store_key(row))
         return entry if entry is not None and self._servable(entry) else None
 
     def _indexed_entry(self, row: Row, key: str) -> StoredResult | None:

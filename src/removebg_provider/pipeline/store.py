@@ -43,7 +43,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -457,15 +457,22 @@ class ResultStore:
 
     def is_current(self, entry: StoredResult) -> bool:
         """Whether every output of `entry` is still the object version it recorded."""
+        return self.current([entry])[0]
+
+    def current(self, entries: Sequence[StoredResult]) -> list[bool]:
+        """`is_current` of each entry, their outputs checked together: on an object store, those in one
+        folder cost one listing, not a request each."""
+        uris = [out.uri for entry in entries for out in entry.outputs.values()]
         try:
-            # An entry records a version for each output; one without (not written by a run) is no proof.
-            return all(
-                out.version is not None and self.storage.version(out.uri) == out.version
-                for out in entry.outputs.values()
-            )
+            versions = self.storage.versions(uris)
         except StorageError as exc:
-            log.warning("result store entry %s: cannot check its outputs, not reused: %s", entry.key, exc)
-            return False
+            log.warning("result store: cannot check %d outputs, their entries not reused: %s", len(uris), exc)
+            return [False] * len(entries)
+        # An entry records a version for each output; one without (not written by a run) is no proof.
+        return [
+            all(out.version is not None and out.version == versions[out.uri] for out in outputs)
+            for outputs in (entry.outputs.values() for entry in entries)
+        ]
 
     def serve(self, entry: StoredResult, destinations: Mapping[str, str]) -> bool:
         """Put `entry`'s outputs at `destinations`; False (a miss) when an output is no longer its bytes.

@@ -152,13 +152,26 @@ class Storage:
         many from one listing. An http(s) URL is asked only at public addresses (None for another,
         with a warning) unless `allow_private_urls`: whoever writes a manifest chooses its URLs.
         """
+        found: dict[str, str | None] = {}
+        for backend, group in self._by_backend(uris).items():
+            found.update(backend.fingerprints(group, limit, allow_private_urls=allow_private_urls))
+        return found
+
+    def versions(self, uris: Sequence[str]) -> dict[str, str | None]:
+        """`version` of each object, None also for one that cannot be checked (with a warning).
+
+        Each scheme checks its URIs at once, so an object store can answer many from one listing.
+        """
+        found: dict[str, str | None] = {}
+        for backend, group in self._by_backend(uris).items():
+            found.update(backend.versions(group))
+        return found
+
+    def _by_backend(self, uris: Sequence[str]) -> dict[Backend, list[str]]:
         by_backend: dict[Backend, list[str]] = defaultdict(list)
         for uri in dict.fromkeys(uris):
             by_backend[self._backend(uri)].append(uri)
-        found: dict[str, str | None] = {}
-        for backend, group in by_backend.items():
-            found.update(backend.fingerprints(group, limit, allow_private_urls=allow_private_urls))
-        return found
+        return by_backend
 
     def _backend(self, uri: str) -> Backend:
         kind = backend_class(scheme_of(uri))

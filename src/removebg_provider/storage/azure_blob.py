@@ -10,7 +10,7 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 from removebg_provider.errors import StorageError
-from removebg_provider.storage.base import POOL_CONNECTIONS, Backend, register, unless_changed
+from removebg_provider.storage.base import POOL_CONNECTIONS, Backend, Described, register, unless_changed
 from removebg_provider.storage.sdk_errors import missing_errors, short_error, storage_errors
 from removebg_provider.storage.uris import bucket_and_folder, bucket_and_key, listed_uri
 
@@ -51,7 +51,7 @@ class AzureBackend(Backend):
         properties = self._properties(uri)
         return None if properties is None else _azure_fingerprint(uri, properties)
 
-    def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
+    def list_described(self, first: str, last: str) -> Iterator[tuple[str, Described]]:
         (bucket, first_key), last_key = bucket_and_key(first), bucket_and_key(last)[1]
         # From the longest prefix the range shares (not every Azure service version knows a start),
         # one level deep: a sub-folder comes as a prefix ending in "/", and is skipped.
@@ -59,11 +59,11 @@ class AzureBackend(Backend):
         for item in self._container(first).walk_blobs(name_starts_with=shared, delimiter="/"):
             if not item.name.endswith("/"):
                 uri = f"az://{bucket}/{item.name}"
-                yield uri, _azure_fingerprint(uri, item)
+                yield uri, Described(_azure_fingerprint(uri, item), _azure_version(item))
 
     def version(self, uri: str) -> str | None:
         properties = self._properties(uri)
-        return None if properties is None else f"etag:{properties.etag}"
+        return None if properties is None else _azure_version(properties)
 
     def create_new(self, uri: str, data: bytes) -> bool:
         from azure.core.exceptions import ResourceExistsError
@@ -155,6 +155,11 @@ def _azure_fingerprint(uri: str, properties: Any) -> str:
         return f"md5:{bytes(md5).hex()}:{properties.size}"
     # A listing gives the ETag bare, a blob's properties give it quoted (as the HTTP header has it).
     return f'etag:{listed_uri(uri)}:"{properties.etag.strip(chr(34))}"'
+
+
+def _azure_version(properties: Any) -> str:
+    # Quoted, as a blob's own properties give it; a listing gives it bare.
+    return f'etag:"{properties.etag.strip(chr(34))}"'
 
 
 def _if_unchanged(etag: str) -> dict[str, Any]:

@@ -11,12 +11,12 @@ import itertools
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
 from removebg_provider.errors import StorageError
-from removebg_provider.storage.base import POOL_CONNECTIONS, Backend, register, unless_changed
+from removebg_provider.storage.base import POOL_CONNECTIONS, Backend, Described, register, unless_changed
 from removebg_provider.storage.sdk_errors import looks_missing, missing_errors, short_error, storage_errors
 from removebg_provider.storage.uris import (
     bucket_and_folder,
@@ -142,6 +142,10 @@ class LocalBackend(Backend):
         except OSError:
             return None
         return super().fingerprint(uri, limit)
+
+    def versions(self, uris: Sequence[str]) -> dict[str, str | None]:
+        # A `stat` has no latency to overlap: threads would only contend for the interpreter.
+        return {uri: self._checked_version(uri) for uri in uris}
 
     def version(self, uri: str) -> str | None:
         # A write renames a new file into place: a new inode and modification time, without reading it.
@@ -317,7 +321,7 @@ class S3Backend(_OneClientBackend):
             raise StorageError(f"cannot presign {uri}: {short_error(exc)}") from exc
         return url
 
-    def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
+    def list_described(self, first: str, last: str) -> Iterator[tuple[str, Described]]:
         bucket, key = bucket_and_key(first)
         # StartAfter is exclusive: any key just below `first` (here its own prefix) starts the listing at it.
         pages = (
@@ -327,7 +331,9 @@ class S3Backend(_OneClientBackend):
         )
         for page in pages:
             for item in page.get("Contents", []):
-                yield f"s3://{bucket}/{item['Key']}", _s3_fingerprint(item["ETag"], item["Size"])
+                # An S3 object's version is its fingerprint (`Backend.version`).
+                fingerprint = _s3_fingerprint(item["ETag"], item["Size"])
+                yield f"s3://{bucket}/{item['Key']}", Described(fingerprint, fingerprint)
 
     def _new_client(self) -> Any:
         import boto3
@@ -355,7 +361,7 @@ class GcsBackend(_OneClientBackend):
         blob = self._blob(uri)
         return None if blob is None else _gcs_fingerprint(listed_uri(uri), blob)
 
-    def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
+    def list_described(self, first: str, last: str) -> Iterator[tuple[str, Described]]:
         bucket, first_key = bucket_and_key(first)
         # The listing starts at `first` on the server; the caller stops reading it past `last`.
         blobs = self._client().list_blobs(
@@ -363,11 +369,11 @@ class GcsBackend(_OneClientBackend):
         )
         for blob in blobs:
             uri = f"gs://{bucket}/{blob.name}"
-            yield uri, _gcs_fingerprint(uri, blob)
+            yield uri, Described(_gcs_fingerprint(uri, blob), _gcs_version(blob))
 
     def version(self, uri: str) -> str | None:
         blob = self._blob(uri)
-        return None if blob is None else f"generation:{blob.generation}"
+        return None if blob is None else _gcs_version(blob)
 
     def create_new(self, uri: str, data: bytes) -> bool:
         from google.api_core.exceptions import PreconditionFailed
@@ -465,6 +471,10 @@ def _gcs_fingerprint(uri: str, blob: Any) -> str:
     if blob.md5_hash:
         return f"md5:{blob.md5_hash}:{blob.size}"
     return f"generation:{uri}:{blob.generation}"
+
+
+def _gcs_version(blob: Any) -> str:
+    return f"generation:{blob.generation}"
 
 
 def _error_code(exc: BaseException) -> str:

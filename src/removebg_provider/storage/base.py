@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import IO, Any, ClassVar, TypeVar
+from typing import IO, Any, ClassVar, NamedTuple, TypeVar
 from urllib.parse import urlparse
 
 from removebg_provider.errors import StorageError
@@ -27,6 +27,10 @@ _DESCRIBE_WORKERS = 8
 _HASH_CHUNK = 1 << 20
 # A shard with at least this many images in one folder lists the folder instead of describing each.
 LISTING_MIN_OBJECTS = 16
+# A listing reads at most this many objects per object asked for (and at least a page's worth): the
+# objects asked may be a few spread over a large folder, where describing each costs far less.
+LISTED_PER_ASKED = 20
+_LISTED_AT_LEAST = 1000
 # Connections an object store's client keeps. The SDKs (boto3, google-cloud-storage, azure-core)
 # keep 10; a run's copy workers, store lookups and claims use many more at once, and every connection
 # past the pool is opened, used once and dropped with a warning.
@@ -40,9 +44,9 @@ class Backend:
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
-    # Whether the scheme's listings describe content (`list_fingerprints`).
+    # Whether the scheme's listings describe content and versions (`list_described`).
     lists_fingerprints: ClassVar[bool] = False
-    # Whether `list_fingerprints` yields keys in code point (UTF-8 byte) order, so a listing may stop
+    # Whether `list_described` yields keys in code point (UTF-8 byte) order, so a listing may stop
     # at the first key past the range; otherwise it stops once every key asked for was seen.
     lists_in_code_point_order: ClassVar[bool] = True
 
@@ -167,23 +171,11 @@ class Backend:
     ) -> dict[str, str | None]:
         """`fingerprint` of each URI (None also for one that cannot be described).
 
-        Where the scheme lists fingerprints, a folder holding many of `uris` is described by one
-        listing over their range of keys; every other object is described on its own, side by side.
-        `allow_private_urls` concerns only schemes whose URI names the host to ask (http(s)); the
-        others reach the store they are configured for.
+        Where the scheme lists objects, a folder holding many of `uris` is described by one listing
+        over their range of keys (`_listed`); every other object is described on its own, side by
+        side. `allow_private_urls` concerns only schemes whose URI names the host to ask (http(s));
+        the others reach the store they are configured for.
         """
-        by_folder: dict[str, list[str]] = defaultdict(list)
-        for uri in uris:
-            by_folder[uri.rsplit("/", 1)[0]].append(uri)
-        found: dict[str, str | None] = {}
-        alone: list[str] = []
-        for members in by_folder.values():
-            many = self.lists_fingerprints and len(members) >= LISTING_MIN_OBJECTS
-            listed = self._listed(members) if many else None
-            if listed is None:
-                alone += members
-            else:
-                found.update(listed)
 
         def described(uri: str) -> str | None:
             # An object that cannot be described is sent without one: reading it reports the problem.
@@ -192,40 +184,96 @@ class Backend:
             except StorageError:
                 return None
 
-        return found | described_side_by_side(alone, described)
+        return self._described_many(uris, "fingerprint", described)
 
-    def list_fingerprints(self, first: str, last: str) -> Iterator[tuple[str, str]]:
-        """(URI, fingerprint) of the objects in `first`'s folder, in key order, from URI `first` or before.
+    def versions(self, uris: Sequence[str]) -> dict[str, str | None]:
+        """`version` of each URI, None also for one that cannot be checked (with a warning).
 
-        The fingerprints `fingerprint` gives, from a listing; the caller stops past URI `last`.
+        Listed as `fingerprints` are: on an object store, the outputs of a shard's rows in one
+        folder cost a listing, not a request each.
+        """
+        return self._described_many(uris, "version", self._checked_version)
+
+    def _checked_version(self, uri: str) -> str | None:
+        try:
+            return self.version(uri)
+        except StorageError as exc:
+            log.warning("cannot check %s, taken as changed: %s", uri, exc)
+            return None
+
+    def _described_many(
+        self, uris: Sequence[str], what: str, describe: Callable[[str], str | None]
+    ) -> dict[str, str | None]:
+        """`what` ("fingerprint" or "version") of each URI: from listings where they pay, else `describe`."""
+        by_folder: dict[str, list[str]] = defaultdict(list)
+        for uri in uris:
+            by_folder[uri.rsplit("/", 1)[0]].append(uri)
+        found: dict[str, str | None] = {}
+        alone: list[str] = []
+        for members in by_folder.values():
+            many = self.lists_fingerprints and len(members) >= LISTING_MIN_OBJECTS
+            listed = self._listed(members, what) if many else None
+            if listed is None:
+                alone += members
+            else:
+                found.update(listed[0])
+                alone += listed[1]
+        return found | described_side_by_side(alone, describe)
+
+    def list_described(self, first: str, last: str) -> Iterator[tuple[str, Described]]:
+        """(URI, fingerprint and version) of the objects in `first`'s folder, in key order, from URI
+        `first` or before.
+
+        What `fingerprint` and `version` give, from a listing; the caller stops past URI `last`.
         Only for a scheme that `lists_fingerprints`.
         """
         raise NotImplementedError
 
-    def _listed(self, uris: Sequence[str]) -> dict[str, str | None] | None:
-        """The fingerprints of `uris` (one folder) from one listing; None when the listing fails."""
+    def _listed(self, uris: Sequence[str], what: str) -> tuple[dict[str, str | None], list[str]] | None:
+        """`what` of `uris` (one folder) from one listing, and the URIs it left to describe one by one.
+
+        None when the listing fails. A listing that reads `LISTED_PER_ASKED` objects per URI asked
+        without finding them all stops: the rest are few among many, cheaper described one by one.
+        """
         spellings: dict[str, list[str]] = defaultdict(list)
         for uri in uris:
             spellings[listed_uri(uri)].append(uri)
         first, last = min(spellings), max(spellings)
         found: dict[str, str | None] = dict.fromkeys(uris)
         unseen = set(spellings)
+        budget = max(_LISTED_AT_LEAST, LISTED_PER_ASKED * len(spellings))
         # A store that cannot be reached, or often a role that may read objects but not list the
         # bucket: each object is then described on its own, and says what is wrong.
         failures: tuple[type[BaseException], ...] = (StorageError, *storage_errors())
         try:
-            for at, fingerprint in self.list_fingerprints(first, last):
+            for read, (at, description) in enumerate(self.list_described(first, last), start=1):
                 if self.lists_in_code_point_order and at > last:
                     break
                 for uri in spellings.get(at, ()):
-                    found[uri] = fingerprint
+                    found[uri] = getattr(description, what)
                 unseen.discard(at)
                 if not unseen:
                     break
+                if read >= budget:
+                    log.info(
+                        "listing %s: %d of its objects asked for are spread over more than %d others, "
+                        "described one by one",
+                        first.rsplit("/", 1)[0],
+                        len(unseen),
+                        read,
+                    )
+                    return found, [uri for spelling in unseen for uri in spellings[spelling]]
         except failures as exc:
             log.warning("cannot list %s, its objects are described one by one: %s", uris[0], short_error(exc))
             return None
-        return found
+        return found, []
+
+
+class Described(NamedTuple):
+    """What a listing tells of an object: what identifies its content, and its version."""
+
+    fingerprint: str
+    version: str
 
 
 def unless_changed(
@@ -249,6 +297,8 @@ def described_side_by_side(
     uris: Sequence[str], describe: Callable[[str], str | None]
 ) -> dict[str, str | None]:
     """`describe` of each URI, several at once: each is a request (or a file read) that mostly waits."""
+    if len(uris) < 2:
+        return {uri: describe(uri) for uri in uris}
     with ThreadPoolExecutor(_DESCRIBE_WORKERS, thread_name_prefix="removebg-describe") as pool:
         return dict(zip(uris, pool.map(describe, uris), strict=True))
 
