@@ -326,11 +326,11 @@ class _FlakyStorage(Storage):
         object.__setattr__(self, "_rng", random.Random(self.seed))
 
     @contextmanager
-    def atomic_writer(self, uri: str) -> Iterator[IO[bytes]]:
+    def atomic_writer(self, uri: str, *, size: int | None = None) -> Iterator[IO[bytes]]:
         if uri.startswith(self.flaky_prefix) and self._rng.random() < self.failure_rate:
             self.failures.append(uri)
             raise OSError(28, "No space left on device (injected)", uri)
-        with super().atomic_writer(uri) as stream:
+        with super().atomic_writer(uri, size=size) as stream:
             yield stream
 
 

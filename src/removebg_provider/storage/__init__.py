@@ -88,7 +88,7 @@ class Storage:
         )
         try:
             for attempt in retrying:
-                with attempt, self.atomic_writer(uri) as stream:
+                with attempt, self.atomic_writer(uri, size=len(data)) as stream:
                     stream.write(data)
         except storage_errors() as exc:
             raise StorageError(
@@ -96,9 +96,12 @@ class Storage:
             ) from exc
 
     @contextmanager
-    def atomic_writer(self, uri: str) -> Iterator[IO[bytes]]:
-        """Yield a binary stream whose content appears at `uri` only if the block succeeds."""
-        with self._backend(uri).atomic_writer(uri) as stream:
+    def atomic_writer(self, uri: str, *, size: int | None = None) -> Iterator[IO[bytes]]:
+        """Yield a binary stream whose content appears at `uri` only if the block succeeds.
+
+        `size`: how many bytes the block writes, when known (S3 then takes up to 64 MiB in one PUT).
+        """
+        with self._backend(uri).atomic_writer(uri, size=size) as stream:
             yield stream
 
     def list_prefix(self, prefix: str) -> list[str]:

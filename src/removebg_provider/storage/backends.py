@@ -158,7 +158,7 @@ class LocalBackend(Backend):
         return f"stat:{found.st_size}:{found.st_mtime_ns}:{found.st_ino}"
 
     @contextmanager
-    def atomic_writer(self, uri: str) -> Iterator[IO[bytes]]:
+    def atomic_writer(self, uri: str, *, size: int | None = None) -> Iterator[IO[bytes]]:
         path = local_path(uri)
         directory, name = os.path.split(os.path.abspath(path))
         temporary = os.path.join(directory, f".{name}.{_temporary_suffix()}")
@@ -232,6 +232,11 @@ class S3Backend(_OneClientBackend):
     """Amazon S3 and compatible stores, through boto3 (the given client, else the environment's)."""
 
     lists_fingerprints = True
+    puts_in_one_request = True
+
+    def put(self, uri: str, data: bytes) -> None:
+        bucket, key = bucket_and_key(uri)
+        self._client().put_object(Bucket=bucket, Key=key, Body=data)
 
     def list_prefix(self, prefix: str) -> list[str]:
         bucket, key_prefix = bucket_and_folder(prefix)
@@ -351,6 +356,7 @@ class GcsBackend(_OneClientBackend):
     """Google Cloud Storage, through google-cloud-storage (the given client, else the environment's)."""
 
     lists_fingerprints = True
+    puts_in_one_request = True
 
     def list_prefix(self, prefix: str) -> list[str]:
         bucket, key_prefix = bucket_and_folder(prefix)
@@ -374,6 +380,9 @@ class GcsBackend(_OneClientBackend):
     def version(self, uri: str) -> str | None:
         blob = self._blob(uri)
         return None if blob is None else _gcs_version(blob)
+
+    def put(self, uri: str, data: bytes) -> None:
+        self._new_blob(uri).upload_from_string(data)
 
     def create_new(self, uri: str, data: bytes) -> bool:
         from google.api_core.exceptions import PreconditionFailed
