@@ -45,6 +45,10 @@ class StorageError(RemoveBgError):
     """An object cannot be read from or written to the user's storage."""
 
 
+class MissingObjectError(StorageError):
+    """An object read is not there (a store's miss), as opposed to one that could not be read."""
+
+
 class BudgetExceededError(RemoveBgError):
     """The run would bill more records than `max_billable_records` allows."""
 

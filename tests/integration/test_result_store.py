@@ -34,7 +34,7 @@ from removebg_provider.storage import Storage
 from support.file_server import FileServer, serve_files
 from support.runs import billed_by_run, cutout_widths, enriched_rows
 from support.servers import LocalApiServer, sample_photo, start_api_server
-from support.stores import MotoS3, ObjectStore, fresh_store
+from support.stores import MotoS3, ObjectStore, StoreServer, fresh_store
 
 _HEIGHT = 40
 
@@ -603,6 +603,19 @@ def test_a_warning_about_an_image_url_shows_no_query_of_the_url_it_redirected_to
     assert found == {url: None}
     assert f"127.0.0.1:{dead_port}/a.jpg" in caplog.text
     assert "feedface" not in caplog.text
+
+
+def test_a_key_the_store_does_not_hold_costs_one_request_on_each_object_store(
+    object_store: ObjectStore, store_server: StoreServer
+) -> None:
+    requests_sent: list[str] = []
+    store = ResultStore(object_store.uri("cache"), store_server.counted_storage(requests_sent), "probe")
+
+    found = store.get("cd" * 20)
+
+    assert found is None
+    # Only those naming the entry: google-cloud-storage also fetches the bucket's metadata once.
+    assert len([url for url in requests_sent if "cd" * 20 in url]) == 1
 
 
 def test_a_stored_entry_whose_output_has_no_recorded_version_is_not_current(tmp_path: Path) -> None:

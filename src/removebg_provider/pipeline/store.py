@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from removebg_provider.errors import StorageError
+from removebg_provider.errors import MissingObjectError, StorageError
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.storage import Storage, comparable_uri, join_uri
 from removebg_provider.vocabulary import CUTOUT, DEFAULT_IMAGE_FORMAT
@@ -439,8 +439,10 @@ class ResultStore:
         """The entry of `key`, or None when there is none (an unreadable entry is a miss, with a warning)."""
         uri = self.entry_uri(key)
         try:
-            # One GET for a hit (most rows of a daily run); a miss costs a failed GET and a check.
+            # One GET, a hit or a miss; only a read that fails otherwise costs a check.
             return StoredResult.from_json(json.loads(self.storage.read_bytes(uri)))
+        except MissingObjectError:
+            return None
         except StorageError as exc:
             if self._exists(uri):
                 log.warning("result store entry %s is unreadable, treated as missing: %s", uri, exc)
@@ -462,16 +464,19 @@ class ResultStore:
     def current(self, entries: Sequence[StoredResult]) -> list[bool]:
         """`is_current` of each entry, their outputs checked together: on an object store, those in one
         folder cost one listing, not a request each."""
-        uris = [out.uri for entry in entries for out in entry.outputs.values()]
+        # An entry records a version for each output; one without (not written by a run) is no
+        # proof, and its outputs are not even looked at.
+        provable = [all(out.version is not None for out in entry.outputs.values()) for entry in entries]
+        checked = [entry for entry, ok in zip(entries, provable, strict=True) if ok]
+        uris = [out.uri for entry in checked for out in entry.outputs.values()]
         try:
             versions = self.storage.versions(uris)
         except StorageError as exc:
             log.warning("result store: cannot check %d outputs, their entries not reused: %s", len(uris), exc)
             return [False] * len(entries)
-        # An entry records a version for each output; one without (not written by a run) is no proof.
         return [
-            all(out.version is not None and out.version == versions[out.uri] for out in outputs)
-            for outputs in (entry.outputs.values() for entry in entries)
+            ok and all(out.version == versions[out.uri] for out in entry.outputs.values())
+            for entry, ok in zip(entries, provable, strict=True)
         ]
 
     def serve(self, entry: StoredResult, destinations: Mapping[str, str]) -> bool:

@@ -10,13 +10,13 @@ from typing import IO, Any
 
 import tenacity
 
-from removebg_provider.errors import ConfigurationError, StorageError
+from removebg_provider.errors import ConfigurationError, MissingObjectError, StorageError
 
 # Imported for the backends they register: file, s3 and gs; http and https (az and azure below).
 from removebg_provider.storage import backends, web  # noqa: F401
 from removebg_provider.storage.azure_blob import AZURE_CONNECTION_ENV
 from removebg_provider.storage.base import Backend, backend_class
-from removebg_provider.storage.sdk_errors import short_error, storage_errors
+from removebg_provider.storage.sdk_errors import looks_missing, missing_errors, short_error, storage_errors
 from removebg_provider.storage.uris import comparable_uri, join_uri, local_path, scheme_of, unique_name
 
 __all__ = [
@@ -64,12 +64,18 @@ class Storage:
         return self._backend(uri).open(uri, mode)
 
     def read_bytes(self, uri: str, limit: int | None = None) -> bytes:
-        """Read the whole object at `uri`; raises StorageError when missing or over `limit` bytes."""
+        """Read the whole object at `uri`; raises StorageError when unreadable or over `limit` bytes.
+
+        MissingObjectError (a StorageError) when nothing is there, so a caller expecting misses
+        needs no second request to tell.
+        """
         try:
             with self.open(uri, "rb") as stream:
                 data: bytes = stream.read(limit + 1 if limit is not None else -1)
         except storage_errors() as exc:
-            raise StorageError(f"cannot read {uri}: {short_error(exc)}") from exc
+            missing = isinstance(exc, missing_errors()) or looks_missing(exc)
+            error = MissingObjectError if missing else StorageError
+            raise error(f"cannot read {uri}: {short_error(exc)}") from exc
         if limit is not None and len(data) > limit:
             raise StorageError(f"{uri} is larger than the {limit}-byte limit")
         return data
