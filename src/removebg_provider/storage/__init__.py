@@ -16,7 +16,7 @@ from removebg_provider.errors import ConfigurationError, MissingObjectError, Sto
 from removebg_provider.storage import backends, web  # noqa: F401
 from removebg_provider.storage.azure_blob import AZURE_CONNECTION_ENV
 from removebg_provider.storage.base import Backend, backend_class
-from removebg_provider.storage.sdk_errors import looks_missing, missing_errors, short_error, storage_errors
+from removebg_provider.storage.sdk_errors import says_missing, short_error, storage_errors
 from removebg_provider.storage.uris import comparable_uri, join_uri, local_path, scheme_of, unique_name
 
 __all__ = [
@@ -73,8 +73,7 @@ class Storage:
             with self.open(uri, "rb") as stream:
                 data: bytes = stream.read(limit + 1 if limit is not None else -1)
         except storage_errors() as exc:
-            missing = isinstance(exc, missing_errors()) or looks_missing(exc)
-            error = MissingObjectError if missing else StorageError
+            error = MissingObjectError if says_missing(exc) else StorageError
             raise error(f"cannot read {uri}: {short_error(exc)}") from exc
         if limit is not None and len(data) > limit:
             raise StorageError(f"{uri} is larger than the {limit}-byte limit")

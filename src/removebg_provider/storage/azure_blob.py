@@ -26,7 +26,6 @@ class AzureBackend(Backend):
     """
 
     lists_fingerprints = True
-    puts_in_one_request = True
     # Azurite lists in UTF-16 order, and Azure does not document its own.
     lists_in_code_point_order = False
 
@@ -65,9 +64,6 @@ class AzureBackend(Backend):
     def version(self, uri: str) -> str | None:
         properties = self._properties(uri)
         return None if properties is None else _azure_version(properties)
-
-    def put(self, uri: str, data: bytes) -> None:
-        self._blob_client(uri).upload_blob(data, overwrite=True)
 
     def create_new(self, uri: str, data: bytes) -> bool:
         from azure.core.exceptions import ResourceExistsError

@@ -31,6 +31,8 @@ from removebg_provider.storage.uris import (
 # process umask like any other file (mkstemp would cost random names, retries and a chmod).
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _TEMPORARY_COUNTER = itertools.count()
+# The largest write sent to S3 in one PutObject (it takes up to 5 GB; a larger one streams in parts).
+_SINGLE_PUT_BYTES = 64 << 20
 
 
 @register("file")
@@ -232,11 +234,18 @@ class S3Backend(_OneClientBackend):
     """Amazon S3 and compatible stores, through boto3 (the given client, else the environment's)."""
 
     lists_fingerprints = True
-    puts_in_one_request = True
 
-    def put(self, uri: str, data: bytes) -> None:
-        bucket, key = bucket_and_key(uri)
-        self._client().put_object(Bucket=bucket, Key=key, Body=data)
+    @contextmanager
+    def atomic_writer(self, uri: str, *, size: int | None = None) -> Iterator[IO[bytes]]:
+        # Most of a run's writes are small and in hand (a cutout, an entry, a checkpoint): one
+        # PutObject through smart_open's single-part writer (its own key parsing; nothing is put
+        # when the block fails) instead of a multipart upload's three requests. Not when the
+        # transport parameters give `client_kwargs` (encryption, ACLs): smart_open applies those
+        # per kind of request, and they were written for the multipart upload.
+        single = size is not None and size <= _SINGLE_PUT_BYTES and "client_kwargs" not in self.params
+        opened = self._smart_open(uri, "wb", multipart_upload=False) if single else self.open(uri, "wb")
+        with opened as stream:
+            yield stream
 
     def list_prefix(self, prefix: str) -> list[str]:
         bucket, key_prefix = bucket_and_folder(prefix)
@@ -356,7 +365,6 @@ class GcsBackend(_OneClientBackend):
     """Google Cloud Storage, through google-cloud-storage (the given client, else the environment's)."""
 
     lists_fingerprints = True
-    puts_in_one_request = True
 
     def list_prefix(self, prefix: str) -> list[str]:
         bucket, key_prefix = bucket_and_folder(prefix)
@@ -380,9 +388,6 @@ class GcsBackend(_OneClientBackend):
     def version(self, uri: str) -> str | None:
         blob = self._blob(uri)
         return None if blob is None else _gcs_version(blob)
-
-    def put(self, uri: str, data: bytes) -> None:
-        self._new_blob(uri).upload_from_string(data)
 
     def create_new(self, uri: str, data: bytes) -> bool:
         from google.api_core.exceptions import PreconditionFailed

@@ -7,7 +7,6 @@ refuses schemes it has no transport for).
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,8 +31,6 @@ LISTING_MIN_OBJECTS = 16
 # objects asked may be a few spread over a large folder, where describing each costs far less.
 LISTED_PER_ASKED = 20
 _LISTED_AT_LEAST = 1000
-# The largest write held in memory and sent in one request (`Backend.put`); a larger one streams.
-SINGLE_REQUEST_BYTES = 64 << 20
 # Connections an object store's client keeps. The SDKs (boto3, google-cloud-storage, azure-core)
 # keep 10; a run's copy workers, store lookups and claims use many more at once, and every connection
 # past the pool is opened, used once and dropped with a warning.
@@ -52,20 +49,22 @@ class Backend:
     # Whether `list_described` yields keys in code point (UTF-8 byte) order, so a listing may stop
     # at the first key past the range; otherwise it stops once every key asked for was seen.
     lists_in_code_point_order: ClassVar[bool] = True
-    # Whether the scheme writes a small object in one request (`put`).
-    puts_in_one_request: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = params
 
     def open(self, uri: str, mode: str) -> IO[Any]:
         """Open `uri` through smart_open with this backend's transport parameters."""
+        return self._smart_open(uri, mode)
+
+    def _smart_open(self, uri: str, mode: str, **transport: Any) -> IO[Any]:
+        """`open`, with `transport` added to the transport parameters."""
         # Imported at the first open that needs it: smart_open imports every cloud SDK installed
         # (about a second), which a run on local files never needs.
         import smart_open
 
         opened: IO[Any] = smart_open.open(
-            uri, mode, transport_params=self.transport_params(), compression="disable"
+            uri, mode, transport_params={**self.transport_params(), **transport}, compression="disable"
         )
         return opened
 
@@ -93,25 +92,11 @@ class Backend:
         finalizes its resumable upload on close and deletes it on error; Azure commits the block list
         on close and never on error. A reader therefore sees the whole object or the previous one.
 
-        `size`: how many bytes the block writes, when the caller knows. Up to `SINGLE_REQUEST_BYTES`
-        they are held and written in one request (`put`) where the scheme has one, once the block
-        succeeds: most of a run's writes are small (a cutout, an entry, a checkpoint), and S3's
-        multipart upload takes three requests, GCS's resumable upload and Azure's blocks two.
+        `size`: how many bytes the block writes, when the caller knows (a scheme may then write them
+        in fewer requests).
         """
-        if size is not None and size <= SINGLE_REQUEST_BYTES and self.puts_in_one_request:
-            held = io.BytesIO()
-            yield held
-            self.put(uri, held.getvalue())
-            return
         with self.open(uri, "wb") as stream:
             yield stream
-
-    def put(self, uri: str, data: bytes) -> None:
-        """Write `data` at `uri` in one request; the SDK's errors are raised as they come (for retries).
-
-        Only for a scheme that `puts_in_one_request`.
-        """
-        raise NotImplementedError
 
     def list_prefix(self, prefix: str) -> list[str]:
         """URIs of the objects directly under `prefix`."""
@@ -319,7 +304,8 @@ def described_side_by_side(
     uris: Sequence[str], describe: Callable[[str], str | None]
 ) -> dict[str, str | None]:
     """`describe` of each URI, several at once: each is a request (or a file read) that mostly waits."""
-    if len(uris) < 2:
+    if len(uris) <= 2:
+        # Not worth a pool's threads (an entry's cutout and mask, checked one by one).
         return {uri: describe(uri) for uri in uris}
     with ThreadPoolExecutor(_DESCRIBE_WORKERS, thread_name_prefix="removebg-describe") as pool:
         return dict(zip(uris, pool.map(describe, uris), strict=True))

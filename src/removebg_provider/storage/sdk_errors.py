@@ -58,6 +58,22 @@ def _imported_sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[
     return tuple(failures), tuple(missing)
 
 
+def says_missing(exc: BaseException) -> bool:
+    """Whether an SDK error, or the one it was raised from, says the object is not there.
+
+    By the error's type or S3's error code, never by its text, which names the object (a key may
+    hold "404"). smart_open raises OSError from botocore's NoSuchKey.
+    """
+    for error in (exc, exc.__cause__):
+        if isinstance(error, missing_errors()):
+            return True
+        # botocore's ClientError carries a dict; other SDKs' `response` is an HTTP response.
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return True
+    return False
+
+
 def looks_missing(exc: BaseException) -> bool:
     """Whether an SDK error that is not one of `missing_errors` still says the object is not there."""
     text = str(exc).lower()
