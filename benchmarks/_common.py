@@ -19,6 +19,7 @@ import datetime
 import io
 import os
 import platform
+import random
 import socket
 import subprocess
 import sys
@@ -95,6 +96,17 @@ def fake_api(latency: float, output_bytes: int, cutout: tuple[int, int] = (64, 4
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def random_photos(folder: Path, rows: int) -> list[str]:
+    """`rows` files of 2 KiB of random bytes in a new `folder`, each a distinct image to the store."""
+    folder.mkdir(parents=True)
+    paths = []
+    for index in range(rows):
+        path = folder / f"p{index:07d}.jpg"
+        path.write_bytes(random.randbytes(2048))
+        paths.append(str(path))
+    return paths
 
 
 def url_manifest(path: Path, rows: int, extra_columns: bool = True) -> str:

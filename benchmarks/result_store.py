@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from _common import fake_api, load_average, machine, write_subsection
+from _common import fake_api, load_average, machine, random_photos, write_subsection
 from removebg_provider import pipeline
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.storage import Storage
@@ -71,16 +71,6 @@ class CountingStorage(Storage):
         return super().fingerprints(uris, limit=limit, allow_private_urls=allow_private_urls)
 
 
-def _catalog(folder: Path, rows: int) -> list[str]:
-    folder.mkdir(parents=True)
-    paths = []
-    for index in range(rows):
-        path = folder / f"p{index:07d}.jpg"
-        path.write_bytes(random.randbytes(2048))
-        paths.append(str(path))
-    return paths
-
-
 def _day(api_url: str, folder: Path, photos: list[str], name: str, storage: Storage) -> tuple[float, int]:
     manifest = folder / f"{name}.parquet"
     pq.write_table(
@@ -103,7 +93,7 @@ def _day(api_url: str, folder: Path, photos: list[str], name: str, storage: Stor
 def daily_run(rows: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="removebg-store-") as temporary, fake_api(0.05, 200) as api:
         folder = Path(temporary)
-        photos = _catalog(folder / "photos", rows)
+        photos = random_photos(folder / "photos", rows)
         day1_seconds, day1_billed = _day(api.base_url, folder, photos, "day1", Storage())
         for path in random.sample(photos, rows // 100):
             Path(path).write_bytes(random.randbytes(2048))

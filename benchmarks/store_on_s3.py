@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from _common import extract_source, fake_api, load_average, machine
+from _common import extract_source, fake_api, load_average, machine, random_photos
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.stores import start_moto_s3
@@ -38,13 +38,7 @@ _BUCKET = "catalog"
 
 def write_catalog(folder: Path, rows: int) -> None:
     """`rows` local photos and the manifests of both days (the same rows, another name)."""
-    photos = folder / "photos"
-    photos.mkdir(parents=True)
-    paths = []
-    for index in range(rows):
-        path = photos / f"p{index:07d}.jpg"
-        path.write_bytes(random.randbytes(2048))
-        paths.append(str(path))
+    paths = random_photos(folder / "photos", rows)
     table = pa.table(
         {
             "sku": [f"SKU-{i:07d}" for i in range(rows)],

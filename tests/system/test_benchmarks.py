@@ -31,6 +31,7 @@ TOY_RUNS = {
     ),
     "result_store.py": (["--rows", "200", "--objects", "100"], "'day2_billed':"),
     "store_scale.py": (["--rows", "500"], "plan + lookup + merge:"),
+    "store_on_s3.py": (["--rows", "20", "--baseline", "HEAD", "--repeats", "1"], "day 2, baseline HEAD:"),
     "end_to_end.py": (
         ["--latency", "0.05", "--concurrency", "2", "--lengths", "0.2", "--baseline", "HEAD"],
         "| baseline HEAD |",
