@@ -1,6 +1,7 @@
 """A reused day with its outputs on S3 (moto's server): the requests and the time its served rows cost.
 
-Day 1 sends a catalog of local photos with an `image_md5` column to the fake API
+Day 1 sends a catalog of local photos with an `image_md5` column (the store's index then serves
+day 2; `--without-fingerprint-column`: each row's entry is read by GET) to the fake API
 (benchmarks/_common.py), its cutouts written to a bucket of moto's S3 server on 127.0.0.1. Then the
 same catalog runs again, unchanged, under another manifest name: every row is served from the result
 store, each in a fresh process, alternating this tree with `--baseline REV` when given. Reported per
@@ -8,6 +9,7 @@ day: its wall time, what it billed, and the S3 requests it sent by kind (HEAD, G
 LIST), per row.
 
 Run: PYTHONPATH=src .venv/bin/python benchmarks/store_on_s3.py [--rows 2000] [--baseline REV] [--repeats 2]
+     [--without-fingerprint-column]
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def write_catalog(folder: Path, rows: int) -> None:
         pq.write_table(table, folder / f"{day}.parquet")
 
 
-def run_day(folder: Path, day: str, endpoint: str, api_url: str) -> dict[str, Any]:
+def run_day(
+    folder: Path, day: str, endpoint: str, api_url: str, fingerprint_column: str | None
+) -> dict[str, Any]:
     """One day's whole `pipeline.run` in this process, its S3 requests counted by kind."""
     import boto3
 
@@ -70,7 +74,7 @@ def run_day(folder: Path, day: str, endpoint: str, api_url: str) -> dict[str, An
     config = pipeline.PipelineConfig(
         manifest_uri=str(folder / f"{day}.parquet"),
         id_column="sku",
-        fingerprint_column="image_md5",
+        fingerprint_column=fingerprint_column,
         output_prefix=f"s3://{_BUCKET}/cutouts",
         output_manifest_uri=str(folder / f"{day}.enriched.parquet"),
         staging_prefix=str(folder / "staging"),
@@ -84,7 +88,7 @@ def run_day(folder: Path, day: str, endpoint: str, api_url: str) -> dict[str, An
 
 
 def _day_in_fresh_process(
-    source: Path, folder: Path, day: str, endpoint: str, api_url: str
+    source: Path, folder: Path, day: str, endpoint: str, api_url: str, fingerprint_column: str | None
 ) -> dict[str, Any]:
     completed = subprocess.run(
         [
@@ -98,6 +102,7 @@ def _day_in_fresh_process(
             endpoint,
             "--api",
             api_url,
+            *(["--fingerprint-column", fingerprint_column] if fingerprint_column else []),
         ],
         env={**os.environ, "PYTHONPATH": f"{source}{os.pathsep}{Path(__file__).parent}"},
         capture_output=True,
@@ -117,13 +122,19 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--baseline", help="git revision whose day 2 alternates with this tree's")
     parser.add_argument("--repeats", type=int, default=2, help="day-2 runs of each version")
+    parser.add_argument(
+        "--without-fingerprint-column",
+        action="store_true",
+        help="leave out the image_md5 column: the store is then read by GET, one entry per row",
+    )
+    parser.add_argument("--fingerprint-column", help=argparse.SUPPRESS)
     parser.add_argument("--day", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     parser.add_argument("--api", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.day:
-        print(json.dumps(run_day(args.folder, args.day, args.endpoint, args.api)))
+        print(json.dumps(run_day(args.folder, args.day, args.endpoint, args.api, args.fingerprint_column)))
         return 0
     random.seed(17)
     print(f"{machine()}; load average {load_average()} before", flush=True)
@@ -136,14 +147,15 @@ def main() -> int:
         os.environ.update(s3.env)
         s3.client().create_bucket(Bucket=_BUCKET)
         write_catalog(folder, args.rows)
+        column = None if args.without_fingerprint_column else "image_md5"
         versions = {"this tree": Path(__file__).resolve().parent.parent / "src"}
         if args.baseline:
             versions[f"baseline {args.baseline}"] = extract_source(args.baseline, folder / "baseline")
-        day1 = _day_in_fresh_process(versions["this tree"], folder, "day1", s3.endpoint, api.base_url)
+        day1 = _day_in_fresh_process(versions["this tree"], folder, "day1", s3.endpoint, api.base_url, column)
         print("day 1", json.dumps(day1), flush=True)
         for _ in range(args.repeats):
             for name, source in versions.items():
-                day2 = _day_in_fresh_process(source, folder, "day2", s3.endpoint, api.base_url)
+                day2 = _day_in_fresh_process(source, folder, "day2", s3.endpoint, api.base_url, column)
                 per_row = {
                     kind: round(count / args.rows, 3) for kind, count in sorted(day2["requests"].items())
                 }

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +25,7 @@ from removebg_provider.vocabulary import RowStatus
 from support.replay_server import echo_ok, serve_replays
 from support.runs import pipeline_config, run_pipeline
 from support.servers import LocalApiServer, sample_photo, start_api_server
-from support.stores import MotoS3, ObjectStore
+from support.stores import MotoS3, ObjectStore, StoreServer
 
 _CLOUD_ENV_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "STORAGE_EMULATOR_HOST")
 
@@ -134,6 +135,24 @@ def test_a_rerun_against_the_store_bills_nothing(server: LocalApiServer, object_
 
     assert server.stats()["records_billed"] == 0
     assert summary.succeeded == 4
+
+
+def test_a_rerun_on_an_object_store_checks_its_served_cutouts_by_listing_not_one_request_each(
+    server: LocalApiServer, object_store: ObjectStore, store_server: StoreServer
+) -> None:
+    manifest = _put_manifest(object_store, "in/m.parquet", {"image_url": _put_photos(object_store, 20)})
+    # One shard of 20 rows; no QA report, which reads the cutouts it shows.
+    one_shard = {"shard_size": 20, "max_records_per_request": 10, "concurrency": 2, "report": False}
+    config = pipeline_config(object_store.uri(), manifest, settings=one_shard)
+    run_pipeline(server, config, object_store.storage)
+    server.reset_stats()
+    requests_sent: list[str] = []
+
+    summary = run_pipeline(server, config, store_server.counted_storage(requests_sent))
+
+    assert server.stats()["records_billed"] == 0
+    assert summary.succeeded == 20
+    assert [url for url in requests_sent if urlsplit(url).path.endswith(".png")] == []
 
 
 def test_the_cli_works_with_only_the_sdk_environment_configuration(

@@ -89,34 +89,43 @@ class ShardLookups:
         candidates = [row for row in self.rows if row[ROW] in self.sources] if self.store else []
         if candidates and self.indexed_uri is not None:
             self._indexed = self._read_indexed(self.indexed_uri)
-        self._stored = self._current_indexed(candidates)
+        # The index's entries first; a row without one, or whose one is no longer current, by GET.
+        # Each time the outputs are checked together (`ResultStore.current`): on an object store
+        # the outputs in one folder cost one listing, not a HEAD each.
+        self._stored = self._current(self._indexed_entries(candidates))
         rest = [row for row in candidates if row[ROW] not in self._stored]
-        if not rest:
-            entries: list[StoredResult | None] = []
-        elif self._on_local_disk():
-            # A `stat` has no latency to overlap: threads would only contend for the interpreter.
-            entries = [self._entry_by_get(row) for row in rest]
-        else:
-            with ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="removebg-lookup") as pool:
-                entries = list(pool.map(self._entry_by_get, rest))
-        self._stored.update((row[ROW], entry) for row, entry in zip(rest, entries, strict=True) if entry)
+        self._stored.update(self._current(self._entries_by_get(rest)))
         return self._stored
 
-    def _current_indexed(self, candidates: list[Row]) -> dict[int, StoredResult]:
-        """The rows whose indexed entries are current, their outputs checked together (`ResultStore.current`).
-
-        An indexed entry is only a hint: its whole key must be the row's (the plan joined on 64 bits).
-        """
-        if self.store is None or not self._indexed:
+    def _indexed_entries(self, candidates: list[Row]) -> dict[int, StoredResult]:
+        """The indexed entries of `candidates`, by row: only a hint, the whole key must be the row's
+        (the plan joined on 64 bits)."""
+        if not self._indexed:
             return {}
-        indexed = {
-            row[ROW]: entry
-            for row in candidates
-            if (entry := self._indexed_entry(row, self.store_key(row))) is not None
-            and entry.serves(self.config)
-        }
-        current = self.store.current(list(indexed.values()))
-        return {row: entry for (row, entry), ok in zip(indexed.items(), current, strict=True) if ok}
+        found = ((row[ROW], self._indexed_entry(row, self.store_key(row))) for row in candidates)
+        return {row: entry for row, entry in found if entry is not None}
+
+    def _entries_by_get(self, rows: list[Row]) -> dict[int, StoredResult]:
+        """The store's own entries of `rows` it holds, by row; side by side on an object store."""
+        if not rows:
+            return {}
+        read = self._read_entry
+        if self._on_local_disk():
+            # A local read has no latency to overlap: threads would only contend for the interpreter.
+            entries = [read(row) for row in rows]
+        else:
+            with ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="removebg-lookup") as pool:
+                entries = list(pool.map(read, rows))
+        return {row[ROW]: entry for row, entry in zip(rows, entries, strict=True) if entry is not None}
+
+    def _current(self, entries: dict[int, StoredResult]) -> dict[int, StoredResult]:
+        """Those of `entries` (by row) that serve this run and whose outputs are their recorded versions."""
+        serving = {row: entry for row, entry in entries.items() if entry.serves(self.config)}
+        if not serving:
+            return {}
+        assert self.store is not None
+        current = self.store.current(list(serving.values()))
+        return {row: entry for (row, entry), ok in zip(serving.items(), current, strict=True) if ok}
 
     def _read_indexed(self, uri: str) -> dict[int, str]:
         """The entries the plan found in the index for this shard's rows; none if it wrote none."""
@@ -147,13 +156,13 @@ class ShardLookups:
         indexed = self._indexed_entry(row, self.store_key(row))
         if indexed is not None and self._servable(indexed):
             return indexed
-        return self._entry_by_get(row)
-
-    def _entry_by_get(self, row: Row) -> StoredResult | None:
-        """The store's own entry of `row`, if it is current."""
-        assert self.store is not None
-        entry = self.store.get(self.store_key(row))
+        entry = self._read_entry(row)
         return entry if entry is not None and self._servable(entry) else None
+
+    def _read_entry(self, row: Row) -> StoredResult | None:
+        """The store's own entry of `row`, current or not."""
+        assert self.store is not None
+        return self.store.get(self.store_key(row))
 
     def _indexed_entry(self, row: Row, key: str) -> StoredResult | None:
         text = self._indexed.get(row[ROW])
