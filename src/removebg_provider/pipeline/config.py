@@ -22,7 +22,7 @@ from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PE
 from removebg_provider.errors import ConfigurationError, StorageError
 from removebg_provider.manifest import FORMATS
 from removebg_provider.outputs import DEFAULT_OUTPUT_KEY_TEMPLATE, output_uri
-from removebg_provider.storage import comparable_uri, join_uri
+from removebg_provider.storage import comparable_uri, join_uri, scheme_of
 from removebg_provider.vocabulary import (
     CUTOUT,
     DEFAULT_IMAGE_FORMAT,
@@ -279,6 +279,8 @@ class PipelineConfig:
 
 FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(PipelineConfig)
 REQUIRED_FIELDS = ("manifest_uri", "output_prefix", "output_manifest_uri")
+# Object stores whose URIs name a bucket (or container), then a key.
+_BUCKET_SCHEMES = ("s3", "gs", "az", "azure")
 _TEMPLATE_FIELDS = {"id", "kind", "suffix", "ext"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -355,6 +357,9 @@ def _problems(config: PipelineConfig) -> list[str]:
         problems.append(
             "skip_existing (deprecated) is the result store's reuse; it cannot be combined with cache=False"
         )
+    for name in ("output_prefix", "cache_prefix", "staging_prefix"):
+        if (problem := _bucket_prefix_problem(getattr(config, name))) is not None:
+            problems.append(f"{name} {problem}")
     if comparable_uri(config.output_manifest_uri) == comparable_uri(config.manifest_uri):
         problems.append(
             f"output_manifest_uri is the input manifest {config.manifest_uri}; write the enriched "
@@ -364,6 +369,23 @@ def _problems(config: PipelineConfig) -> list[str]:
         # Naming the outputs needs the other settings valid (the cutout's extension, the prefix).
         problems += _template_problems(config)
     return problems
+
+
+def _bucket_prefix_problem(prefix: str | None) -> str | None:
+    """Why an object store prefix names no one key prefix to every client, if so.
+
+    `s3://b//out` is the key `/out/...` to smart_open's S3 reads and writes but `out/...` to a
+    listing or a HEAD; `?` and `#` are a query and a fragment to some clients and part of the key to
+    others. Objects written there would never be found again (every run would bill them anew).
+    """
+    if not prefix or scheme_of(prefix) not in _BUCKET_SCHEMES:
+        return None
+    after_bucket = prefix.split("://", 1)[1].partition("/")[2]
+    if after_bucket.startswith("/"):
+        return f"{prefix} has an empty folder name right after its bucket: write it with one '/'"
+    if "?" in prefix or "#" in prefix:
+        return f"{prefix} holds '?' or '#', which some clients read as a query or a fragment"
+    return None
 
 
 def _template_problems(config: PipelineConfig) -> list[str]:

@@ -73,6 +73,30 @@ def test_a_bad_value_is_refused_naming_the_setting() -> None:
 
 
 @pytest.mark.parametrize(
+    ("setting", "prefix", "message"),
+    [
+        ("output_prefix", "s3://catalog//cutouts", "empty folder name right after its bucket"),
+        ("cache_prefix", "gs://catalog//cache", "empty folder name right after its bucket"),
+        ("staging_prefix", "az://catalog/staging?v=1", "holds '?' or '#'"),
+        ("output_prefix", "s3://catalog/cutouts#today", "holds '?' or '#'"),
+    ],
+)
+def test_an_object_store_prefix_that_clients_would_read_as_different_keys_is_refused(
+    setting: str, prefix: str, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(f"{setting} {prefix} ")) as refused:
+        PipelineConfig(**{**URIS, setting: prefix})
+
+    assert message in str(refused.value)
+
+
+def test_a_double_slash_deeper_in_an_object_store_prefix_is_accepted() -> None:
+    config = PipelineConfig(**{**URIS, "output_prefix": "s3://catalog/daily//cutouts"})
+
+    assert config.output_prefix == "s3://catalog/daily//cutouts"
+
+
+@pytest.mark.parametrize(
     ("template", "message"),
     [
         ("{kind}.{ext}", "must use {id}"),
