@@ -280,20 +280,19 @@ class ResultStore:
     def release(self, key: str) -> None:
         """Give `key` back once its result is stored or has failed (only this process's own claim)."""
         uri = self.claim_uri(key)
-        # Under the renewals' lock: a renewal in progress never writes a released claim back.
+        # Renewals run under this lock, over the claims held: once `key` is out of them, none writes
+        # it back, so the claim is deleted outside the lock, without holding up other claims.
         with self._held_lock:
             self._held.discard(key)
             if not self._held:
                 self._none_held.set()
-            try:
-                found = self._claim_at(uri)
-                if found is not None and found[0].get("token") == self._claimant["token"]:
-                    # Only our write of it: one that another run took over in between stays.
-                    self.storage.delete_if_unchanged(uri, found[1])
-            except StorageError as exc:
-                log.warning(
-                    "result store claim %s not released (it expires after %s): %s", uri, self.lease, exc
-                )
+        try:
+            found = self._claim_at(uri)
+            if found is not None and found[0].get("token") == self._claimant["token"]:
+                # Only our write of it: one that another run took over in between stays.
+                self.storage.delete_if_unchanged(uri, found[1])
+        except StorageError as exc:
+            log.warning("result store claim %s not released (it expires after %s): %s", uri, self.lease, exc)
 
     def _claim_body(self) -> bytes:
         return json.dumps({**self._claimant, "claimed_at": _now().isoformat()}).encode()
