@@ -281,6 +281,7 @@ FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(PipelineConfig)
 REQUIRED_FIELDS = ("manifest_uri", "output_prefix", "output_manifest_uri")
 # Object stores whose URIs name a bucket (or container), then a key.
 _BUCKET_SCHEMES = ("s3", "gs", "az", "azure")
+_QUERY_OR_FRAGMENT = frozenset("?#")
 _TEMPLATE_FIELDS = {"id", "kind", "suffix", "ext"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -360,6 +361,12 @@ def _problems(config: PipelineConfig) -> list[str]:
     for name in ("output_prefix", "cache_prefix", "staging_prefix"):
         if (problem := _bucket_prefix_problem(getattr(config, name))) is not None:
             problems.append(f"{name} {problem}")
+    template = config.output_key_template
+    if scheme_of(config.output_prefix or "") in _BUCKET_SCHEMES and _QUERY_OR_FRAGMENT & set(template):
+        problems.append(
+            f"output_key_template {template!r} holds '?' or '#', which some clients read as a query or a "
+            "fragment of the object store's URIs"
+        )
     if comparable_uri(config.output_manifest_uri) == comparable_uri(config.manifest_uri):
         problems.append(
             f"output_manifest_uri is the input manifest {config.manifest_uri}; write the enriched "
@@ -375,15 +382,18 @@ def _bucket_prefix_problem(prefix: str | None) -> str | None:
     """Why an object store prefix names no one key prefix to every client, if so.
 
     `s3://b//out` is the key `/out/...` to smart_open's S3 reads and writes but `out/...` to a
-    listing or a HEAD; `?` and `#` are a query and a fragment to some clients and part of the key to
-    others. Objects written there would never be found again (every run would bill them anew).
+    listing or a HEAD (GCS and Azure clients all drop that `/`); `?` and `#` are a query and a
+    fragment to some clients and part of the key to others. Objects written there would never be
+    found again: every run would bill them anew.
     """
     if not prefix or scheme_of(prefix) not in _BUCKET_SCHEMES:
         return None
-    after_bucket = prefix.split("://", 1)[1].partition("/")[2]
-    if after_bucket.startswith("/"):
+    scheme, separator, rest = prefix.partition("://")
+    if not separator:
+        return f"{prefix} names no bucket: write it as {scheme}://bucket/folder"
+    if scheme.lower() == "s3" and rest.partition("/")[2].rstrip("/").startswith("/"):
         return f"{prefix} has an empty folder name right after its bucket: write it with one '/'"
-    if "?" in prefix or "#" in prefix:
+    if _QUERY_OR_FRAGMENT & set(prefix):
         return f"{prefix} holds '?' or '#', which some clients read as a query or a fragment"
     return None
 

@@ -76,9 +76,10 @@ def test_a_bad_value_is_refused_naming_the_setting() -> None:
     ("setting", "prefix", "message"),
     [
         ("output_prefix", "s3://catalog//cutouts", "empty folder name right after its bucket"),
-        ("cache_prefix", "gs://catalog//cache", "empty folder name right after its bucket"),
+        ("cache_prefix", "s3://catalog///cache", "empty folder name right after its bucket"),
         ("staging_prefix", "az://catalog/staging?v=1", "holds '?' or '#'"),
-        ("output_prefix", "s3://catalog/cutouts#today", "holds '?' or '#'"),
+        ("output_prefix", "gs://catalog/cutouts#today", "holds '?' or '#'"),
+        ("output_prefix", "s3:catalog/cutouts", "names no bucket"),
     ],
 )
 def test_an_object_store_prefix_that_clients_would_read_as_different_keys_is_refused(
@@ -90,10 +91,21 @@ def test_an_object_store_prefix_that_clients_would_read_as_different_keys_is_ref
     assert message in str(refused.value)
 
 
-def test_a_double_slash_deeper_in_an_object_store_prefix_is_accepted() -> None:
-    config = PipelineConfig(**{**URIS, "output_prefix": "s3://catalog/daily//cutouts"})
+@pytest.mark.parametrize(
+    "prefix",
+    ["s3://catalog/daily//cutouts", "s3://catalog//", "gs://catalog//cutouts", "az://catalog//cutouts"],
+)
+def test_an_object_store_prefix_every_client_reads_as_one_key_prefix_is_accepted(prefix: str) -> None:
+    config = PipelineConfig(**{**URIS, "output_prefix": prefix})
 
-    assert config.output_prefix == "s3://catalog/daily//cutouts"
+    assert config.output_prefix == prefix
+
+
+def test_an_output_key_template_with_a_query_or_fragment_character_is_refused_for_an_object_store() -> None:
+    with pytest.raises(ConfigurationError, match=re.escape("output_key_template '{id}#{kind}.{ext}' holds")):
+        PipelineConfig(
+            **{**URIS, "output_prefix": "s3://catalog/cutouts"}, output_key_template="{id}#{kind}.{ext}"
+        )
 
 
 @pytest.mark.parametrize(
