@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from removebg_provider.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RECORDS_PER_REQUEST
 from removebg_provider.vocabulary import DEFAULT_MODE
@@ -266,6 +267,29 @@ def test_a_second_day_bills_only_its_new_image(server: LocalApiServer, tmp_path:
     billed = _day(server, tmp_path, photos, "tuesday")
 
     assert billed == 1
+
+
+def test_a_second_day_bills_exactly_its_changed_and_new_images_and_shows_no_stale_cutout(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    photos = _photos(tmp_path, 4)
+    _day(server, tmp_path, photos[:3], "monday")
+    Path(str(photos[1])).write_bytes(sample_photo(90, 40))
+
+    billed = _day(server, tmp_path, photos, "tuesday")
+
+    rows = pq.read_table(tmp_path / "tuesday.enriched.parquet").to_pylist()
+    assert billed == 2
+    assert [Image.open(row["removebg_output_url"]).width for row in rows] == [48, 90, 50, 51]
+
+
+def test_repeating_a_day_bills_nothing(server: LocalApiServer, tmp_path: Path) -> None:
+    photos = _photos(tmp_path, 3)
+    _day(server, tmp_path, photos, "tuesday")
+
+    billed = _day(server, tmp_path, photos, "tuesday-again")
+
+    assert billed == 0
 
 
 def test_no_cache_sends_every_image_again(server: LocalApiServer, tmp_path: Path) -> None:

@@ -216,7 +216,7 @@ def test_retried_shard_resumes_without_billing_finished_batches(
     assert statuses.count(200) == PHOTOS
 
 
-def test_day_two_of_the_dag_bills_only_the_changed_and_new_images_into_its_own_dated_prefix(
+def test_the_dag_bills_the_changed_and_new_images_of_day_two_into_its_dated_prefix_and_day_three_nothing(
     tmp_path: Path, airflow_home: Path
 ) -> None:
     photos = tmp_path / "photos"
@@ -225,6 +225,8 @@ def test_day_two_of_the_dag_bills_only_the_changed_and_new_images_into_its_own_d
         (photos / f"p{index}.jpg").write_bytes(sample_photo(60 + index, 40, "JPEG"))
     _daily_manifest(tmp_path / "manifests" / "2024-06-01" / "products.csv", photos, 6)
     _daily_manifest(tmp_path / "manifests" / "2024-06-02" / "products.csv", photos, 7)
+    # Day three: the catalog of day two, unchanged.
+    _daily_manifest(tmp_path / "manifests" / "2024-06-03" / "products.csv", photos, 7)
     conf = {
         "manifest_uri": str(tmp_path / "manifests" / "{{ ds }}" / "products.csv"),
         "output_prefix": str(tmp_path / "cutouts" / "{{ ds }}"),
@@ -240,9 +242,13 @@ def test_day_two_of_the_dag_bills_only_the_changed_and_new_images_into_its_own_d
         server.reset_stats()
         result = dags_test("catalog_remove_background", conf, env, logical_date="2024-06-02")
         billed = server.stats()["records_billed"]
+        server.reset_stats()
+        day_three = dags_test("catalog_remove_background", conf, env, logical_date="2024-06-03")
+        billed_on_day_three = server.stats()["records_billed"]
 
     assert "state=success" in result.stdout, result.stdout[-3000:]
-    assert billed == 2
+    assert "state=success" in day_three.stdout, day_three.stdout[-3000:]
+    assert (billed, billed_on_day_three) == (2, 0)
     rows = {
         row["sku"]: row for row in pq.read_table(tmp_path / "enriched" / "2024-06-02.parquet").to_pylist()
     }
