@@ -50,7 +50,7 @@ from typing import Any
 
 from removebg_provider.errors import MissingObjectError, StorageError
 from removebg_provider.pipeline.config import PipelineConfig
-from removebg_provider.storage import Storage, comparable_uri, join_uri, scheme_of
+from removebg_provider.storage import Storage, comparable_uri, join_uri
 from removebg_provider.vocabulary import CUTOUT, DEFAULT_IMAGE_FORMAT
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,6 @@ class ResultStore:
         self.prefix = prefix.rstrip("/")
         self.storage = storage
         self.lease = lease
-        self._releases_under_lock = scheme_of(self.prefix) == "file"
         self._claimant = {
             "holder": holder,
             "host": socket.gethostname(),
@@ -282,20 +281,11 @@ class ResultStore:
         """Give `key` back once its result is stored or has failed (only this process's own claim)."""
         uri = self.claim_uri(key)
         # Renewals run under this lock, over the claims held: once `key` is out of them, none writes
-        # it back. On an object store the claim is then deleted outside the lock: two round trips
-        # that must not hold up every other release of the process. On local disk it is a few
-        # system calls, deleted under the lock: the releases of many threads then queue instead of
-        # contending for the interpreter (less CPU in alternated runs, BENCHMARKS).
+        # it back, so the claim is deleted outside the lock, without holding up other claims.
         with self._held_lock:
             self._held.discard(key)
             if not self._held:
                 self._none_held.set()
-            if self._releases_under_lock:
-                self._delete_own_claim(uri)
-                return
-        self._delete_own_claim(uri)
-
-    def _delete_own_claim(self, uri: str) -> None:
         try:
             found = self._claim_at(uri)
             if found is not None and found[0].get("token") == self._claimant["token"]:
