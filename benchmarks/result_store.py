@@ -179,15 +179,13 @@ def main() -> int:
     if args.skip_daily and args.write_doc:
         parser.error("--write-doc needs the daily run: leave out --skip-daily")
     load_before = load_average()
-    if args.skip_daily:
-        with tempfile.TemporaryDirectory(prefix="removebg-emulators-") as log_dir:
-            rates = listing_fingerprints(args.objects, Path(log_dir), args.stores.split(","))
-        print(f"{machine()}; load average {load_before} before, {load_average()} after", rates, sep="\n")
-        return 0
-    daily = daily_run(args.rows)
+    daily = None if args.skip_daily else daily_run(args.rows)
     with tempfile.TemporaryDirectory(prefix="removebg-emulators-") as log_dir:
         rates = listing_fingerprints(args.objects, Path(log_dir), args.stores.split(","))
     load_after = load_average()
+    if daily is None:
+        print(f"{machine()}; load average {load_before} before, {load_after} after", rates, sep="\n")
+        return 0
     per_row = {name: count / args.rows for name, count in sorted(daily["calls"].items())}
     print(daily, rates, per_row, sep="\n")
     if args.write_doc:

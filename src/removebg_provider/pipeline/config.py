@@ -362,7 +362,7 @@ def _problems(config: PipelineConfig) -> list[str]:
         if (problem := _bucket_prefix_problem(getattr(config, name))) is not None:
             problems.append(f"{name} {problem}")
     template = config.output_key_template
-    if scheme_of(config.output_prefix or "") in _BUCKET_SCHEMES and _QUERY_OR_FRAGMENT & set(template):
+    if scheme_of(config.output_prefix) in _BUCKET_SCHEMES and _QUERY_OR_FRAGMENT & set(template):
         problems.append(
             f"output_key_template {template!r} holds '?' or '#', which some clients read as a query or a "
             "fragment of the object store's URIs"

@@ -17,7 +17,13 @@ from typing import IO, Any
 
 from removebg_provider.errors import StorageError
 from removebg_provider.storage.base import POOL_CONNECTIONS, Backend, Described, register, unless_changed
-from removebg_provider.storage.sdk_errors import looks_missing, missing_errors, short_error, storage_errors
+from removebg_provider.storage.sdk_errors import (
+    error_code,
+    looks_missing,
+    missing_errors,
+    short_error,
+    storage_errors,
+)
 from removebg_provider.storage.uris import (
     bucket_and_folder,
     bucket_and_key,
@@ -264,7 +270,7 @@ class S3Backend(_OneClientBackend):
             self._client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except storage_errors() as exc:
             # 412: the object exists; 409: a concurrent conditional write to the same key won.
-            if _error_code(exc) in _CHANGED_CODES:
+            if error_code(exc) in _CHANGED_CODES:
                 return False
             raise StorageError(f"cannot create {uri}: {short_error(exc)}") from exc
         return True
@@ -307,7 +313,7 @@ class S3Backend(_OneClientBackend):
             request()
         except storage_errors() as exc:
             # 412: another revision is there; 409: a concurrent write won; 404: it went.
-            if _error_code(exc) in (*_CHANGED_CODES, "NoSuchKey", "404"):
+            if error_code(exc) in (*_CHANGED_CODES, "NoSuchKey", "404"):
                 return False
             raise StorageError(f"cannot {action} {uri}: {short_error(exc)}") from exc
         return True
@@ -489,11 +495,6 @@ def _gcs_fingerprint(uri: str, blob: Any) -> str:
 
 def _gcs_version(blob: Any) -> str:
     return f"generation:{blob.generation}"
-
-
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
 
 
 def _s3_fingerprint(etag: str, size: int) -> str:

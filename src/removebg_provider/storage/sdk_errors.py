@@ -64,14 +64,18 @@ def says_missing(exc: BaseException) -> bool:
     By the error's type or S3's error code, never by its text, which names the object (a key may
     hold "404"). smart_open raises OSError from botocore's NoSuchKey.
     """
-    for error in (exc, exc.__cause__):
-        if isinstance(error, missing_errors()):
-            return True
-        # botocore's ClientError carries a dict; other SDKs' `response` is an HTTP response.
-        response = getattr(error, "response", None)
-        if isinstance(response, dict) and response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return True
-    return False
+    return any(
+        isinstance(error, missing_errors()) or error_code(error) in ("NoSuchKey", "404")
+        for error in (exc, exc.__cause__)
+        if error is not None
+    )
+
+
+def error_code(exc: BaseException) -> str:
+    """The error code of a botocore ClientError ("NoSuchKey", "PreconditionFailed"...); "" for others."""
+    # botocore's ClientError carries a dict; other SDKs' `response` is an HTTP response.
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 def looks_missing(exc: BaseException) -> bool:
