@@ -337,6 +337,59 @@ def test_a_run_sends_one_shards_batches_together_then_the_next_shards(
     assert turns <= 3, shard_of_each_request
 
 
+class _StorageHoldingOutputs(Storage):
+    """Local storage whose writes of some rows' cutouts wait until `release` is set (at most 30 s)."""
+
+    def __init__(self, held_ids: set[str], release: threading.Event) -> None:
+        super().__init__()
+        self.held_ids = held_ids
+        self.release = release
+        self.released_in_time: list[bool] = []
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if Path(uri).name.split(".")[0] in self.held_ids and "/cutouts/" in uri:
+            self.released_in_time.append(self.release.wait(timeout=30))
+        super().write_bytes(uri, data)
+
+
+class _ClientNoticing(RemoveBgClient):
+    """A real client that sets `noticed` once it sends one of `ids`."""
+
+    def __init__(self, *args: object, ids: set[str], noticed: threading.Event, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.ids = ids
+        self.noticed = noticed
+
+    def remove_batch(self, records, options=None):  # type: ignore[no-untyped-def]
+        if any(record.id in self.ids for record in records):
+            self.noticed.set()
+        return super().remove_batch(records, options or pipeline.RemovalOptions())
+
+
+@pytest.mark.usefixtures("billed")
+def test_a_run_sends_the_next_shards_requests_while_earlier_shards_still_copy(
+    server: LocalApiServer, tmp_path: Path
+) -> None:
+    # The last copies of the first two shards wait for a request of the third: a run that read
+    # its next shard only once an earlier shard was done would leave the API idle here (and the
+    # held copies would wait out their 30 s).
+    ids = [f"p{index:02d}" for index in range(12)]
+    manifest = _write_manifest(
+        tmp_path / "m.parquet", {"sku": ids, "image_url": _photos(tmp_path / "photos", 12)}
+    )
+    config = pipeline_config(
+        tmp_path, manifest, id_column="sku", shard_size=4, max_records_per_request=1, concurrency=1
+    )
+    third_shard_sent = threading.Event()
+    storage = _StorageHoldingOutputs({"p03", "p07"}, third_shard_sent)
+
+    with _ClientNoticing(server.base_url, server.token, ids=set(ids[8:]), noticed=third_shard_sent) as client:
+        summary = pipeline.run(config, client, storage)
+
+    assert summary.succeeded == 12
+    assert storage.released_in_time == [True, True]
+
+
 @pytest.mark.usefixtures("billed")
 def test_rows_with_the_same_image_are_sent_once_and_share_the_result(
     server: LocalApiServer, tmp_path: Path

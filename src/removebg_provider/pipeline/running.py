@@ -7,17 +7,18 @@ import dataclasses
 import threading
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any
 
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.errors import BudgetExceededError, RunStoppedError
 from removebg_provider.outputs import OutputCopier
+from removebg_provider.pipeline.budget import Budget
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.merging import merge
 from removebg_provider.pipeline.planning import Plan, plan
 from removebg_provider.pipeline.results import BillingEstimate, RunSummary
 from removebg_provider.pipeline.shard import (
-    Budget,
     ShardWork,
     check_client_agrees,
     process_shard,
@@ -27,7 +28,9 @@ from removebg_provider.progress import ProgressCallback
 from removebg_provider.storage import Storage
 from removebg_provider.vocabulary import RowStatus
 
-_SHARDS_SIDE_BY_SIDE = 2
+# Shards whose batches wait in the batch workers' queue at once: while one shard's batches are
+# being taken, the next shard's are queued behind them.
+_SHARDS_QUEUED = 2
 
 
 def estimate_billing(plan_: Plan, storage: Storage) -> BillingEstimate:
@@ -72,9 +75,10 @@ def run(
 ) -> RunSummary:
     """Plan, process every shard and merge: the whole pipeline in one process (the CLI's path).
 
-    Two shards are processed side by side, sharing `concurrency` request slots and one set of batch
-    workers that takes each shard's batches together, in turn: while one shard's last batches run,
-    the next shard is read and its batches queue behind them, so the API stays busy between shards.
+    Shards share `concurrency` request slots and one set of batch workers that takes each shard's
+    batches together, in turn. Two shards' batches are queued at a time, and the next shard is read
+    as soon as the last batch of an earlier one has started, while that shard is still copying its
+    outputs: the queue never runs dry between shards, so the API stays busy to the last round.
     The failure policy is applied once, run-wide.
     Connection-level settings the config leaves unset are taken from the client's.
 
@@ -119,41 +123,70 @@ def _process_shards(
     on_progress: ProgressCallback | None,
     stop: threading.Event,
 ) -> None:
-    """Every shard of `plan_`, two side by side, sharing request slots, batch workers and a budget."""
+    """Every shard of `plan_`, sharing request slots, batch workers and a budget, two shards queued."""
     concurrency = plan_.config.requests_in_flight
     budget = Budget(plan_.config.max_billable_records)
     slots = threading.Semaphore(concurrency)
-    # As many batch workers as the shards side by side would have of their own: while copies are
-    # slow (a busy disk syncing every file), more of them overlap the requests. Each may be
-    # downloading, so the copier keeps a connection for each.
-    workers = _SHARDS_SIDE_BY_SIDE * WORKERS_PER_SLOT * concurrency
+    # As many batch workers as the queued shards would have of their own: while copies are slow (a
+    # busy disk syncing every file), more of them overlap the requests. Each may be downloading, so
+    # the copier keeps a connection for each.
+    workers = _SHARDS_QUEUED * WORKERS_PER_SLOT * concurrency
     copier = OutputCopier(storage, pool_size=workers)
+    queued = threading.Semaphore(_SHARDS_QUEUED)
     try:
         with (
-            ThreadPoolExecutor(_SHARDS_SIDE_BY_SIDE, thread_name_prefix="removebg-shard") as shards,
+            # A thread per shard still running: at most the queued shards and those still copying.
+            ThreadPoolExecutor(max(1, len(plan_.shards)), thread_name_prefix="removebg-shard") as shards,
             contextlib.closing(BatchWorkers(workers)) as batches,
         ):
-            futures = [
-                shards.submit(
-                    process_shard,
-                    shard,
-                    plan_,
-                    client,
-                    storage,
-                    copier=copier,
-                    budget=budget,
-                    on_progress=on_progress,
-                    request_slots=slots,
-                    batch_workers=batches,
-                    stop=stop,
+            futures: list[Future[RunSummary]] = []
+            for shard in plan_.shards:
+                queued.acquire()
+                if any(future.done() and future.exception() is not None for future in futures):
+                    break
+                futures.append(
+                    shards.submit(
+                        _process_queued_shard,
+                        queued,
+                        shard,
+                        plan_,
+                        client,
+                        storage,
+                        copier=copier,
+                        budget=budget,
+                        on_progress=on_progress,
+                        request_slots=slots,
+                        batch_workers=batches,
+                        stop=stop,
+                    )
                 )
-                for shard in plan_.shards
-            ]
-            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in pending:
-                future.cancel()
+            wait(futures, return_when=FIRST_EXCEPTION)
             for future in futures:
-                if not future.cancelled():
+                if future.done():
                     future.result()
     finally:
         copier.close()
+
+
+def _process_queued_shard(queued: threading.Semaphore, *args: Any, **kwargs: Any) -> RunSummary:
+    """`process_shard`, giving back its place in `queued` once its batches have all started, or it ended."""
+    place = _Place(queued)
+    try:
+        return process_shard(*args, all_batches_started=place.give_back, **kwargs)
+    finally:
+        place.give_back()
+
+
+class _Place:
+    """A place taken from a semaphore, given back once however often it is given back."""
+
+    def __init__(self, semaphore: threading.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = True
+        self._lock = threading.Lock()
+
+    def give_back(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._semaphore.release()

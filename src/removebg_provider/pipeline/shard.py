@@ -9,12 +9,11 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, wait
 from http import HTTPStatus
 from typing import Any, NamedTuple
 
-from removebg_provider import quality
 from removebg_provider.client import ImageRecord, RecordResult, RemoveBgClient
 from removebg_provider.errors import (
     ApiRequestError,
@@ -26,6 +25,7 @@ from removebg_provider.errors import (
 )
 from removebg_provider.outputs import OutputCopier
 from removebg_provider.pipeline import store_index
+from removebg_provider.pipeline.budget import Budget
 from removebg_provider.pipeline.checkpoints import ShardStaging, now
 from removebg_provider.pipeline.config import PipelineConfig
 from removebg_provider.pipeline.lookups import ShardLookups
@@ -48,30 +48,12 @@ from removebg_provider.vocabulary import CUTOUT, MASK, RowStatus
 
 log = logging.getLogger(__name__)
 
-# Result store entries read and checked side by side (small GETs and HEADs).
 REUSED_TEXT = "OK (reused from the result store: same image content and options, not sent again)"
 
 Row = dict[str, Any]
 
 STOPPED_TEXT = "not processed: the run was stopped"
 STOPPED_ERROR = "not sent: the run was stopped before this row's request; run again to finish it"
-
-
-class Budget:
-    """A thread-safe cap on the records one process may send to the API."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.used = 0
-        self._lock = threading.Lock()
-
-    def reserve(self, count: int) -> bool:
-        """Take `count` records from the budget; False (and nothing taken) when they do not fit."""
-        with self._lock:
-            if self.limit is not None and self.used + count > self.limit:
-                return False
-            self.used += count
-            return True
 
 
 def process_shard(
@@ -86,6 +68,7 @@ def process_shard(
     request_slots: threading.Semaphore | None = None,
     batch_workers: BatchWorkers | None = None,
     stop: threading.Event | None = None,
+    all_batches_started: Callable[[], None] | None = None,
 ) -> RunSummary:
     """Remove the backgrounds of one shard's rows, copy the outputs and store the shard's results.
 
@@ -100,7 +83,8 @@ def process_shard(
     `batch_workers`, shared the same way, run their batches shard after shard (the shard's own
     `WORKERS_PER_SLOT x concurrency` threads when not given). Once `stop` is set no new request
     starts: requests in flight finish and are checkpointed, and the rows not reached get status
-    499 (`RowStatus.STOPPED`) in the stored results.
+    499 (`RowStatus.STOPPED`) in the stored results. `all_batches_started` is called once the last
+    of the shard's batches has started, while they may still be copying: a run reads its next shard then.
     """
     config = plan_.config
     check_client_agrees(config, client)
@@ -109,7 +93,16 @@ def process_shard(
     copier = copier or OutputCopier(storage, pool_size=WORKERS_PER_SLOT * config.requests_in_flight)
     budget = budget or Budget(config.max_billable_records)
     try:
-        results = work.run(client, copier, budget, on_progress, request_slots, batch_workers, stop=stop)
+        results = work.run(
+            client,
+            copier,
+            budget,
+            on_progress,
+            request_slots,
+            batch_workers,
+            stop=stop,
+            all_batches_started=all_batches_started,
+        )
     finally:
         if owned_copier:
             copier.close()
@@ -203,8 +196,12 @@ class ShardWork:
         batch_workers: BatchWorkers | None = None,
         *,
         stop: threading.Event | None = None,
+        all_batches_started: Callable[[], None] | None = None,
     ) -> dict[int, RowResult]:
-        """Finish every row that still needs work; results by row number (499 for rows `stop` kept back)."""
+        """Finish every row that still needs work; results by row number (499 for rows `stop` kept back).
+
+        `all_batches_started` is called once the last of the shard's batches has started.
+        """
         results: dict[int, RowResult] = {}
         todo: list[Row] = []
         copy_only: list[Row] = []
@@ -250,7 +247,8 @@ class ShardWork:
             futures = workers.queue(
                 [functools.partial(self._copy_answered, batch, copier, progress) for batch in to_copy]
                 + [functools.partial(self._reuse_batch, batch, stored, *sending) for batch in to_reuse]
-                + [functools.partial(self._process_batch, batch, *sending) for batch in to_send]
+                + [functools.partial(self._process_batch, batch, *sending) for batch in to_send],
+                all_started=all_batches_started,
             )
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
@@ -628,6 +626,9 @@ class ShardWork:
             return self._copy_failed(api_result, exc)
         copied = dataclasses.replace(base, outputs=destinations)
         if self.config.quality_check:
+            # Imported at the first copy (OpenCV and Pillow, 0.1 s), not before the first request.
+            from removebg_provider import quality
+
             verdict = quality.assess(data.get(CUTOUT.name), data.get(MASK.name))
             copied = dataclasses.replace(
                 copied, foreground_fraction=verdict.foreground_fraction, quality_flags=verdict.flags

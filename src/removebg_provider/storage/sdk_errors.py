@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 
 # The first call imports the SDKs; threads asking at once wait for it (see `_sdk_errors`).
@@ -26,12 +25,19 @@ def _sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExcep
     ("cannot access submodule 'core' of module 'azure'"), and a run's lookup threads all reach
     their first failed read together.
     """
-    with _FIRST_CALL:
-        return _imported_sdk_errors()
+    global _IMPORTED
+    # Every write asks; only the first calls take the lock, so 100 threads never queue on it.
+    if _IMPORTED is None:
+        with _FIRST_CALL:
+            if _IMPORTED is None:
+                _IMPORTED = _import_sdk_errors()
+    return _IMPORTED
 
 
-@functools.cache
-def _imported_sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+_IMPORTED: tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]] | None = None
+
+
+def _import_sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     # smart_open raises NotImplementedError for a scheme it has no transport for.
     failures: list[type[BaseException]] = [OSError, ValueError, NotImplementedError]
     missing: list[type[BaseException]] = [FileNotFoundError]
