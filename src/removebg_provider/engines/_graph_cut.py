@@ -7,6 +7,8 @@ import math
 import cv2
 import numpy as np
 
+from removebg_provider.engines._regions import regions
+
 # Pixels GrabCut's k-means fits its first colour models to (a regular sample of the cut's crop).
 _MODEL_SAMPLES = 10_000
 # Backdrop GrabCut sees beyond the band it re-decides, in band widths: enough for its backdrop colour
@@ -23,16 +25,16 @@ def clean(foreground: np.ndarray) -> np.ndarray:
     h, w = foreground.shape
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
     mask = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN, kernel)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    count, labels, areas = regions(mask, connectivity=8)
     if count <= 1:
         return np.zeros((h, w), bool)
-    area = stats[1:, cv2.CC_STAT_AREA]
+    area = areas[1:]
     keep = np.zeros(count, bool)
     keep[1:] = (area >= 0.05 * area.max()) & (area >= max(16, 0.001 * h * w))
     mask = keep[labels]
     holes = ~mask
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(holes.astype(np.uint8), connectivity=4)
-    small = stats[:, cv2.CC_STAT_AREA] < max(4, int(0.0005 * h * w))
+    _, labels, areas = regions(holes, connectivity=4)
+    small = areas < max(4, int(0.0005 * h * w))
     small[0] = False
     return mask | (small[labels] & holes)
 

@@ -58,31 +58,50 @@ def _solve_symmetric_3x3(m: dict[tuple[int, int], np.ndarray], v: list[np.ndarra
 
 
 def apply_coefficients(rgb: np.ndarray, coefficients: np.ndarray, colour: bool) -> np.ndarray:
-    """Evaluate the upsampled coefficients on the full-resolution guide; return a uint8 matte."""
+    """Evaluate the upsampled coefficients on the full-resolution guide; return a uint8 matte.
+
+    The guide enters as its uint8 levels and b is taken in alpha levels, so a * level + b is the alpha
+    level itself: no full-resolution pixel is scaled to 0..1 and back. Upsampling, products and the
+    rounding conversion run in OpenCV, which makes this about twice as fast as the same sums in numpy.
+    """
     h, w = rgb.shape[:2]
     ch, cw = coefficients.shape[:2]
-    channels = coefficients.shape[2] - 1
+    if colour:
+        # Multiplied by (R, G, B, 255): the fourth product is b in alpha levels.
+        planes = [coefficients]
+    else:
+        # One plane each: OpenCV's vectorised bilinear warp takes 1, 3 or 4 channels, not 2.
+        planes = [np.ascontiguousarray(coefficients[..., 0]), coefficients[..., 1] * np.float32(255)]
     alpha = np.empty((h, w), np.uint8)
-    map_x = ((np.arange(w, dtype=np.float32) + 0.5) * (cw / w) - 0.5)[None, :]
     rows = max(1, _STRIP_PIXELS // w)
+    nothing = np.zeros((rows, w), np.float32)
+    sx, sy = cw / w, ch / h
     for top in range(0, h, rows):
         bottom = min(h, top + rows)
-        map_y = ((np.arange(top, bottom, dtype=np.float32) + 0.5) * (ch / h) - 0.5)[:, None]
-        xs, ys = np.broadcast_to(map_x, (bottom - top, w)), np.broadcast_to(map_y, (bottom - top, w))
-        coef = cv2.remap(
-            coefficients,
-            np.ascontiguousarray(xs),
-            np.ascontiguousarray(ys),
-            cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_REPLICATE,
-        )
-        if coef.ndim == 2:
-            coef = coef[..., None]
-        guide = _guide(rgb[top:bottom], colour)
-        value = coef[..., channels].copy()
-        for c in range(channels):
-            value += coef[..., c] * guide[..., c]
-        alpha[top:bottom] = np.clip(value * 255 + 0.5, 0, 255).astype(np.uint8)
+        # Pixel centres of this strip mapped onto the coefficient grid, as `cv2.resize` maps them.
+        to_source = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, (top + 0.5) * sy - 0.5]])
+        up = [
+            cv2.warpAffine(
+                plane,
+                to_source,
+                (w, bottom - top),
+                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                borderMode=cv2.BORDER_REPLICATE,
+            )
+            for plane in planes
+        ]
+        strip = rgb[top:bottom]
+        if colour:
+            products = cv2.multiply(up[0], cv2.cvtColor(strip, cv2.COLOR_RGB2RGBA), dtype=cv2.CV_32F)
+            value = products.reshape(-1, 4) @ np.ones(4, np.float32)
+            # Adding nothing with a uint8 result: clipping to 0..255 and rounding, in one pass.
+            alpha[top:bottom] = cv2.add(
+                value.reshape(bottom - top, w), nothing[: bottom - top], dtype=cv2.CV_8U
+            )
+        else:
+            grey = cv2.cvtColor(strip, cv2.COLOR_RGB2GRAY)
+            value = cv2.multiply(up[0], grey, dtype=cv2.CV_32F)
+            alpha[top:bottom] = cv2.add(value, up[1], dtype=cv2.CV_8U)  # clipped and rounded
     return alpha
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -11,6 +12,7 @@ import numpy as np
 from removebg_provider.engines import MODES, Mode
 from removebg_provider.engines._graph_cut import clean, graph_cut
 from removebg_provider.engines._guided import apply_coefficients, guided_coefficients
+from removebg_provider.engines._regions import regions
 
 # Rounds of flood-then-refit; each lets the backdrop model follow gradients further inwards.
 _ROUNDS = 3
@@ -130,6 +132,7 @@ class _Photo:
 
     rgb: np.ndarray  # the reduced photo, uint8
     img: np.ndarray  # lightly smoothed, float32
+    channels: Sequence[np.ndarray]  # `img`'s planes, contiguous: per-pixel colour arithmetic runs on them
     border: np.ndarray
     surface: np.ndarray  # the backdrop model fitted to the border
     noise: float  # colour noise of the backdrop along the border
@@ -139,10 +142,19 @@ class _Photo:
     @classmethod
     def of(cls, rgb: np.ndarray) -> _Photo:
         h, w = rgb.shape[:2]
-        img = cv2.GaussianBlur(rgb, (3, 3), 0).astype(np.float32)
+        levels = cv2.GaussianBlur(rgb, (3, 3), 0)
+        img = levels.astype(np.float32)
         border = _border_mask(h, w)
         surface = _fill_in(img, border)
-        return cls(rgb, img, border, surface, _noise(img, surface, border), _OutlineParts.of(img, border))
+        return cls(
+            rgb,
+            img,
+            cv2.split(img),
+            border,
+            surface,
+            _noise(img, surface, border),
+            _OutlineParts.of(levels, img, border),
+        )
 
     def edges(self, sensitivity: Sensitivity) -> np.ndarray:
         """Sharp-edge pixels: product outlines stop the backdrop flood, soft shadow borders do not."""
@@ -190,7 +202,7 @@ def _cut(
 
 def _recheck(photo: _Photo, mask: np.ndarray, foreground: np.ndarray, params: ModeParams) -> np.ndarray:
     """Precise mode's second opinions on a cut: a faint product missed, a shadow kept, backdrop inside."""
-    small, img = photo.rgb, photo.img
+    small = photo.rgb
     faint = _segment(photo, FAINT)
     differs = np.count_nonzero(faint != mask) > _FAINT_DIFFERENCE * mask.size
     second = _cut(small, faint, params.grabcut_iterations, params.cut_band) if differs else foreground
@@ -208,8 +220,8 @@ def _recheck(photo: _Photo, mask: np.ndarray, foreground: np.ndarray, params: Mo
         return foreground
     tolerance = max(NORMAL.min_tolerance, 3.5 * photo.noise)
     barrier = photo.edges(NORMAL)
-    foreground = _without_shadow(small, img, mask, foreground, barrier, tolerance, params)
-    return foreground & ~_backdrop_left_in(img, foreground, barrier, tolerance)
+    foreground = _without_shadow(photo, mask, foreground, barrier, tolerance, params)
+    return foreground & ~_backdrop_left_in(photo, foreground, barrier, tolerance)
 
 
 def _outline_support(mask: np.ndarray, edges: np.ndarray) -> float:
@@ -223,8 +235,7 @@ def _outline_support(mask: np.ndarray, edges: np.ndarray) -> float:
 
 
 def _without_shadow(
-    small: np.ndarray,
-    img: np.ndarray,
+    photo: _Photo,
     mask: np.ndarray,
     foreground: np.ndarray,
     barrier: np.ndarray,
@@ -239,13 +250,11 @@ def _without_shadow(
     The two are told apart by what the second cut drops: a shadow fades into the backdrop, so few of
     its edges towards the backdrop are sharp; a product's outline is sharp nearly all round.
     """
-    expected = _backdrop_around(img, mask)
-    factor = _dot(img, expected) / np.maximum(_dot(expected, expected), 1.0)
-    off = img - factor[..., None] * expected
-    shade = mask & (factor > 0.35) & (factor < _SHADE_FACTOR) & (_dot(off, off) < tolerance * tolerance)
+    factor, off_axis = _scaled_copy(photo.channels, cv2.split(_backdrop_around(photo.img, mask)))
+    shade = mask & (factor > 0.35) & (factor < _SHADE_FACTOR) & (off_axis < tolerance * tolerance)
     if not shade.any():
         return foreground
-    unshaded = _cut(small, mask, params.grabcut_iterations, params.cut_band, unsure=shade)
+    unshaded = _cut(photo.rgb, mask, params.grabcut_iterations, params.cut_band, unsure=shade)
     dropped = foreground & ~unshaded
     rim = cv2.dilate(dropped.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~foreground
     if not rim.any() or np.mean(barrier[rim]) >= _SHADOW_SOFT:
@@ -283,7 +292,7 @@ def _segment(photo: _Photo, sensitivity: Sensitivity) -> np.ndarray:
     tolerance = max(sensitivity.min_tolerance, 3.5 * photo.noise)
     background = border
     for final in [False] * (_ROUNDS - 1) + [True]:
-        background, lit = _flood_backdrop(img, surface, tolerance, barrier, border, holes=final)
+        background, lit = _flood_backdrop(photo.channels, surface, tolerance, barrier, border, holes=final)
         if final or not lit.any():
             break
         surface = _fill_in(img, lit)
@@ -382,15 +391,17 @@ class _OutlineParts:
     step_noise: float  # median fine-scale gradient along the border
 
     @classmethod
-    def of(cls, img: np.ndarray, border: np.ndarray) -> _OutlineParts:
+    def of(cls, levels: np.ndarray, img: np.ndarray, border: np.ndarray) -> _OutlineParts:
+        """`img` is `levels` (uint8) as float32: filters whose results are whole-level sums or extremes
+        give the same numbers from `levels`, faster."""
         grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
         gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3) / 8
         gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3) / 8
         # Colour edges matter too: a red product on a same-brightness green backdrop has no grey edge.
         colour = (
             np.maximum(
-                _channel_max(np.abs(cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3))),
-                _channel_max(np.abs(cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3))),
+                _channel_max(np.abs(cv2.Sobel(levels, cv2.CV_32F, 1, 0, ksize=3))),
+                _channel_max(np.abs(cv2.Sobel(levels, cv2.CV_32F, 0, 1, ksize=3))),
             )
             / 8
         )
@@ -398,7 +409,7 @@ class _OutlineParts:
         # Sharpness: a step edge climbs most of its local contrast within a pixel or two, a shadow's
         # penumbra spreads the same contrast over many pixels.
         window = np.ones((_SHARPNESS_WINDOW, _SHARPNESS_WINDOW), np.uint8)
-        contrast = _channel_max(cv2.dilate(img, window) - cv2.erode(img, window))
+        contrast = _channel_max(cv2.dilate(levels, window) - cv2.erode(levels, window)).astype(np.float32)
         step_dx, step_dy, step_noise = _step_gradients(img, border)
         return cls(magnitude, magnitude >= _MIN_SHARPNESS * contrast, step_dx, step_dy, step_noise)
 
@@ -447,7 +458,7 @@ def _gradients(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _flood_backdrop(
-    img: np.ndarray,
+    channels: Sequence[np.ndarray],
     surface: np.ndarray,
     tolerance: float,
     barrier: np.ndarray,
@@ -456,12 +467,11 @@ def _flood_backdrop(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Backdrop pixels, and the unshadowed part of them that the backdrop model may learn from."""
     h, w = barrier.shape
-    diff = img - surface
-    exact = _dot(diff, diff) < tolerance * tolerance
+    model = cv2.split(surface)
+    exact = _distance2(channels, model) < tolerance * tolerance
     # A shadow darkens the backdrop by a factor: the pixel is a scaled copy of the surface colour.
-    factor = _dot(img, surface) / np.maximum(_dot(surface, surface), 1.0)
-    off = img - factor[..., None] * surface
-    off_axis = np.sqrt(_dot(off, off))
+    factor, off_axis2 = _scaled_copy(channels, model)
+    off_axis = np.sqrt(off_axis2)
     # Scaled copies of the backdrop: darker is a cast shadow, brighter a spotlight the model missed.
     scaled = (factor > 0.35) & (factor < 1.8) & (off_axis < tolerance * (0.6 + 0.4 * np.minimum(factor, 1.0)))
     scaled &= ~exact
@@ -484,18 +494,18 @@ def _flood_backdrop(
     # such as a ring's centre, when large enough and framed by product. Only the last round looks for
     # them, so a misjudged hole cannot teach the backdrop model the product's colour.
     hole = np.zeros_like(lit)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        ((exact | scaled) & ~barrier & ~lit & ~soft).astype(np.uint8), connectivity=4
-    )
-    candidates = stats[:, cv2.CC_STAT_AREA] >= max(12, int(0.002 * h * w)) if holes else np.zeros(count, bool)
-    for index in np.flatnonzero(candidates):
-        if (
-            index
-            and not (border & (labels == index)).any()
-            and np.mean(exact[labels == index]) >= _HOLE_EXACT
-            and _is_hole(labels, stats[index], int(index), lit | soft, barrier)
-        ):
-            hole |= labels == index
+    if holes:
+        _, labels, areas = regions((exact | scaled) & ~barrier & ~lit & ~soft, connectivity=4)
+        candidates = areas >= max(12, int(0.002 * h * w))
+        candidates[0] = False
+        for index in np.flatnonzero(candidates):
+            region = labels == index
+            if (
+                not (border & region).any()
+                and np.mean(exact[region]) >= _HOLE_EXACT
+                and _is_hole(region, lit | soft, barrier)
+            ):
+                hole |= region
     lit |= hole
     # Walled-off shadow-coloured regions still give up their part near lit backdrop: a shadow inside a
     # ring's hole, or the penumbra of a shadow merged with a grey product through a gap in its outline.
@@ -533,9 +543,15 @@ def _smooth_backdrop(
     flags = 4 | cv2.FLOODFILL_MASK_ONLY | (2 << 8)
     ys, xs = np.nonzero(border)
     # Every third border pixel is seed enough: each fill takes all of its connected smooth region.
-    for y, x in zip(ys[::3].tolist(), xs[::3].tolist(), strict=True):
-        if mask[y + 1, x + 1] == 0:
-            cv2.floodFill(smooth, mask, (x, y), 0, step, step, flags)
+    ys, xs = ys[::3] + 1, xs[::3] + 1
+    # Seeds in order, skipping those a fill has reached: after each fill the rest are checked at once,
+    # as most of the border goes with the first few fills.
+    while True:
+        free = mask[ys, xs] == 0
+        ys, xs = ys[free], xs[free]
+        if not ys.size:
+            break
+        cv2.floodFill(smooth, mask, (int(xs[0]) - 1, int(ys[0]) - 1), 0, step, step, flags)
     extra = (mask[1:-1, 1:-1] == 2) & ~known
     count, labels = cv2.connectedComponents(extra.astype(np.uint8), connectivity=4)
     ring = np.ones((3, 3), np.uint8)
@@ -546,20 +562,19 @@ def _smooth_backdrop(
     return fades[labels]
 
 
-def _is_hole(
-    labels: np.ndarray, box: np.ndarray, index: int, backdrop: np.ndarray, barrier: np.ndarray
-) -> bool:
+def _is_hole(whole: np.ndarray, backdrop: np.ndarray, barrier: np.ndarray) -> bool:
     """Whether an enclosed backdrop-coloured region is see-through (a ring's centre) or product surface.
 
     A hole is framed by product: its outline is sharp nearly all round, and just beyond it lies neither
     backdrop reached from the border nor shadow. A pale product's face has backdrop or shadow just
     beyond its outline; a chrome band that mirrors the backdrop fades into the darker bands beside it.
     """
-    h, w = labels.shape
+    h, w = whole.shape
     reach = _HOLE_FRAME + 2
-    x, y, bw, bh = (int(v) for v in box[:4])
-    y0, y1, x0, x1 = max(0, y - reach), min(h, y + bh + reach), max(0, x - reach), min(w, x + bw + reach)
-    region = (labels[y0:y1, x0:x1] == index).astype(np.uint8)
+    ys, xs = np.nonzero(whole)
+    y0, y1 = max(0, int(ys.min()) - reach), min(h, int(ys.max()) + 1 + reach)
+    x0, x1 = max(0, int(xs.min()) - reach), min(w, int(xs.max()) + 1 + reach)
+    region = whole[y0:y1, x0:x1].astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
     frame = cv2.dilate(region, kernel).astype(bool) & ~region.astype(bool) & ~barrier[y0:y1, x0:x1]
     if not frame.any():
@@ -571,7 +586,7 @@ def _is_hole(
 
 
 def _backdrop_left_in(
-    img: np.ndarray, foreground: np.ndarray, barrier: np.ndarray, tolerance: float
+    photo: _Photo, foreground: np.ndarray, barrier: np.ndarray, tolerance: float
 ) -> np.ndarray:
     """Backdrop still inside a finished mask: see-through holes and the rest of attached cast shadows.
 
@@ -579,10 +594,9 @@ def _backdrop_left_in(
     of a ring. Here the backdrop is interpolated from all around the finished outline instead, which
     follows a gradient, and also a shadow, right up to the product.
     """
-    expected = _backdrop_around(img, foreground)
-    diff = img - expected
-    matches = _dot(diff, diff) < tolerance * tolerance
-    rest = _shadow_rest(img, expected, foreground, barrier, tolerance)
+    expected = cv2.split(_backdrop_around(photo.img, foreground))
+    matches = _distance2(photo.channels, expected) < tolerance * tolerance
+    rest = _shadow_rest(photo.channels, expected, foreground, barrier, tolerance)
     # A shadow's rest is a fringe of the mask; a chrome product mirroring the backdrop is a darker copy
     # of it too, and opens onto it wherever its outline is soft, but it is the bulk of the mask.
     if np.count_nonzero(rest) > _SHADOW_SHARE * np.count_nonzero(foreground):
@@ -603,21 +617,21 @@ def _see_through(foreground: np.ndarray, barrier: np.ndarray, matches: np.ndarra
     its shading, but a see-through hole matches nearly all over.
     """
     h, w = foreground.shape
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        (foreground & ~barrier).astype(np.uint8), connectivity=4
-    )
+    count, labels, areas = regions(foreground & ~barrier, connectivity=4)
     outside = cv2.dilate((~foreground).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    enclosed = stats[:, cv2.CC_STAT_AREA] >= max(12, int(0.002 * h * w))
+    enclosed = areas >= max(12, int(0.002 * h * w))
     enclosed[np.unique(labels[outside])] = False
     enclosed[0] = False
-    matching = np.bincount(labels.ravel(), weights=matches.ravel(), minlength=count) / np.maximum(
-        stats[:, cv2.CC_STAT_AREA], 1
-    )
+    matching = np.bincount(labels.ravel(), weights=matches.ravel(), minlength=count) / np.maximum(areas, 1)
     return (enclosed & (matching > 0.5))[labels]
 
 
 def _shadow_rest(
-    img: np.ndarray, expected: np.ndarray, foreground: np.ndarray, barrier: np.ndarray, tolerance: float
+    channels: Sequence[np.ndarray],
+    expected: Sequence[np.ndarray],
+    foreground: np.ndarray,
+    barrier: np.ndarray,
+    tolerance: float,
 ) -> np.ndarray:
     """Regions of the mask that are a darker copy of the backdrop and open onto it: a shadow's rest.
 
@@ -626,12 +640,9 @@ def _shadow_rest(
     edges; a product face is walled off by its outline nearly all round.
     """
     h, w = foreground.shape
-    factor = _dot(img, expected) / np.maximum(_dot(expected, expected), 1.0)
-    off = img - factor[..., None] * expected
-    shade = (factor > 0.35) & (factor < 1.05) & (_dot(off, off) < tolerance * tolerance)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        (foreground & ~barrier & shade).astype(np.uint8), connectivity=4
-    )
+    factor, off_axis = _scaled_copy(channels, expected)
+    shade = (factor > 0.35) & (factor < 1.05) & (off_axis < tolerance * tolerance)
+    count, labels, areas = regions(foreground & ~barrier & shade, connectivity=4)
     ring = np.ones((3, 3), np.uint8)
     frame = np.zeros((h, w), bool)
     frame[0] = frame[-1] = True
@@ -640,14 +651,30 @@ def _shadow_rest(
     near_open = np.bincount(labels[opening], minlength=count)
     near_wall = np.bincount(labels[cv2.dilate(barrier.astype(np.uint8), ring).astype(bool)], minlength=count)
     rest = (near_open > 0) & (near_open >= _SHADOW_OPEN * near_wall)
-    rest &= stats[:, cv2.CC_STAT_AREA] >= max(12, int(0.002 * h * w))
+    rest &= areas >= max(12, int(0.002 * h * w))
     rest[0] = False
     return rest[labels]
 
 
-def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-pixel dot product of two H x W x 3 images (much faster than a reduction over the last axis)."""
-    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
+def _distance2(pixel: Sequence[np.ndarray], model: Sequence[np.ndarray]) -> np.ndarray:
+    """Squared colour distance of each pixel from the model, from their channel planes."""
+    diff = [p - m for p, m in zip(pixel, model, strict=True)]
+    return _dot(diff, diff)
+
+
+def _scaled_copy(pixel: Sequence[np.ndarray], model: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel as a scaled copy of the model colour: the scale, and the squared distance off it."""
+    factor = _dot(pixel, model) / np.maximum(_dot(model, model), 1.0)
+    off = [p - factor * m for p, m in zip(pixel, model, strict=True)]
+    return factor, _dot(off, off)
+
+
+def _dot(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-pixel dot product of two colour images given as channel planes.
+
+    Contiguous planes: the same sums over strided H x W x 3 channels take two to three times as long.
+    """
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 
 
 def _channel_max(a: np.ndarray) -> np.ndarray:
