@@ -2,10 +2,10 @@
 
 Its rooms: `config` (the settings), `planning` (manifest -> shards), `duplicates` (repeated ids and
 shared images), `shard` (a shard's batches, requests and copies), `workers` (the threads that run
-batches, shard after shard), `budget` (the cap on records sent), `checkpoints` (durable progress), `store` (the result store),
-`store_index` (its index, joined to the next plan), `lookups` (a shard's side of the store),
-`results` (row results and summaries), `merging` (the enriched manifest) and `running` (all of it
-in one process).
+batches, shard after shard), `budget` (the cap on records sent), `checkpoints` (durable progress),
+`store` (the result store), `store_index` (its index, joined to the next plan), `lookups` (a shard's
+side of the store), `results` (row results and summaries), `merging` (the enriched manifest) and
+`running` (all of it in one process).
 """
 
 from removebg_provider.pipeline.budget import Budget
