@@ -1,14 +1,14 @@
-"""A whole run in one process, and what it would bill: plan, every shard side by side, merge."""
+"""A whole run in one process, and what it would bill: plan, every shard (two queued at a time), merge."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from removebg_provider.client import RemoveBgClient
 from removebg_provider.errors import BudgetExceededError, RunStoppedError
@@ -31,6 +31,9 @@ from removebg_provider.vocabulary import RowStatus
 # Shards whose batches wait in the batch workers' queue at once: while one shard's batches are
 # being taken, the next shard's are queued behind them.
 _SHARDS_QUEUED = 2
+# Shards alive at once: a shard whose batches have all started still copies, then writes its
+# results; each holds its rows and results in memory.
+_SHARDS_ALIVE = 8
 
 
 def estimate_billing(plan_: Plan, storage: Storage) -> BillingEstimate:
@@ -123,7 +126,11 @@ def _process_shards(
     on_progress: ProgressCallback | None,
     stop: threading.Event,
 ) -> None:
-    """Every shard of `plan_`, sharing request slots, batch workers and a budget, two shards queued."""
+    """Every shard of `plan_`, sharing request slots, batch workers and a budget, two shards queued.
+
+    Raises the first failure in plan order, once every shard started has ended; no shard starts
+    after a failure.
+    """
     concurrency = plan_.config.requests_in_flight
     budget = Budget(plan_.config.max_billable_records)
     slots = threading.Semaphore(concurrency)
@@ -132,49 +139,52 @@ def _process_shards(
     # the copier keeps a connection for each.
     workers = _SHARDS_QUEUED * WORKERS_PER_SLOT * concurrency
     copier = OutputCopier(storage, pool_size=workers)
-    queued = threading.Semaphore(_SHARDS_QUEUED)
+    queued, alive = threading.Semaphore(_SHARDS_QUEUED), threading.Semaphore(_SHARDS_ALIVE)
+    failed = threading.Event()
+    futures: list[Future[RunSummary]] = []
     try:
+        # The shards' pool closes first: every shard started ends before the batch workers stop.
         with (
-            # A thread per shard still running: at most the queued shards and those still copying.
-            ThreadPoolExecutor(max(1, len(plan_.shards)), thread_name_prefix="removebg-shard") as shards,
             contextlib.closing(BatchWorkers(workers)) as batches,
+            ThreadPoolExecutor(_SHARDS_ALIVE, thread_name_prefix="removebg-shard") as shards,
         ):
-            futures: list[Future[RunSummary]] = []
             for shard in plan_.shards:
+                alive.acquire()
                 queued.acquire()
-                if any(future.done() and future.exception() is not None for future in futures):
+                place = _Place(queued)
+                if failed.is_set():
+                    place.give_back()
                     break
-                futures.append(
-                    shards.submit(
-                        _process_queued_shard,
-                        queued,
-                        shard,
-                        plan_,
-                        client,
-                        storage,
-                        copier=copier,
-                        budget=budget,
-                        on_progress=on_progress,
-                        request_slots=slots,
-                        batch_workers=batches,
-                        stop=stop,
-                    )
+                future = shards.submit(
+                    process_shard,
+                    shard,
+                    plan_,
+                    client,
+                    storage,
+                    copier=copier,
+                    budget=budget,
+                    on_progress=on_progress,
+                    request_slots=slots,
+                    batch_workers=batches,
+                    stop=stop,
+                    all_batches_started=place.give_back,
                 )
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for future in futures:
-                if future.done():
-                    future.result()
+                future.add_done_callback(functools.partial(_shard_ended, place, alive, failed))
+                futures.append(future)
+        for future in futures:
+            future.result()
     finally:
         copier.close()
 
 
-def _process_queued_shard(queued: threading.Semaphore, *args: Any, **kwargs: Any) -> RunSummary:
-    """`process_shard`, giving back its place in `queued` once its batches have all started, or it ended."""
-    place = _Place(queued)
-    try:
-        return process_shard(*args, all_batches_started=place.give_back, **kwargs)
-    finally:
-        place.give_back()
+def _shard_ended(
+    place: _Place, alive: threading.Semaphore, failed: threading.Event, future: Future[RunSummary]
+) -> None:
+    # Failure is marked before the places are given back, so no shard is started after it.
+    if future.exception() is not None:
+        failed.set()
+    place.give_back()
+    alive.release()
 
 
 class _Place:

@@ -21,9 +21,9 @@ def missing_errors() -> tuple[type[BaseException], ...]:
 def _sdk_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(`storage_errors`, `missing_errors`) with the SDKs installed, imported once.
 
-    Under a lock: two threads importing one package at once can see it half initialised
+    Imported under a lock: two threads importing one package at once can see it half initialised
     ("cannot access submodule 'core' of module 'azure'"), and a run's lookup threads all reach
-    their first failed read together.
+    their first failed read together. Once imported, no lock is taken.
     """
     global _IMPORTED
     # Every write asks; only the first calls take the lock, so 100 threads never queue on it.
