@@ -154,6 +154,7 @@ def _process_shards(
                 place = _Place(queued)
                 if failed.is_set():
                     place.give_back()
+                    alive.release()
                     break
                 future = shards.submit(
                     process_shard,
