@@ -22,8 +22,8 @@ EDGES: tuple[str, ...] = ("top", "bottom", "left", "right")
 
 # The pipeline checks many cutouts at once, one per thread. OpenCV's own threads on one cutout only
 # spin waiting for work: twice the CPU for a small cutout (0.86 against 0.38 ms at 64 x 48) and
-# nothing gained at 1 MP (24 ms either way). Process-wide, but the server and engines never import
-# this module.
+# nothing gained at 1 MP (24 ms either way). Process-wide: an engine served from the same process
+# (the tests' API server) runs on one OpenCV thread too, which changes its speed, not its mattes.
 cv2.setNumThreads(1)
 
 
